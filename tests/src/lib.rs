@@ -1,0 +1,10 @@
+//! The VM test bed: boots Debian's stock kernel under qemu with emulated NVMe,
+//! SATA SSD and SATA HDD disks, runs one command in a guest that sees the
+//! host's root file system, and hands back the command's output and status.
+
+pub mod guest;
+pub mod size;
+pub mod vm;
+
+pub use size::{GIB, MIB, parse_size};
+pub use vm::{DEFAULT_AHCI_SLOT, Disk, DiskBus, Vm, VmOutput};
