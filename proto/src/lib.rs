@@ -1,0 +1,15 @@
+//! Contracts shared by the lvmlocal components: the CSI gRPC bindings, the
+//! names every component must agree on, and the media classes.
+
+mod media;
+mod names;
+
+pub use media::{MediaClass, ParseMediaClassError};
+pub use names::{DRIVER_NAME, TOPOLOGY_KEY};
+
+/// Bindings generated from the vendored `csi.proto` (package `csi.v1`).
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
