@@ -3,6 +3,8 @@
 
 mod media;
 mod names;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 pub use media::{MediaClass, ParseMediaClassError};
 pub use names::{DRIVER_NAME, TOPOLOGY_KEY};

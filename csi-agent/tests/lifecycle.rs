@@ -1,0 +1,48 @@
+#[path = "../../proto/tests/support/binary.rs"]
+mod binary;
+
+use nix::sys::signal::Signal;
+
+const BIN: &str = env!("CARGO_BIN_EXE_csi-agent");
+const ARGS: &[&str] = &["--node-name", "node-a"];
+const STARTED: &str = "csi-agent started";
+
+#[test]
+fn exits_zero_on_sigterm() {
+    let status = binary::stop_with(BIN, ARGS, STARTED, Signal::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn exits_zero_on_sigint() {
+    let status = binary::stop_with(BIN, ARGS, STARTED, Signal::SIGINT);
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn help_lists_the_flags() {
+    let (status, out) = binary::run(BIN, &["--help"]);
+    assert!(status.success(), "{out}");
+    for flag in [
+        "--node-name",
+        "--csi-endpoint",
+        "--log-level",
+        "unix:///csi/csi.sock",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn refuses_to_start_without_a_node_name() {
+    let (status, out) = binary::run(BIN, &[]);
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("--node-name"), "{out}");
+}
+
+#[test]
+fn rejects_a_malformed_log_filter() {
+    let (status, out) = binary::run(BIN, &["--node-name", "node-a", "--log-level", "=["]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("invalid log filter"), "{out}");
+}
