@@ -1,6 +1,8 @@
 //! Contracts shared by the lvmlocal components: the CSI gRPC bindings, the
-//! names every component must agree on, and the media classes.
+//! custom resources, the names every component must agree on, and the media
+//! classes.
 
+pub mod crd;
 mod media;
 mod names;
 #[cfg(feature = "runtime")]

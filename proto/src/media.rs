@@ -5,7 +5,19 @@ use serde::{Deserialize, Serialize};
 
 /// Kind of disk a volume group is built from. Classes are never mixed in one
 /// volume group, so this is also the unit of capacity accounting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MediaClass {
     Nvme,

@@ -1,0 +1,239 @@
+//! The custom resources: the cluster's view of what LVM holds on each node.
+//! Their YAML is generated from these types, never written by hand.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::MediaClass;
+
+/// Keeps a `LogicalVolume` until its LV is gone from the node.
+pub const LV_FINALIZER: &str = "lvmlocal.io/logical-volume";
+
+/// The disks and volume groups of one node, written by the node's agent.
+/// Cluster-scoped; the name is the node's name.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "lvmlocal.io",
+    version = "v1alpha1",
+    kind = "NodeLocalStorage",
+    plural = "nodelocalstorages",
+    shortname = "nls",
+    status = "NodeLocalStorageStatus",
+    printcolumn = r#"{"name":"NVMe Free","type":"string","jsonPath":".status.nvme.free"}"#,
+    printcolumn = r#"{"name":"SSD Free","type":"string","jsonPath":".status.ssd.free"}"#,
+    printcolumn = r#"{"name":"HDD Free","type":"string","jsonPath":".status.hdd.free"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeLocalStorageSpec {
+    pub node_name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeLocalStorageStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<MediaStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssd: Option<MediaStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdd: Option<MediaStatus>,
+    /// Every whole disk of the node, usable or not, with the reason.
+    #[serde(default)]
+    pub disks: Vec<DiskStatus>,
+}
+
+impl NodeLocalStorageStatus {
+    pub fn media(&self, media: MediaClass) -> Option<&MediaStatus> {
+        match media {
+            MediaClass::Nvme => self.nvme.as_ref(),
+            MediaClass::Ssd => self.ssd.as_ref(),
+            MediaClass::Hdd => self.hdd.as_ref(),
+        }
+    }
+
+    pub fn media_mut(&mut self, media: MediaClass) -> &mut Option<MediaStatus> {
+        match media {
+            MediaClass::Nvme => &mut self.nvme,
+            MediaClass::Ssd => &mut self.ssd,
+            MediaClass::Hdd => &mut self.hdd,
+        }
+    }
+}
+
+/// The volume group of one media class on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaStatus {
+    pub vg_name: String,
+    pub total_bytes: u64,
+    /// Not yet taken by logical volumes, as LVM reports it.
+    pub free_bytes: u64,
+    pub allocated_bytes: u64,
+    /// LVM's allocation unit: every volume size is a multiple of it.
+    pub extent_bytes: u64,
+    /// `free_bytes` for people, e.g. `119.5Gi`.
+    pub free: String,
+    /// Some physical volume of the group is missing.
+    #[serde(default)]
+    pub degraded: bool,
+    /// Why the group cannot grow or be used, when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One whole disk and lvmlocal's verdict on it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskStatus {
+    /// Where the disk is plugged in; stable across reboots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Kernel name today (`nvme0n1`); may differ after a reboot.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaClass>,
+    /// `usable`, `member`, or why it is refused (`signature`, `mounted`, ...).
+    pub state: String,
+    /// The verdict in words.
+    pub reason: String,
+}
+
+/// One volume: created by the controller for a PVC, carried out by the agent
+/// of `spec.nodeName`. Cluster-scoped; the name is the CSI volume id.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "lvmlocal.io",
+    version = "v1alpha1",
+    kind = "LogicalVolume",
+    plural = "logicalvolumes",
+    shortname = "llv",
+    status = "LogicalVolumeStatus",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Media","type":"string","jsonPath":".spec.media"}"#,
+    printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.sizeBytes"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"PVC","type":"string","jsonPath":".spec.pvc.name","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LogicalVolumeSpec {
+    pub node_name: String,
+    pub media: MediaClass,
+    /// Requested size; the LV is this, rounded up to the extent size.
+    pub size_bytes: u64,
+    /// `ext4` or `xfs`; absent for raw block volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LogicalVolumePhase {
+    /// Not yet acted on by the agent.
+    #[default]
+    Pending,
+    /// The LV exists with at least the requested size.
+    Ready,
+    /// The agent cannot make it (e.g. not enough free space); see the message.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogicalVolumeStatus {
+    pub phase: LogicalVolumePhase,
+    /// `/dev/<vg>/<lv>` on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_path: Option<String>,
+    /// Actual size of the LV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `metadata.generation` this status answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::{CustomResourceExt, Resource};
+
+    #[test]
+    fn names_match_the_design() {
+        assert_eq!(NodeLocalStorage::api_version(&()), "lvmlocal.io/v1alpha1");
+        assert_eq!(NodeLocalStorage::plural(&()), "nodelocalstorages");
+        assert_eq!(LogicalVolume::kind(&()), "LogicalVolume");
+        let crd = LogicalVolume::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("logicalvolumes.lvmlocal.io")
+        );
+        assert_eq!(NodeLocalStorage::crd().spec.scope, "Cluster");
+    }
+
+    #[test]
+    fn logical_volume_wire_format() {
+        let json = serde_json::json!({
+            "apiVersion": "lvmlocal.io/v1alpha1",
+            "kind": "LogicalVolume",
+            "metadata": {"name": "pvc-1a2b"},
+            "spec": {
+                "nodeName": "node-1",
+                "media": "nvme",
+                "sizeBytes": 1073741824u64,
+                "fsType": "ext4",
+                "pvc": {"namespace": "db", "name": "data-0"}
+            },
+            "status": {"phase": "Ready", "devicePath": "/dev/lvmlocal-nvme/pvc-1a2b", "sizeBytes": 1073741824u64}
+        });
+        let lv: LogicalVolume = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(lv.spec.media, MediaClass::Nvme);
+        assert_eq!(lv.status.as_ref().unwrap().phase, LogicalVolumePhase::Ready);
+        assert_eq!(serde_json::to_value(&lv).unwrap(), json);
+    }
+
+    #[test]
+    fn printer_columns_point_at_real_fields() {
+        let crd = NodeLocalStorage::crd();
+        let columns = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap();
+        let paths: Vec<&str> = columns.iter().map(|c| c.json_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                ".status.nvme.free",
+                ".status.ssd.free",
+                ".status.hdd.free",
+                ".metadata.creationTimestamp"
+            ]
+        );
+        let mut status = NodeLocalStorageStatus::default();
+        *status.media_mut(MediaClass::Ssd) = Some(MediaStatus {
+            free: "1.0Gi".into(),
+            ..MediaStatus::default()
+        });
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["ssd"]["free"], "1.0Gi");
+        assert!(json.get("nvme").is_none());
+    }
+}
