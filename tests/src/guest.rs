@@ -23,10 +23,18 @@ pub fn enter(path: &str, vm: Vm) -> bool {
     let exe = std::env::current_exe().expect("path of the running test binary");
     let exe = exe.display().to_string();
     let output = vm
-        .run(&[exe.as_str(), "--exact", name, "--nocapture", "--test-threads=1"])
+        .run(&[
+            exe.as_str(),
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .unwrap_or_else(|err| panic!("VM for {name}: {err:#}"));
     // Guard against a filter that matched nothing: that also exits 0.
-    let ran = output.stdout.contains("test result: ok. 1 passed; 0 failed");
+    let ran = output
+        .stdout
+        .contains("test result: ok. 1 passed; 0 failed");
     assert!(
         output.success() && ran,
         "in-VM test {name} failed\n{}",

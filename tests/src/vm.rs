@@ -335,11 +335,19 @@ fn check_layout(disks: &[Disk]) -> anyhow::Result<()> {
             "disk name {:?} must be 1-{SERIAL_MAX} characters of [A-Za-z0-9_-]",
             disk.name
         );
-        ensure!(names.insert(&disk.name), "two disks are named {:?}", disk.name);
+        ensure!(
+            names.insert(&disk.name),
+            "two disks are named {:?}",
+            disk.name
+        );
         ensure!(disk.size > 0, "disk {} has size zero", disk.name);
         let (slot, kind, place) = match disk.bus {
             DiskBus::Nvme { slot, nsid } => {
-                ensure!(nsid >= 1, "disk {}: NVMe namespace ids start at 1", disk.name);
+                ensure!(
+                    nsid >= 1,
+                    "disk {}: NVMe namespace ids start at 1",
+                    disk.name
+                );
                 (slot, "nvme", (slot, nsid))
             }
             DiskBus::Sata {
@@ -403,7 +411,10 @@ fn disk_args(disks: &[Disk], dir: &Path) -> anyhow::Result<Vec<String>> {
                 let ctrl = format!("nvme{slot:x}");
                 if controllers.insert(slot) {
                     args.push("-device".into());
-                    args.push(format!("nvme,id={ctrl},serial={},addr={slot:#x}", disk.name));
+                    args.push(format!(
+                        "nvme,id={ctrl},serial={},addr={slot:#x}",
+                        disk.name
+                    ));
                 }
                 args.push("-device".into());
                 args.push(format!("nvme-ns,drive={drive},bus={ctrl},nsid={nsid}"));
@@ -511,8 +522,7 @@ impl Tail {
             return;
         };
         let mut fresh = Vec::new();
-        if file.seek(SeekFrom::Start(self.offset)).is_ok() && file.read_to_end(&mut fresh).is_ok()
-        {
+        if file.seek(SeekFrom::Start(self.offset)).is_ok() && file.read_to_end(&mut fresh).is_ok() {
             self.offset += fresh.len() as u64;
             let _ = self.sink.write_all(&fresh);
             let _ = self.sink.flush();
@@ -547,7 +557,11 @@ mod tests {
             Vm::new().nvme_ns("a", 5, 0, GIB),
         ];
         for vm in cases {
-            assert!(check_layout(vm.disks()).is_err(), "{:?} accepted", vm.disks());
+            assert!(
+                check_layout(vm.disks()).is_err(),
+                "{:?} accepted",
+                vm.disks()
+            );
         }
     }
 
@@ -561,13 +575,19 @@ mod tests {
         let args = disk_args(vm.disks(), dir.path()).unwrap().join(" ");
         assert!(args.contains("nvme,id=nvme5,serial=n1,addr=0x5"), "{args}");
         assert_eq!(args.matches("-device nvme,").count(), 1, "{args}");
-        assert!(args.contains("nvme-ns,drive=drive-n2,bus=nvme5,nsid=2"), "{args}");
+        assert!(
+            args.contains("nvme-ns,drive=drive-n2,bus=nvme5,nsid=2"),
+            "{args}"
+        );
         assert!(args.contains("ahci,id=ahci10,addr=0x10"), "{args}");
         assert!(
             args.contains("ide-hd,drive=drive-h1,bus=ahci10.3,serial=h1,rotation_rate=7200"),
             "{args}"
         );
-        assert_eq!(fs::metadata(dir.path().join("h1.img")).unwrap().len(), 2 * GIB);
+        assert_eq!(
+            fs::metadata(dir.path().join("h1.img")).unwrap().len(),
+            2 * GIB
+        );
     }
 
     #[test]

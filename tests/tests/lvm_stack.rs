@@ -49,9 +49,21 @@ vm_test!(
         run("lvcreate", &["-n", "vol", "-L", "300m", "-y", "vg-test"]);
         let lvs = run(
             "lvs",
-            &["--reportformat", "json", "--units", "b", "--nosuffix", "-o", "lv_name,lv_size", "vg-test"],
+            &[
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "lv_name,lv_size",
+                "vg-test",
+            ],
         );
-        assert!(lvs.contains(r#""lv_name":"vol", "lv_size":"314572800""#), "{lvs}");
+        assert!(
+            lvs.contains(r#""lv_name":"vol", "lv_size":"314572800""#),
+            "{lvs}"
+        );
 
         let lv = "/dev/vg-test/vol";
         assert!(PathBuf::from(lv).exists(), "{lv} was not created");
@@ -60,7 +72,10 @@ vm_test!(
         let mnt = mnt.path().to_str().unwrap();
         run("mount", &[lv, mnt]);
         let mounts = fs::read_to_string("/proc/mounts").unwrap();
-        assert!(mounts.lines().any(|l| l.contains(&format!(" {mnt} ext4 "))), "{mounts}");
+        assert!(
+            mounts.lines().any(|l| l.contains(&format!(" {mnt} ext4 "))),
+            "{mounts}"
+        );
 
         let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         fs::write(format!("{mnt}/payload"), &payload).unwrap();

@@ -57,7 +57,11 @@ vm_test!(
         assert_eq!(namespaces.len(), 2, "{namespaces:?}");
         for (nsid, size) in [("1", GIB), ("2", 2 * GIB)] {
             let ns = the_one(
-                namespaces.iter().filter(|ns| read(ns.join("nsid")) == nsid).cloned().collect(),
+                namespaces
+                    .iter()
+                    .filter(|ns| read(ns.join("nsid")) == nsid)
+                    .cloned()
+                    .collect(),
                 "namespace",
             );
             assert_eq!(read(ns.join("size")), (size / 512).to_string());
@@ -71,7 +75,10 @@ vm_test!(
         let hdd = the_one(block_devices_at("/0000:00:10.0/ata3/"), "port 2");
         assert_eq!(read(hdd.join("queue/rotational")), "1");
         assert_eq!(read(hdd.join("size")), (4 * GIB / 512).to_string());
-        assert!(Path::new("/dev/mapper/control").exists(), "no device-mapper in the guest");
+        assert!(
+            Path::new("/dev/mapper/control").exists(),
+            "no device-mapper in the guest"
+        );
     }
 );
 
@@ -110,8 +117,21 @@ fn kept_disks_boot_again_in_another_order() {
         .nvme("nv-b", 6, GIB)
         .ssd("ssd-a", 0, GIB)
         .ssd("ssd-b", 1, GIB);
-    labels(&first, &["/0000:00:05.0/=p5", "/0000:00:06.0/=p6", "/ata1/=a1", "/ata2/=a2"]);
-    for (image, label) in [("nv-a", "p5"), ("nv-b", "p6"), ("ssd-a", "a1"), ("ssd-b", "a2")] {
+    labels(
+        &first,
+        &[
+            "/0000:00:05.0/=p5",
+            "/0000:00:06.0/=p6",
+            "/ata1/=a1",
+            "/ata2/=a2",
+        ],
+    );
+    for (image, label) in [
+        ("nv-a", "p5"),
+        ("nv-b", "p6"),
+        ("ssd-a", "a1"),
+        ("ssd-b", "a2"),
+    ] {
         let mut start = [0u8; 2];
         let mut file = fs::File::open(dir.path().join(format!("{image}.img"))).unwrap();
         file.read_exact(&mut start).unwrap();
@@ -124,6 +144,17 @@ fn kept_disks_boot_again_in_another_order() {
         .nvme("nv-a", 6, GIB)
         .ssd("ssd-b", 0, GIB)
         .ssd("ssd-a", 1, GIB);
-    let seen = labels(&swapped, &["/0000:00:05.0/=?", "/0000:00:06.0/=?", "/ata1/=?", "/ata2/=?"]);
-    assert_eq!(seen, "/0000:00:05.0/=p6\n/0000:00:06.0/=p5\n/ata1/=a2\n/ata2/=a1\n");
+    let seen = labels(
+        &swapped,
+        &[
+            "/0000:00:05.0/=?",
+            "/0000:00:06.0/=?",
+            "/ata1/=?",
+            "/ata2/=?",
+        ],
+    );
+    assert_eq!(
+        seen,
+        "/0000:00:05.0/=p6\n/0000:00:06.0/=p5\n/ata1/=a2\n/ata2/=a1\n"
+    );
 }
