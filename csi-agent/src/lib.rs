@@ -1,30 +1,162 @@
 //! The per-node agent: discovers raw disks, builds one volume group per
 //! media class, and serves the CSI Identity and Node services.
 
-use clap::Parser;
+pub mod command;
+pub mod config;
+pub mod discovery;
+pub mod inventory;
+pub mod lvm;
+pub mod plan;
+pub mod probe;
+pub mod slot;
+pub mod sysfs;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+
+use crate::command::Runner;
+use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
+use crate::inventory::{InventoryError, Sources};
+use crate::lvm::Lvm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error("--node-name (or NODE_NAME) is required to run the agent")]
+    NoNodeName,
+}
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Name of the Kubernetes node this agent runs on.
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: String,
+    #[arg(long, env = "NODE_NAME", global = true)]
+    pub node_name: Option<String>,
 
     /// Endpoint for the CSI Identity and Node services.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub csi_endpoint: String,
 
     #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
-pub async fn run(args: Args) -> Result<(), RuntimeError> {
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the disk inventory and the volume group plan, and change nothing.
+    Discover {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Discovery settings: a TOML file, each overridden by its flag.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiscoveryArgs {
+    /// TOML configuration file (see the README for its keys).
+    #[arg(long, env = "LVMLOCAL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Volume groups are named `<prefix>-<media class>`.
+    #[arg(long, global = true)]
+    pub vg_prefix: Option<String>,
+    /// Media classes to manage (comma-separated: nvme,ssd,hdd).
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub classes: Option<Vec<MediaClass>>,
+    /// Disks smaller than this many bytes are left alone.
+    #[arg(long, global = true)]
+    pub min_disk_bytes: Option<u64>,
+    /// Only disks whose slot matches one of these globs may join.
+    #[arg(long, global = true)]
+    pub allow: Option<Vec<String>>,
+    /// Disks whose slot matches one of these globs never join.
+    #[arg(long, global = true)]
+    pub deny: Option<Vec<String>>,
+    /// Seconds between two rescans of the node's disks.
+    #[arg(long, global = true)]
+    pub rescan_interval_secs: Option<u64>,
+    /// Root of the sysfs tree to read block devices from.
+    #[arg(long, default_value = "/sys", global = true)]
+    pub sysfs: PathBuf,
+}
+
+impl DiscoveryArgs {
+    pub fn resolve(&self) -> Result<DiscoveryConfig, ConfigError> {
+        let mut file = match &self.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        file.vg_prefix = self.vg_prefix.clone().or(file.vg_prefix);
+        file.classes = self.classes.clone().or(file.classes);
+        file.min_disk_bytes = self.min_disk_bytes.or(file.min_disk_bytes);
+        file.allow = self.allow.clone().or(file.allow);
+        file.deny = self.deny.clone().or(file.deny);
+        file.rescan_interval_secs = self.rescan_interval_secs.or(file.rescan_interval_secs);
+        DiscoveryConfig::from_file(file)
+    }
+
+    pub fn sources(&self) -> Sources {
+        Sources {
+            sysfs: self.sysfs.clone(),
+            ..Sources::default()
+        }
+    }
+}
+
+pub async fn run(args: Args) -> Result<(), AgentError> {
+    match args.command {
+        Some(Command::Discover { json }) => discover(&args.discovery, json).await,
+        None => serve(args).await,
+    }
+}
+
+async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
+    let config = args.resolve()?;
+    let runner = Runner::default();
+    let inventory =
+        inventory::take(&args.sources(), &runner, &Lvm::new(runner.clone()), &config).await?;
+    if json {
+        let commands: Vec<String> = inventory
+            .plan
+            .actions
+            .iter()
+            .flat_map(Lvm::commands)
+            .map(|cmd| cmd.to_string())
+            .collect();
+        let out = serde_json::json!({
+            "disks": inventory.disks,
+            "groups": inventory.plan.groups,
+            "actions": inventory.plan.actions,
+            "commands": commands,
+        });
+        println!("{out:#}");
+    } else {
+        print!("{}", inventory.table());
+    }
+    Ok(())
+}
+
+async fn serve(args: Args) -> Result<(), AgentError> {
     args.log.init()?;
     let stop = StopSignals::install()?;
+    let node = args.node_name.ok_or(AgentError::NoNodeName)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        node = %args.node_name,
+        node = %node,
         csi_endpoint = %args.csi_endpoint,
         "csi-agent started"
     );

@@ -1,0 +1,271 @@
+//! lvm2, driven through the command runner: reports read as JSON in bytes,
+//! and the few commands that build volume groups. Nothing here ever passes
+//! `--yes` or `--force`: should a disk gain data after discovery looked at
+//! it, LVM's own refusal is the last line of defence.
+
+use serde::Deserialize;
+
+use crate::command::{Cmd, CommandError, Runner};
+use crate::plan::{Action, LvmState, MEDIA_TAG, NewPv, Pv, SLOT_TAG, Vg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LvmError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("parsing the report of `{command}`: {reason}")]
+    Report { command: String, reason: String },
+}
+
+const REPORT_ARGS: [&str; 4] = ["--reportformat", "json", "--units", "b"];
+
+#[derive(Debug, Clone, Default)]
+pub struct Lvm {
+    runner: Runner,
+}
+
+impl Lvm {
+    pub fn new(runner: Runner) -> Self {
+        Self { runner }
+    }
+
+    /// Every PV and VG LVM knows on this node.
+    pub async fn state(&self) -> Result<LvmState, LvmError> {
+        let pvs = self
+            .report(
+                "pvs",
+                "pv_name,vg_name,pv_tags,pv_size,pv_attr",
+                "pv",
+                parse_pv,
+            )
+            .await?;
+        let vgs = self
+            .report(
+                "vgs",
+                "vg_name,vg_tags,vg_size,vg_free,vg_extent_size,vg_missing_pv_count",
+                "vg",
+                parse_vg,
+            )
+            .await?;
+        Ok(LvmState { pvs, vgs })
+    }
+
+    async fn report<T>(
+        &self,
+        program: &str,
+        fields: &str,
+        kind: &str,
+        parse: fn(&Row) -> Result<T, String>,
+    ) -> Result<Vec<T>, LvmError> {
+        let mut args: Vec<&str> = REPORT_ARGS.to_vec();
+        args.extend(["--nosuffix", "-o", fields]);
+        let cmd = Cmd::new(program, args);
+        let out = self.runner.run(&cmd).await?;
+        rows(&out, kind)
+            .and_then(|rows| rows.iter().map(parse).collect())
+            .map_err(|reason| LvmError::Report {
+                command: cmd.to_string(),
+                reason,
+            })
+    }
+
+    /// The commands that carry out one planned action, in order.
+    pub fn commands(action: &Action) -> Vec<Cmd> {
+        let tag = |pvs: &[NewPv]| {
+            pvs.iter()
+                .map(|pv| {
+                    Cmd::new(
+                        "pvchange",
+                        [
+                            "--addtag".to_owned(),
+                            format!("{SLOT_TAG}{}", pv.slot),
+                            pv.device.clone(),
+                        ],
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let devices = |pvs: &[NewPv]| pvs.iter().map(|pv| pv.device.clone()).collect::<Vec<_>>();
+        match action {
+            Action::CreateVg { vg, media, pvs } => {
+                let mut args = vec![
+                    "--addtag".to_owned(),
+                    format!("{MEDIA_TAG}{media}"),
+                    vg.clone(),
+                ];
+                args.extend(devices(pvs));
+                let mut cmds = vec![Cmd::new("vgcreate", args)];
+                cmds.extend(tag(pvs));
+                cmds
+            }
+            Action::ExtendVg { vg, pvs } => {
+                let mut args = vec![vg.clone()];
+                args.extend(devices(pvs));
+                let mut cmds = vec![Cmd::new("vgextend", args)];
+                cmds.extend(tag(pvs));
+                cmds
+            }
+            Action::TagPv {
+                device,
+                slot,
+                stale,
+            } => {
+                let mut args = Vec::new();
+                for old in stale {
+                    args.extend(["--deltag".to_owned(), old.clone()]);
+                }
+                args.extend([
+                    "--addtag".to_owned(),
+                    format!("{SLOT_TAG}{slot}"),
+                    device.clone(),
+                ]);
+                vec![Cmd::new("pvchange", args)]
+            }
+        }
+    }
+
+    /// Carries out `action`. Stops at the first failing command; the next
+    /// plan picks up from whatever state that left.
+    pub async fn apply(&self, action: &Action) -> Result<(), LvmError> {
+        for cmd in Self::commands(action) {
+            self.runner.run(&cmd).await?;
+        }
+        Ok(())
+    }
+}
+
+type Row = serde_json::Map<String, serde_json::Value>;
+
+#[derive(Deserialize)]
+struct Report {
+    report: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The rows of `kind` (`pv`, `vg`, `lv`) from an lvm2 JSON report.
+fn rows(json: &str, kind: &str) -> Result<Vec<Row>, String> {
+    let report: Report = serde_json::from_str(json).map_err(|err| err.to_string())?;
+    let mut rows = Vec::new();
+    for section in report.report {
+        if let Some(list) = section.get(kind) {
+            let list: Vec<Row> =
+                serde_json::from_value(list.clone()).map_err(|err| err.to_string())?;
+            rows.extend(list);
+        }
+    }
+    Ok(rows)
+}
+
+fn field<'a>(row: &'a Row, name: &str) -> Result<&'a str, String> {
+    row.get(name)
+        .and_then(|value| value.as_str())
+        .ok_or_else(|| format!("field {name} missing"))
+}
+
+fn bytes(row: &Row, name: &str) -> Result<u64, String> {
+    let text = field(row, name)?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{name} = {text:?} is not a byte count"))
+}
+
+fn tags(row: &Row, name: &str) -> Result<Vec<String>, String> {
+    Ok(field(row, name)?
+        .split(',')
+        .filter(|tag| !tag.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn parse_pv(row: &Row) -> Result<Pv, String> {
+    Ok(Pv {
+        device: field(row, "pv_name")?.to_owned(),
+        vg: field(row, "vg_name")?.to_owned(),
+        tags: tags(row, "pv_tags")?,
+        size_bytes: bytes(row, "pv_size")?,
+        // pv_attr is e.g. "a--" or "a-m": the third letter marks a missing PV.
+        missing: field(row, "pv_attr")?.chars().nth(2) == Some('m'),
+    })
+}
+
+fn parse_vg(row: &Row) -> Result<Vg, String> {
+    Ok(Vg {
+        name: field(row, "vg_name")?.to_owned(),
+        tags: tags(row, "vg_tags")?,
+        size_bytes: bytes(row, "vg_size")?,
+        free_bytes: bytes(row, "vg_free")?,
+        extent_bytes: bytes(row, "vg_extent_size")?,
+        missing_pvs: field(row, "vg_missing_pv_count")?
+            .parse()
+            .map_err(|_| "vg_missing_pv_count is not a number".to_owned())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lvmlocal_proto::MediaClass;
+
+    #[test]
+    fn parses_reports() {
+        let pvs = r#"{
+          "report": [ { "pv": [
+            {"pv_name":"/dev/nvme0n1", "vg_name":"lvmlocal-nvme", "pv_tags":"lvmlocal.io/slot=pci-0000:00:05.0-nvme-1", "pv_size":"1069547520", "pv_attr":"a--"},
+            {"pv_name":"[unknown]", "vg_name":"lvmlocal-nvme", "pv_tags":"", "pv_size":"1069547520", "pv_attr":"a-m"}
+          ] } ]
+        }"#;
+        let pvs: Vec<Pv> = rows(pvs, "pv")
+            .unwrap()
+            .iter()
+            .map(parse_pv)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            pvs[0].tags,
+            vec!["lvmlocal.io/slot=pci-0000:00:05.0-nvme-1"]
+        );
+        assert_eq!(pvs[0].size_bytes, 1_069_547_520);
+        assert!(!pvs[0].missing);
+        assert!(pvs[1].missing && pvs[1].tags.is_empty());
+
+        let vgs = r#"{"report":[{"vg":[{"vg_name":"lvmlocal-ssd","vg_tags":"lvmlocal.io/media=ssd","vg_size":"2143289344","vg_free":"2143289344","vg_extent_size":"4194304","vg_missing_pv_count":"0"}]}]}"#;
+        let vg = parse_vg(&rows(vgs, "vg").unwrap()[0]).unwrap();
+        assert_eq!(vg.extent_bytes, 4 << 20);
+        assert_eq!(vg.tags, vec!["lvmlocal.io/media=ssd"]);
+
+        assert!(rows("not json", "pv").is_err());
+        let bad = r#"{"report":[{"vg":[{"vg_name":"x","vg_tags":"","vg_size":"12B","vg_free":"0","vg_extent_size":"1","vg_missing_pv_count":"0"}]}]}"#;
+        assert!(parse_vg(&rows(bad, "vg").unwrap()[0]).is_err());
+    }
+
+    #[test]
+    fn actions_become_exact_command_lines() {
+        let pv = |d: &str, s: &str| NewPv {
+            device: d.into(),
+            slot: s.into(),
+        };
+        let create = Action::CreateVg {
+            vg: "lvmlocal-nvme".into(),
+            media: MediaClass::Nvme,
+            pvs: vec![pv("/dev/nvme0n1", "pci-0000:00:05.0-nvme-1")],
+        };
+        let lines: Vec<String> = Lvm::commands(&create)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "vgcreate --addtag lvmlocal.io/media=nvme lvmlocal-nvme /dev/nvme0n1",
+                "pvchange --addtag lvmlocal.io/slot=pci-0000:00:05.0-nvme-1 /dev/nvme0n1",
+            ]
+        );
+        let retag = Action::TagPv {
+            device: "/dev/sdb".into(),
+            slot: "pci-0000:00:10.0-ata-2".into(),
+            stale: vec!["lvmlocal.io/slot=pci-0000:00:10.0-ata-1".into()],
+        };
+        assert_eq!(
+            Lvm::commands(&retag)[0].to_string(),
+            "pvchange --deltag lvmlocal.io/slot=pci-0000:00:10.0-ata-1 --addtag lvmlocal.io/slot=pci-0000:00:10.0-ata-2 /dev/sdb"
+        );
+    }
+}
