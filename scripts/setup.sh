@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything lvmlocal's build, tests and demo need on a Debian
+# machine, and builds the VM test bed's boot files. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# qemu runs the test bed; lvm2, e2fsprogs, xfsprogs and util-linux are the
+# host tools the guest borrows; busybox-static, cpio and kmod build its initramfs.
+packages=(qemu-system-x86 lvm2 e2fsprogs xfsprogs util-linux mount busybox-static cpio kmod)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    echo "setup: installing ${missing[*]:-nothing, refreshing package lists}"
+    apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for component in clippy rustfmt; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+
+vm/image.sh
