@@ -3,6 +3,7 @@
 //! classes.
 
 pub mod crd;
+pub mod extender;
 mod media;
 mod names;
 #[cfg(feature = "runtime")]
