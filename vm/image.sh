@@ -42,7 +42,7 @@ done | awk '!seen[$0]++' | while read -r ko; do
 done
 
 cp /bin/busybox "$root/bin/busybox"
-for applet in sh mount umount mkdir cat echo insmod poweroff sync chroot sleep; do
+for applet in sh mount umount mkdir cat echo insmod ip poweroff sync chroot sleep; do
     ln -s busybox "$root/bin/$applet"
 done
 install -m 0755 "$here/init" "$root/init"

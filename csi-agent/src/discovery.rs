@@ -233,3 +233,207 @@ fn verdict(
     }
     Verdict::Usable
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn nvme() -> BlockDevice {
+        BlockDevice {
+            name: "nvme0n1".into(),
+            devno: "259:0".into(),
+            device_path: "devices/pci0000:00/0000:00:05.0/nvme/nvme0/nvme0n1".into(),
+            size_bytes: 4 * GIB,
+            rotational: false,
+            removable: false,
+            read_only: false,
+            nsid: Some(1),
+            ata_port: None,
+            sas_address: None,
+            serial: Some("S1".into()),
+            model: None,
+            holders: vec![],
+            partitions: vec![],
+        }
+    }
+
+    fn verdict_of(device: &BlockDevice, probe: &Probe, config: &DiscoveryConfig) -> Verdict {
+        classify(device, probe, &BTreeMap::new(), config).verdict
+    }
+
+    #[test]
+    fn each_refusal_names_its_reason() {
+        let config = DiscoveryConfig::default();
+        let blank = Probe::default();
+        assert_eq!(verdict_of(&nvme(), &blank, &config), Verdict::Usable);
+
+        let cases: Vec<(BlockDevice, Probe, Verdict)> = vec![
+            (
+                BlockDevice {
+                    removable: true,
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::Removable,
+            ),
+            (
+                BlockDevice {
+                    read_only: true,
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::ReadOnly,
+            ),
+            (
+                BlockDevice {
+                    size_bytes: GIB - 512,
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::TooSmall { min_bytes: GIB },
+            ),
+            (
+                nvme(),
+                Probe {
+                    mounted: true,
+                    ..blank.clone()
+                },
+                Verdict::Mounted,
+            ),
+            (
+                BlockDevice {
+                    holders: vec!["md0".into()],
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::Held {
+                    by: vec!["md0".into()],
+                },
+            ),
+            (
+                nvme(),
+                Probe {
+                    partition_table: Some("gpt".into()),
+                    ..blank.clone()
+                },
+                Verdict::Partitioned {
+                    table: "gpt".into(),
+                },
+            ),
+            (
+                nvme(),
+                Probe {
+                    signature: Some("linux_raid_member".into()),
+                    ..blank.clone()
+                },
+                Verdict::Signature {
+                    kind: "linux_raid_member".into(),
+                },
+            ),
+            (
+                BlockDevice {
+                    device_path: "devices/platform/foo/nvme0n1".into(),
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::NoSlot,
+            ),
+            (
+                BlockDevice {
+                    name: "loop0".into(),
+                    device_path: "devices/virtual/block/loop0".into(),
+                    ..nvme()
+                },
+                blank.clone(),
+                Verdict::NotADisk,
+            ),
+        ];
+        for (device, probe, want) in cases {
+            assert_eq!(
+                verdict_of(&device, &probe, &config),
+                want,
+                "{device:?} {probe:?}"
+            );
+            assert!(!want.reason().is_empty());
+        }
+    }
+
+    #[test]
+    fn configuration_narrows_what_joins() {
+        let deny = DiscoveryConfig {
+            deny: vec![glob::Pattern::new("pci-0000:00:05.0-*").unwrap()],
+            ..DiscoveryConfig::default()
+        };
+        assert_eq!(
+            verdict_of(&nvme(), &Probe::default(), &deny),
+            Verdict::Excluded
+        );
+        let ssd_only = DiscoveryConfig {
+            classes: vec![MediaClass::Ssd],
+            ..DiscoveryConfig::default()
+        };
+        assert_eq!(
+            verdict_of(&nvme(), &Probe::default(), &ssd_only),
+            Verdict::ClassNotManaged
+        );
+    }
+
+    #[test]
+    fn our_own_physical_volume_is_a_member_despite_its_signature() {
+        let members = BTreeMap::from([("/dev/nvme0n1".to_string(), "lvmlocal-nvme".to_string())]);
+        let probe = Probe {
+            signature: Some("LVM2_member".into()),
+            ..Probe::default()
+        };
+        let device = BlockDevice {
+            holders: vec!["dm-0".into()],
+            ..nvme()
+        };
+        let disk = classify(&device, &probe, &members, &DiscoveryConfig::default());
+        assert_eq!(
+            disk.verdict,
+            Verdict::Member {
+                vg: "lvmlocal-nvme".into()
+            }
+        );
+    }
+
+    #[test]
+    fn media_by_transport_rotation_and_override() {
+        let config = DiscoveryConfig::default();
+        let sata = BlockDevice {
+            name: "sda".into(),
+            device_path: "devices/pci0000:00/0000:00:10.0/ata1/host0/target0:0:0/0:0:0:0/block/sda"
+                .into(),
+            nsid: None,
+            ata_port: Some(1),
+            ..nvme()
+        };
+        assert_eq!(
+            classify(&nvme(), &Probe::default(), &BTreeMap::new(), &config).media,
+            Some(MediaClass::Nvme)
+        );
+        assert_eq!(
+            classify(&sata, &Probe::default(), &BTreeMap::new(), &config).media,
+            Some(MediaClass::Ssd)
+        );
+        let spinning = BlockDevice {
+            rotational: true,
+            ..sata
+        };
+        assert_eq!(
+            classify(&spinning, &Probe::default(), &BTreeMap::new(), &config).media,
+            Some(MediaClass::Hdd)
+        );
+        let overridden = DiscoveryConfig {
+            media_overrides: vec![(glob::Pattern::new("*-ata-1").unwrap(), MediaClass::Ssd)],
+            ..DiscoveryConfig::default()
+        };
+        assert_eq!(
+            classify(&spinning, &Probe::default(), &BTreeMap::new(), &overridden).media,
+            Some(MediaClass::Ssd)
+        );
+    }
+}

@@ -6,12 +6,18 @@ pub mod config;
 pub mod discovery;
 pub mod inventory;
 pub mod lvm;
+pub mod metrics;
+pub mod node_storage;
 pub mod plan;
 pub mod probe;
+pub mod rescan;
 pub mod slot;
 pub mod sysfs;
+pub mod uevent;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use lvmlocal_proto::MediaClass;
@@ -21,6 +27,9 @@ use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
 use crate::lvm::Lvm;
+use crate::metrics::Metrics;
+use crate::node_storage::Publisher;
+use crate::rescan::{RescanError, Rescanner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -30,8 +39,17 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    #[error(transparent)]
+    Rescan(#[from] RescanError),
     #[error("--node-name (or NODE_NAME) is required to run the agent")]
     NoNodeName,
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serving metrics on {address}: {source}")]
+    Metrics {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Parser)]
@@ -48,6 +66,14 @@ pub struct Args {
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub csi_endpoint: String,
 
+    /// Run without a Kubernetes API: nothing is reported to a cluster.
+    #[arg(long)]
+    pub standalone: bool,
+
+    /// Address of the `/healthz` and `/metrics` endpoints.
+    #[arg(long, default_value = "0.0.0.0:9808")]
+    pub metrics_address: SocketAddr,
+
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
 
@@ -63,6 +89,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build the volume groups once: discover, carry out the plan, print the result.
+    Apply,
 }
 
 /// Discovery settings: a TOML file, each overridden by its flag.
@@ -120,6 +148,7 @@ impl DiscoveryArgs {
 pub async fn run(args: Args) -> Result<(), AgentError> {
     match args.command {
         Some(Command::Discover { json }) => discover(&args.discovery, json).await,
+        Some(Command::Apply) => apply(&args.discovery).await,
         None => serve(args).await,
     }
 }
@@ -150,17 +179,65 @@ async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
     Ok(())
 }
 
+async fn apply(args: &DiscoveryArgs) -> Result<(), AgentError> {
+    let mut rescanner = rescanner(args, Arc::new(Metrics::new()), None)?;
+    let inventory = rescanner.rescan().await?;
+    print!("{}", inventory.table());
+    Ok(())
+}
+
+fn rescanner(
+    args: &DiscoveryArgs,
+    metrics: Arc<Metrics>,
+    publisher: Option<Publisher>,
+) -> Result<Rescanner, AgentError> {
+    let runner = Runner::default();
+    Ok(Rescanner {
+        config: args.resolve()?,
+        sources: args.sources(),
+        lvm: Lvm::new(runner.clone()),
+        runner,
+        metrics,
+        publisher,
+    })
+}
+
 async fn serve(args: Args) -> Result<(), AgentError> {
     args.log.init()?;
     let stop = StopSignals::install()?;
     let node = args.node_name.ok_or(AgentError::NoNodeName)?;
+    let publisher = if args.standalone {
+        None
+    } else {
+        Some(Publisher::new(kube::Client::try_default().await?, &node))
+    };
+    let metrics = Arc::new(Metrics::new());
+    let rescanner = rescanner(&args.discovery, metrics.clone(), publisher)?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .map_err(|source| AgentError::Metrics {
+            address: args.metrics_address,
+            source,
+        })?;
+    // Healthy while rescans keep coming; three missed intervals is not.
+    let max_age = rescanner.config.rescan_interval * 3;
+    let metrics_server = tokio::spawn(metrics::serve(listener, metrics, max_age));
+
+    let (trigger, triggered) = tokio::sync::mpsc::channel(1);
+    if let Err(err) = uevent::watch(trigger) {
+        tracing::warn!(error = %err, "no uevents; disks are found by periodic rescans only");
+    }
+    let disks = tokio::spawn(rescanner.run(triggered));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = %node,
         csi_endpoint = %args.csi_endpoint,
+        standalone = args.standalone,
         "csi-agent started"
     );
     let signal = stop.wait().await;
     tracing::info!(%signal, "csi-agent stopping");
+    disks.abort();
+    metrics_server.abort();
     Ok(())
 }

@@ -210,3 +210,225 @@ fn retags(disks: &[Disk], lvm: &LvmState, vg: &str) -> Vec<Action> {
     }
     actions
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn disk(name: &str, slot: &str, media: MediaClass, verdict: Verdict) -> Disk {
+        Disk {
+            name: name.into(),
+            slot: Some(slot.into()),
+            media: Some(media),
+            size_bytes: GIB,
+            serial: None,
+            model: None,
+            verdict,
+        }
+    }
+
+    fn vg(name: &str, tags: &[&str], missing_pvs: u32) -> Vg {
+        Vg {
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            size_bytes: GIB,
+            free_bytes: GIB,
+            extent_bytes: 4 << 20,
+            missing_pvs,
+        }
+    }
+
+    fn pv(device: &str, vg: &str, tags: &[&str]) -> Pv {
+        Pv {
+            device: device.into(),
+            vg: vg.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            size_bytes: GIB,
+            missing: false,
+        }
+    }
+
+    fn member(vg: &str) -> Verdict {
+        Verdict::Member { vg: vg.into() }
+    }
+
+    #[test]
+    fn a_new_disk_extends_its_group() {
+        let disks = [
+            disk(
+                "nvme0n1",
+                "pci-0000:00:05.0-nvme-1",
+                MediaClass::Nvme,
+                member("lvmlocal-nvme"),
+            ),
+            disk(
+                "nvme1n1",
+                "pci-0000:00:06.0-nvme-1",
+                MediaClass::Nvme,
+                Verdict::Usable,
+            ),
+        ];
+        let lvm = LvmState {
+            pvs: vec![pv(
+                "/dev/nvme0n1",
+                "lvmlocal-nvme",
+                &["lvmlocal.io/slot=pci-0000:00:05.0-nvme-1"],
+            )],
+            vgs: vec![vg("lvmlocal-nvme", &["lvmlocal.io/media=nvme"], 0)],
+        };
+        let plan = plan(&disks, &lvm, &DiscoveryConfig::default());
+        assert_eq!(
+            plan.actions,
+            [Action::ExtendVg {
+                vg: "lvmlocal-nvme".into(),
+                pvs: vec![NewPv {
+                    device: "/dev/nvme1n1".into(),
+                    slot: "pci-0000:00:06.0-nvme-1".into()
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn a_foreign_group_with_our_name_is_never_touched() {
+        let disks = [disk(
+            "sda",
+            "pci-0000:00:10.0-ata-1",
+            MediaClass::Ssd,
+            Verdict::Usable,
+        )];
+        let lvm = LvmState {
+            pvs: vec![],
+            vgs: vec![vg("lvmlocal-ssd", &[], 0)],
+        };
+        let plan = plan(&disks, &lvm, &DiscoveryConfig::default());
+        assert_eq!(plan.actions, []);
+        let ssd = plan
+            .groups
+            .iter()
+            .find(|g| g.media == MediaClass::Ssd)
+            .unwrap();
+        assert!(
+            ssd.blocked
+                .as_deref()
+                .unwrap()
+                .contains("not made by lvmlocal")
+        );
+        assert!(
+            LvmState {
+                pvs: vec![pv("/dev/sdb", "lvmlocal-ssd", &[])],
+                ..lvm
+            }
+            .own_members(&DiscoveryConfig::default())
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_degraded_group_waits_and_destroys_nothing() {
+        let disks = [disk(
+            "sdb",
+            "pci-0000:00:10.0-ata-2",
+            MediaClass::Hdd,
+            Verdict::Usable,
+        )];
+        let lvm = LvmState {
+            pvs: vec![Pv {
+                missing: true,
+                ..pv(
+                    "[unknown]",
+                    "lvmlocal-hdd",
+                    &["lvmlocal.io/slot=pci-0000:00:10.0-ata-1"],
+                )
+            }],
+            vgs: vec![vg("lvmlocal-hdd", &["lvmlocal.io/media=hdd"], 1)],
+        };
+        let plan = plan(&disks, &lvm, &DiscoveryConfig::default());
+        assert_eq!(plan.actions, []);
+        let hdd = plan
+            .groups
+            .iter()
+            .find(|g| g.media == MediaClass::Hdd)
+            .unwrap();
+        assert!(hdd.degraded());
+        assert!(hdd.blocked.as_deref().unwrap().contains("missing"));
+    }
+
+    #[test]
+    fn a_moved_or_untagged_pv_gets_its_slot_recorded() {
+        let disks = [
+            disk(
+                "sda",
+                "pci-0000:00:10.0-ata-2",
+                MediaClass::Ssd,
+                member("lvmlocal-ssd"),
+            ),
+            disk(
+                "sdb",
+                "pci-0000:00:10.0-ata-3",
+                MediaClass::Ssd,
+                member("lvmlocal-ssd"),
+            ),
+        ];
+        let lvm = LvmState {
+            pvs: vec![
+                pv(
+                    "/dev/sda",
+                    "lvmlocal-ssd",
+                    &["lvmlocal.io/slot=pci-0000:00:10.0-ata-1", "other"],
+                ),
+                pv("/dev/sdb", "lvmlocal-ssd", &[]),
+            ],
+            vgs: vec![vg("lvmlocal-ssd", &["lvmlocal.io/media=ssd"], 0)],
+        };
+        let plan = plan(&disks, &lvm, &DiscoveryConfig::default());
+        assert_eq!(
+            plan.actions,
+            [
+                Action::TagPv {
+                    device: "/dev/sda".into(),
+                    slot: "pci-0000:00:10.0-ata-2".into(),
+                    stale: vec!["lvmlocal.io/slot=pci-0000:00:10.0-ata-1".into()],
+                },
+                Action::TagPv {
+                    device: "/dev/sdb".into(),
+                    slot: "pci-0000:00:10.0-ata-3".into(),
+                    stale: vec![],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn only_managed_classes_are_planned() {
+        let disks = [
+            disk(
+                "nvme0n1",
+                "pci-0000:00:05.0-nvme-1",
+                MediaClass::Nvme,
+                Verdict::Usable,
+            ),
+            disk(
+                "sda",
+                "pci-0000:00:10.0-ata-1",
+                MediaClass::Hdd,
+                Verdict::Usable,
+            ),
+        ];
+        let config = DiscoveryConfig {
+            classes: vec![MediaClass::Nvme],
+            ..DiscoveryConfig::default()
+        };
+        let plan = plan(&disks, &LvmState::default(), &config);
+        assert_eq!(plan.groups.len(), 1);
+        assert!(matches!(
+            &plan.actions[..],
+            [Action::CreateVg {
+                media: MediaClass::Nvme,
+                ..
+            }]
+        ));
+    }
+}

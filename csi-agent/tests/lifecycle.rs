@@ -4,7 +4,17 @@ mod binary;
 use nix::sys::signal::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_csi-agent");
-const ARGS: &[&str] = &["--node-name", "node-a"];
+// Standalone, with a sysfs root that does not exist: the agent runs its
+// loop but finds no disk, so nothing on the machine running the test is touched.
+const ARGS: &[&str] = &[
+    "--node-name",
+    "node-a",
+    "--standalone",
+    "--sysfs",
+    "/nonexistent/sysfs",
+    "--metrics-address",
+    "127.0.0.1:0",
+];
 const STARTED: &str = "csi-agent started";
 
 #[test]

@@ -2,6 +2,9 @@
 //! host it boots its VM and runs itself, alone, inside the guest; the host
 //! side passes only if the guest side ran and passed.
 
+use std::path::PathBuf;
+use std::process::Command;
+
 use crate::vm::Vm;
 
 /// Set in the guest's environment, so a test binary knows where it runs.
@@ -64,4 +67,58 @@ macro_rules! vm_test {
             }
         }
     };
+}
+
+/// Runs `program` and returns its stdout, panicking with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("{program}: {err}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// A binary of this workspace, built beside the running test binary
+/// (`target/debug/deps/..`): `scripts/test.sh` builds them all first.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary under target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Kernel name of the one disk whose sysfs device path contains `place`,
+/// such as `/0000:00:05.0/` or `/ata2/`.
+pub fn disk_at(place: &str) -> String {
+    let found: Vec<String> = std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .map(|entry| entry.expect("sysfs entry").path())
+        .filter(|dev| {
+            std::fs::canonicalize(dev)
+                .map(|target| target.display().to_string().contains(place))
+                .unwrap_or(false)
+        })
+        .map(|dev| {
+            dev.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "disks at {place}: {found:?}");
+    found[0].clone()
 }

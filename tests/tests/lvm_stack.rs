@@ -3,39 +3,9 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 
+use lvmlocal_tests::guest::{disk_at, run};
 use lvmlocal_tests::{GIB, Vm, vm_test};
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("{program}: {err}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The kernel name of the one block device on the PCI function `pci`.
-fn disk_at(pci: &str) -> String {
-    let found: Vec<String> = fs::read_dir("/sys/block")
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|dev| {
-            fs::canonicalize(dev.join("device"))
-                .map(|target| target.display().to_string().contains(pci))
-                .unwrap_or(false)
-        })
-        .map(|dev| dev.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(found.len(), 1, "disks at {pci}: {found:?}");
-    found[0].clone()
-}
 
 vm_test!(
     lvm_ext4_on_nvme_holds_a_file,

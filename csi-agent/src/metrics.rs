@@ -1,0 +1,198 @@
+//! The agent's Prometheus metrics and its `/healthz` and `/metrics` endpoints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::discovery::Verdict;
+use crate::inventory::Inventory;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MediaLabel {
+    pub media: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    pub verdict: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    vg_size: Family<MediaLabel, Gauge>,
+    vg_free: Family<MediaLabel, Gauge>,
+    vg_allocated: Family<MediaLabel, Gauge>,
+    vg_degraded: Family<MediaLabel, Gauge>,
+    disks: Family<VerdictLabel, Gauge>,
+    rescan_seconds: Histogram,
+    rescan_failures: Counter,
+    /// Unix time of the last rescan that completed, for `/healthz`.
+    last_rescan: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lvmlocal_agent");
+        let vg_size = Family::default();
+        let vg_free = Family::default();
+        let vg_allocated = Family::default();
+        let vg_degraded = Family::default();
+        let disks = Family::default();
+        let rescan_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let rescan_failures = Counter::default();
+        registry.register(
+            "vg_size_bytes",
+            "Size of the volume group of a media class",
+            vg_size.clone(),
+        );
+        registry.register(
+            "vg_free_bytes",
+            "Free space in the volume group of a media class",
+            vg_free.clone(),
+        );
+        registry.register(
+            "vg_allocated_bytes",
+            "Space taken by logical volumes in the volume group of a media class",
+            vg_allocated.clone(),
+        );
+        registry.register(
+            "vg_degraded",
+            "1 when a physical volume of the group is missing",
+            vg_degraded.clone(),
+        );
+        registry.register("disks", "Whole disks of the node by verdict", disks.clone());
+        registry.register(
+            "rescan_duration_seconds",
+            "Time one rescan of the node takes",
+            rescan_seconds.clone(),
+        );
+        registry.register(
+            "rescan_failures",
+            "Rescans that ended in an error",
+            rescan_failures.clone(),
+        );
+        Self {
+            registry,
+            vg_size,
+            vg_free,
+            vg_allocated,
+            vg_degraded,
+            disks,
+            rescan_seconds,
+            rescan_failures,
+            last_rescan: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, inventory: &Inventory, took: Duration) {
+        self.rescan_seconds.observe(took.as_secs_f64());
+        self.last_rescan.store(now_secs(), Ordering::Relaxed);
+        for group in &inventory.plan.groups {
+            let label = MediaLabel {
+                media: group.media.to_string(),
+            };
+            let (size, free) = inventory
+                .lvm
+                .vg(&group.vg)
+                .map_or((0, 0), |vg| (vg.size_bytes, vg.free_bytes));
+            self.vg_size.get_or_create(&label).set(gauge(size));
+            self.vg_free.get_or_create(&label).set(gauge(free));
+            self.vg_allocated
+                .get_or_create(&label)
+                .set(gauge(size - free));
+            self.vg_degraded
+                .get_or_create(&label)
+                .set(i64::from(group.degraded()));
+        }
+        self.disks.clear();
+        for disk in &inventory.disks {
+            if disk.verdict != Verdict::NotADisk {
+                let label = VerdictLabel {
+                    verdict: disk.verdict.name().to_owned(),
+                };
+                self.disks.get_or_create(&label).inc();
+            }
+        }
+    }
+
+    pub fn rescan_failed(&self) {
+        self.rescan_failures.inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Healthy while rescans keep completing: within `max_age` of the last.
+    pub fn healthy(&self, max_age: Duration) -> bool {
+        let last = self.last_rescan.load(Ordering::Relaxed);
+        last > 0 && now_secs().saturating_sub(last) <= max_age.as_secs()
+    }
+}
+
+fn gauge(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    max_age: Duration,
+}
+
+/// Serves `/healthz` and `/metrics` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    max_age: Duration,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(scrape))
+        .with_state(Arc::new(Endpoint { metrics, max_age }));
+    axum::serve(listener, app).await
+}
+
+async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    if endpoint.metrics.healthy(endpoint.max_age) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no recent rescan\n")
+    }
+}
+
+async fn scrape(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        endpoint.metrics.encode(),
+    )
+}

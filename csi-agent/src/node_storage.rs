@@ -1,0 +1,203 @@
+//! The node's `NodeLocalStorage`: what the inventory says, in the shape the
+//! cluster reads, written only when it changed; and Kubernetes events when a
+//! disk joins, is refused or vanishes.
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use lvmlocal_proto::crd::{DiskStatus, MediaStatus, NodeLocalStorage, NodeLocalStorageStatus};
+
+use crate::discovery::{Disk, Verdict};
+use crate::inventory::{Inventory, human_bytes};
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "lvmlocal-agent";
+
+/// The status the inventory amounts to. Only classes whose volume group
+/// exists appear: a node without one has none of that class to offer.
+pub fn status(inventory: &Inventory) -> NodeLocalStorageStatus {
+    let mut status = NodeLocalStorageStatus::default();
+    for group in &inventory.plan.groups {
+        let Some(vg) = inventory.lvm.vg(&group.vg) else {
+            continue;
+        };
+        *status.media_mut(group.media) = Some(MediaStatus {
+            vg_name: vg.name.clone(),
+            total_bytes: vg.size_bytes,
+            free_bytes: vg.free_bytes,
+            allocated_bytes: vg.size_bytes - vg.free_bytes,
+            extent_bytes: vg.extent_bytes,
+            free: human_bytes(vg.free_bytes),
+            degraded: group.degraded(),
+            message: group.blocked.clone(),
+        });
+    }
+    let mut disks: Vec<&Disk> = inventory
+        .disks
+        .iter()
+        .filter(|disk| disk.verdict != Verdict::NotADisk)
+        .collect();
+    disks.sort_by(|a, b| (&a.slot, &a.name).cmp(&(&b.slot, &b.name)));
+    status.disks = disks
+        .into_iter()
+        .map(|disk| DiskStatus {
+            slot: disk.slot.as_ref().map(ToString::to_string),
+            name: disk.name.clone(),
+            serial: disk.serial.clone(),
+            model: disk.model.clone(),
+            size_bytes: disk.size_bytes,
+            media: disk.media,
+            state: disk.verdict.name().to_owned(),
+            reason: disk.verdict.reason(),
+        })
+        .collect();
+    status
+}
+
+/// Something about a disk an operator should hear of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskChange {
+    Joined { slot: String, vg: String },
+    Refused { slot: String, reason: String },
+    Vanished { slot: String },
+}
+
+impl DiskChange {
+    fn event(&self) -> Event {
+        let (type_, reason, note) = match self {
+            DiskChange::Joined { slot, vg } => (
+                EventType::Normal,
+                "DiskJoined",
+                format!("disk {slot} joined volume group {vg}"),
+            ),
+            DiskChange::Refused { slot, reason } => (
+                EventType::Warning,
+                "DiskRefused",
+                format!("disk {slot} left alone: {reason}"),
+            ),
+            DiskChange::Vanished { slot } => (
+                EventType::Warning,
+                "DiskVanished",
+                format!("disk {slot} is gone"),
+            ),
+        };
+        Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Rescan".into(),
+            secondary: None,
+        }
+    }
+}
+
+/// Changes between two reports. A disk is known by its slot, or by its
+/// kernel name when it has none.
+pub fn disk_changes(
+    before: &NodeLocalStorageStatus,
+    after: &NodeLocalStorageStatus,
+) -> Vec<DiskChange> {
+    let key = |disk: &DiskStatus| disk.slot.clone().unwrap_or_else(|| disk.name.clone());
+    let find = |status: &NodeLocalStorageStatus, wanted: &str| {
+        status
+            .disks
+            .iter()
+            .find(|disk| key(disk) == wanted)
+            .cloned()
+    };
+    let mut changes = Vec::new();
+    for disk in &after.disks {
+        let slot = key(disk);
+        let previous = find(before, &slot);
+        let was_member = previous.as_ref().is_some_and(|d| d.state == "member");
+        if disk.state == "member" && !was_member {
+            let vg = disk
+                .media
+                .and_then(|media| after.media(media))
+                .map(|group| group.vg_name.clone())
+                .unwrap_or_default();
+            changes.push(DiskChange::Joined { slot, vg });
+        } else if previous.is_none() && disk.state != "member" && disk.state != "usable" {
+            changes.push(DiskChange::Refused {
+                slot,
+                reason: disk.reason.clone(),
+            });
+        }
+    }
+    for disk in &before.disks {
+        let slot = key(disk);
+        if find(after, &slot).is_none() {
+            changes.push(DiskChange::Vanished { slot });
+        }
+    }
+    changes
+}
+
+/// Writes the node's `NodeLocalStorage`, remembering what it last wrote.
+pub struct Publisher {
+    api: Api<NodeLocalStorage>,
+    recorder: Recorder,
+    node: String,
+    last: Option<NodeLocalStorageStatus>,
+}
+
+impl Publisher {
+    pub fn new(client: Client, node: &str) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(node.to_owned()),
+        };
+        Self {
+            api: Api::all(client.clone()),
+            recorder: Recorder::new(client, reporter),
+            node: node.to_owned(),
+            last: None,
+        }
+    }
+
+    /// Applies `status` if it differs from the last one written, then
+    /// records events for the disks that changed. Returns whether it wrote.
+    pub async fn publish(&mut self, status: &NodeLocalStorageStatus) -> Result<bool, kube::Error> {
+        if self.last.as_ref() == Some(status) {
+            return Ok(false);
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let before = match self.last.take() {
+            Some(last) => last,
+            None => {
+                // First write since start: make sure the object exists, and
+                // compare with what an earlier run reported, not with nothing.
+                let object = serde_json::json!({
+                    "apiVersion": NodeLocalStorage::api_version(&()),
+                    "kind": NodeLocalStorage::kind(&()),
+                    "metadata": { "name": self.node },
+                    "spec": { "nodeName": self.node },
+                });
+                let existing = self
+                    .api
+                    .patch(&self.node, &params, &Patch::Apply(object))
+                    .await?;
+                existing.status.unwrap_or_default()
+            }
+        };
+        let patch = serde_json::json!({
+            "apiVersion": NodeLocalStorage::api_version(&()),
+            "kind": NodeLocalStorage::kind(&()),
+            "status": status,
+        });
+        let written = self
+            .api
+            .patch_status(&self.node, &params, &Patch::Apply(patch))
+            .await?;
+
+        let reference = written.object_ref(&());
+        for change in disk_changes(&before, status) {
+            // An event lost is not worth failing the report for.
+            if let Err(err) = self.recorder.publish(&change.event(), &reference).await {
+                tracing::warn!(error = %err, ?change, "cannot record event");
+            }
+        }
+        self.last = Some(status.clone());
+        Ok(true)
+    }
+}

@@ -1,0 +1,99 @@
+//! The agent's disk loop: discover → plan → lvm → report, at start, every
+//! rescan interval, and whenever a block device comes or goes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::command::Runner;
+use crate::config::DiscoveryConfig;
+use crate::inventory::{self, Inventory, InventoryError, Sources};
+use crate::lvm::{Lvm, LvmError};
+use crate::metrics::Metrics;
+use crate::node_storage::{self, Publisher};
+
+/// Block devices show up in bursts (a disk, then its partitions): wait for
+/// the burst to end before looking.
+const SETTLE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RescanError {
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error("building volume groups: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Apply(Vec<LvmError>),
+    #[error("writing NodeLocalStorage: {0}")]
+    Publish(#[from] kube::Error),
+}
+
+pub struct Rescanner {
+    pub config: DiscoveryConfig,
+    pub sources: Sources,
+    pub runner: Runner,
+    pub lvm: Lvm,
+    pub metrics: Arc<Metrics>,
+    /// None in standalone mode: no Kubernetes API to report to.
+    pub publisher: Option<Publisher>,
+}
+
+impl Rescanner {
+    /// One pass: takes the inventory, carries out the plan, and reports what
+    /// the node looks like afterwards.
+    pub async fn rescan(&mut self) -> Result<Inventory, RescanError> {
+        let started = Instant::now();
+        let mut inventory = self.take().await?;
+        let mut failures = Vec::new();
+        if !inventory.plan.actions.is_empty() {
+            for action in &inventory.plan.actions {
+                tracing::info!(?action, "building volume group");
+                // One class failing must not keep the others from being built.
+                if let Err(err) = self.lvm.apply(action).await {
+                    tracing::error!(error = %err, ?action, "volume group action failed");
+                    failures.push(err);
+                }
+            }
+            inventory = self.take().await?;
+        }
+        self.metrics.observe(&inventory, started.elapsed());
+        if let Some(publisher) = &mut self.publisher {
+            let status = node_storage::status(&inventory);
+            if publisher.publish(&status).await? {
+                tracing::info!("NodeLocalStorage updated");
+            }
+        }
+        if failures.is_empty() {
+            Ok(inventory)
+        } else {
+            Err(RescanError::Apply(failures))
+        }
+    }
+
+    async fn take(&self) -> Result<Inventory, InventoryError> {
+        inventory::take(&self.sources, &self.runner, &self.lvm, &self.config).await
+    }
+
+    /// Rescans until the task is dropped: every interval, and soon after each
+    /// message on `trigger`.
+    pub async fn run(mut self, mut trigger: mpsc::Receiver<()>) {
+        let mut interval = tokio::time::interval(self.config.rescan_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                Some(()) = trigger.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    // Events that came during the settle are covered by this pass.
+                    while trigger.try_recv().is_ok() {}
+                    interval.reset();
+                }
+            }
+            let span = tracing::info_span!("rescan");
+            if let Err(err) = self.rescan().instrument(span).await {
+                self.metrics.rescan_failed();
+                tracing::error!(error = %err, "rescan failed");
+            }
+        }
+    }
+}
