@@ -1,0 +1,323 @@
+//! The two extender verbs over the inventory: `filter` keeps the candidate
+//! nodes that can hold all of a pod's pending lvmlocal claims, `prioritize`
+//! ranks them. Both reserve space for the pod on the nodes they approve.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::List;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use lvmlocal_proto::extender::{
+    ExtenderArgs, ExtenderFilterResult, FailedNodesMap, HostPriority, HostPriorityList,
+    MIN_EXTENDER_PRIORITY,
+};
+
+use crate::capacity::{PerMedia, Refusal, Verdict};
+use crate::inventory::{Inventory, PodRef, Source};
+use crate::metrics::Metrics;
+use crate::needs::{NeedsError, PodNeeds};
+use crate::placement::{Placement, ScoreGroup, scores};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// For claims whose StorageClass does not set `lvmlocal.io/placement`.
+    pub default_placement: Placement,
+    /// How long a reservation lives if the pod's claims never show up.
+    pub reservation_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtenderError {
+    #[error("the request has no Pod")]
+    NoPod,
+    #[error("the request has neither Nodes nor NodeNames")]
+    NoCandidates,
+    #[error("waiting for the first listing of {}", .0.join(", "))]
+    NotSynced(Vec<&'static str>),
+    #[error(transparent)]
+    Needs(#[from] NeedsError),
+}
+
+pub struct Extender {
+    inventory: Mutex<Inventory>,
+    policy: Policy,
+    metrics: Metrics,
+}
+
+impl Extender {
+    pub fn new(policy: Policy, metrics: Metrics) -> Self {
+        Extender {
+            inventory: Mutex::new(Inventory::default()),
+            policy,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The inventory, for the watchers that keep it current.
+    pub fn inventory(&self) -> MutexGuard<'_, Inventory> {
+        // A panic while holding the lock cannot leave the inventory half
+        // updated in a way later events would not repair.
+        self.inventory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops expired reservations.
+    pub fn expire_reservations(&self, now: Instant) {
+        let live = self.inventory().expire(now);
+        self.metrics.reservations(live);
+    }
+
+    /// Answers `filter`. Failures of the call as a whole go in `Error`, which
+    /// makes kube-scheduler retry the pod later.
+    pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
+        self.try_filter(args)
+            .unwrap_or_else(|err| ExtenderFilterResult {
+                error: err.to_string(),
+                ..ExtenderFilterResult::default()
+            })
+    }
+
+    fn try_filter(&self, args: ExtenderArgs) -> Result<ExtenderFilterResult, ExtenderError> {
+        let (pod, candidates) = unpack(args)?;
+        let Some((verdicts, _)) = self.assess(&pod, &candidates)? else {
+            return Ok(candidates.pass_all());
+        };
+        let mut reasons = BTreeMap::<&'static str, u64>::new();
+        let mut failed = FailedNodesMap::new();
+        let mut unresolvable = FailedNodesMap::new();
+        let (nodes, node_names) = candidates.split(verdicts, |name, refusals| {
+            for refusal in &refusals {
+                *reasons.entry(refusal.kind()).or_default() += 1;
+            }
+            let message = refusals
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            if refusals.iter().any(Refusal::is_unresolvable) {
+                unresolvable.insert(name, message);
+            } else {
+                failed.insert(name, message);
+            }
+        });
+        for (reason, count) in reasons {
+            self.metrics.filtered(reason, count);
+        }
+        tracing::debug!(
+            failed = failed.len(),
+            unresolvable = unresolvable.len(),
+            "filtered"
+        );
+        Ok(ExtenderFilterResult {
+            nodes,
+            node_names,
+            failed_nodes: Some(failed),
+            failed_and_unresolvable_nodes: Some(unresolvable),
+            error: String::new(),
+        })
+    }
+
+    /// Answers `prioritize`: every candidate once, in the order sent.
+    pub fn prioritize(&self, args: ExtenderArgs) -> Result<HostPriorityList, ExtenderError> {
+        let (pod, candidates) = unpack(args)?;
+        let assessment = self.assess(&pod, &candidates)?;
+        let hosts = candidates.into_names();
+        let Some((verdicts, needs)) = assessment else {
+            return Ok(hosts
+                .into_iter()
+                .map(|host| HostPriority {
+                    host,
+                    score: MIN_EXTENDER_PRIORITY,
+                })
+                .collect());
+        };
+        let left: Vec<Option<PerMedia<u64>>> = verdicts
+            .into_iter()
+            .map(|verdict| match verdict {
+                Verdict::Fits(left) => Some(left),
+                Verdict::Refused(_) => None,
+            })
+            .collect();
+        let scores = scores(&self.score_groups(&needs), &left);
+        Ok(hosts
+            .into_iter()
+            .zip(scores)
+            .map(|(host, score)| HostPriority { host, score })
+            .collect())
+    }
+
+    fn score_groups(&self, needs: &PodNeeds) -> Vec<ScoreGroup> {
+        let mut groups: Vec<ScoreGroup> = Vec::new();
+        for claim in &needs.claims {
+            let placement = claim.placement.unwrap_or(self.policy.default_placement);
+            match groups
+                .iter_mut()
+                .find(|group| group.media == claim.media && group.placement == placement)
+            {
+                Some(group) => group.bytes = group.bytes.saturating_add(claim.bytes),
+                None => groups.push(ScoreGroup {
+                    media: claim.media,
+                    placement,
+                    bytes: claim.bytes,
+                }),
+            }
+        }
+        groups
+    }
+
+    /// The verdict on each candidate and the pod's needs; `None` when the pod
+    /// needs nothing from lvmlocal and every node passes.
+    fn assess(
+        &self,
+        pod: &Pod,
+        candidates: &Candidates,
+    ) -> Result<Option<(Vec<Verdict>, PodNeeds)>, ExtenderError> {
+        if !PodNeeds::may_need_storage(pod) {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let mut inventory = self.inventory();
+        let unsynced = inventory.unsynced();
+        if !unsynced.is_empty() {
+            return Err(ExtenderError::NotSynced(
+                unsynced.into_iter().map(Source::as_str).collect(),
+            ));
+        }
+        let needs = PodNeeds::of(pod, &*inventory)?;
+        if needs.is_empty() {
+            return Ok(None);
+        }
+        let verdicts = inventory.assess(
+            &PodRef::of(pod),
+            &needs,
+            &candidates.names(),
+            now,
+            self.policy.reservation_ttl,
+        );
+        self.metrics.reservations(inventory.reservations().len());
+        Ok(Some((verdicts, needs)))
+    }
+}
+
+impl PodRef {
+    /// Pods always have a UID in the API; a request without one is keyed by
+    /// name so that repeated calls still replace each other's reservation.
+    pub fn of(pod: &Pod) -> Self {
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        let uid = pod
+            .metadata
+            .uid
+            .clone()
+            .filter(|uid| !uid.is_empty())
+            .unwrap_or_else(|| name.clone());
+        PodRef { uid, name }
+    }
+}
+
+/// The nodes kube-scheduler sent, in the form it sent them.
+enum Candidates {
+    Names(Vec<String>),
+    Nodes(List<Node>),
+}
+
+fn unpack(args: ExtenderArgs) -> Result<(Pod, Candidates), ExtenderError> {
+    let pod = args.pod.ok_or(ExtenderError::NoPod)?;
+    let candidates = match (args.node_names, args.nodes) {
+        (Some(names), _) => Candidates::Names(names),
+        (None, Some(nodes)) => Candidates::Nodes(nodes),
+        (None, None) => return Err(ExtenderError::NoCandidates),
+    };
+    Ok((pod, candidates))
+}
+
+impl Candidates {
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Candidates::Names(names) => names.iter().map(String::as_str).collect(),
+            Candidates::Nodes(nodes) => nodes.items.iter().map(node_name).collect(),
+        }
+    }
+
+    fn into_names(self) -> Vec<String> {
+        match self {
+            Candidates::Names(names) => names,
+            Candidates::Nodes(nodes) => nodes
+                .items
+                .into_iter()
+                .map(|node| node.metadata.name.unwrap_or_default())
+                .collect(),
+        }
+    }
+
+    /// Every node passes, returned exactly as sent.
+    fn pass_all(self) -> ExtenderFilterResult {
+        let (nodes, node_names) = self.into_parts();
+        ExtenderFilterResult {
+            nodes,
+            node_names,
+            failed_nodes: Some(FailedNodesMap::new()),
+            failed_and_unresolvable_nodes: Some(FailedNodesMap::new()),
+            error: String::new(),
+        }
+    }
+
+    fn into_parts(self) -> (Option<List<Node>>, Option<Vec<String>>) {
+        match self {
+            Candidates::Names(names) => (None, Some(names)),
+            Candidates::Nodes(nodes) => (Some(nodes), None),
+        }
+    }
+
+    /// The candidates that fit, in order and in the form they came in;
+    /// `refused` hears about each of the others.
+    fn split(
+        self,
+        verdicts: Vec<Verdict>,
+        mut refused: impl FnMut(String, Vec<Refusal>),
+    ) -> (Option<List<Node>>, Option<Vec<String>>) {
+        match self {
+            Candidates::Names(names) => {
+                let mut kept = Vec::with_capacity(names.len());
+                for (name, verdict) in names.into_iter().zip(verdicts) {
+                    match verdict {
+                        Verdict::Fits(_) => kept.push(name),
+                        Verdict::Refused(refusals) => refused(name, refusals),
+                    }
+                }
+                (None, Some(kept))
+            }
+            Candidates::Nodes(List { items, metadata }) => {
+                let mut kept = Vec::with_capacity(items.len());
+                for (node, verdict) in items.into_iter().zip(verdicts) {
+                    match verdict {
+                        Verdict::Fits(_) => kept.push(node),
+                        Verdict::Refused(refusals) => {
+                            refused(node_name(&node).to_owned(), refusals)
+                        }
+                    }
+                }
+                (
+                    Some(List {
+                        items: kept,
+                        metadata,
+                    }),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+fn node_name(node: &Node) -> &str {
+    node.metadata.name.as_deref().unwrap_or_default()
+}

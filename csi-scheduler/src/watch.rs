@@ -1,0 +1,79 @@
+//! Keeps the inventory current: one list-and-watch per kind, each event
+//! applied to the inventory as it arrives. The only module that talks to the
+//! API server.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Api, Client, Resource};
+use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
+use serde::de::DeserializeOwned;
+
+use crate::extender::Extender;
+use crate::inventory::{Inventory, Source};
+
+/// Follows the four kinds until the process stops. Failed calls are retried
+/// with backoff; a watch that has lost its place relists, and the inventory
+/// drops what the new listing no longer has.
+pub async fn follow_cluster(client: Client, extender: Arc<Extender>) {
+    future::join4(
+        follow(
+            Api::<NodeLocalStorage>::all(client.clone()),
+            Source::NodeLocalStorage,
+            &extender,
+            Inventory::apply_storage,
+        ),
+        follow(
+            Api::<LogicalVolume>::all(client.clone()),
+            Source::LogicalVolume,
+            &extender,
+            Inventory::apply_volume,
+        ),
+        follow(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            Source::PersistentVolumeClaim,
+            &extender,
+            Inventory::apply_claim,
+        ),
+        follow(
+            Api::<StorageClass>::all(client),
+            Source::StorageClass,
+            &extender,
+            Inventory::apply_class,
+        ),
+    )
+    .await;
+}
+
+async fn follow<K>(
+    api: Api<K>,
+    source: Source,
+    extender: &Extender,
+    apply: fn(&mut Inventory, Event<K>),
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    // Served from the API server's watch cache: a relist of 100,000 claims
+    // must not hit etcd.
+    let config = watcher::Config::default().any_semantic();
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                if matches!(event, Event::InitDone) {
+                    tracing::info!(resource = source.as_str(), "listed");
+                }
+                apply(&mut extender.inventory(), event);
+            }
+            Err(err) => {
+                extender.metrics().watch_error(source.as_str());
+                tracing::warn!(resource = source.as_str(), error = %err, "watch failed; retrying");
+            }
+        }
+    }
+}
