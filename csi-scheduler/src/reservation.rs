@@ -89,7 +89,7 @@ impl Reservations {
     /// Records `reservation` for `pod_uid`, replacing the pod's previous one.
     pub fn reserve(&mut self, pod_uid: &str, reservation: Reservation) {
         self.release(pod_uid);
-        if reservation.claims.is_empty() || reservation.nodes.is_empty() {
+        if reservation.nodes.is_empty() || reservation.claims.iter().all(|claim| claim.bytes == 0) {
             return;
         }
         self.add(&reservation.nodes, reservation.load());
@@ -264,6 +264,7 @@ mod tests {
         let mut book = Reservations::default();
         book.reserve("uid-1", reservation(&[], vec![claim("a", Nvme, 1)], later));
         book.reserve("uid-2", reservation(&[3], vec![], later));
+        book.reserve("uid-3", reservation(&[3], vec![claim("b", Ssd, 0)], later));
         assert!(book.is_empty());
     }
 }

@@ -58,9 +58,9 @@ async fn follow<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    // Served from the API server's watch cache: a relist of 100,000 claims
-    // must not hit etcd.
-    let config = watcher::Config::default().any_semantic();
+    // Listed in pages (500 objects by default): a relist of 100,000 claims
+    // then holds one page of whole objects in memory, not all of them.
+    let config = watcher::Config::default();
     let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
         match event {

@@ -103,7 +103,12 @@ fn rejects_bad_policy_flags() {
 fn fails_clearly_without_a_kubeconfig() {
     let (status, out) = binary::run(
         BIN,
-        &["--kubeconfig", "/nonexistent/kubeconfig", "--listen", "127.0.0.1:0"],
+        &[
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+            "--listen",
+            "127.0.0.1:0",
+        ],
     );
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(

@@ -1,0 +1,301 @@
+//! What the inventory counts as used, as watch events and extender calls
+//! arrive.
+
+use std::time::{Duration, Instant};
+
+use csi_scheduler::capacity::Verdict;
+use csi_scheduler::inventory::{Inventory, PodRef, Source};
+use csi_scheduler::needs::{ClaimKey, ClaimNeed, PodNeeds};
+use kube::runtime::watcher::Event;
+use lvmlocal_proto::MediaClass::{self, Hdd, Nvme};
+
+use crate::support::*;
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// Free bytes of `media` on `node`, asked with a pod that needs nothing:
+/// nothing is reserved for it, so asking changes nothing.
+fn free(inventory: &mut Inventory, node: &str, media: MediaClass) -> Option<u64> {
+    let probe = PodNeeds {
+        claims: vec![ClaimNeed {
+            key: ClaimKey::new("probe", "probe"),
+            media,
+            bytes: 0,
+            placement: None,
+            selected_node: None,
+        }],
+    };
+    let pod = PodRef {
+        uid: "probe".into(),
+        name: "probe/probe".into(),
+    };
+    match &inventory.assess(&pod, &probe, &[node], Instant::now(), TTL)[0] {
+        Verdict::Fits(left) => Some(left[media]),
+        Verdict::Refused(_) => None,
+    }
+}
+
+/// Runs `pod`'s assessment on `nodes` and returns which fit.
+fn assess(
+    inventory: &mut Inventory,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    nodes: &[&str],
+) -> Vec<bool> {
+    assess_at(inventory, pod, nodes, Instant::now())
+}
+
+fn assess_at(
+    inventory: &mut Inventory,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    nodes: &[&str],
+    now: Instant,
+) -> Vec<bool> {
+    let needs = PodNeeds::of(pod, &*inventory).unwrap();
+    inventory
+        .assess(&PodRef::of(pod), &needs, nodes, now, TTL)
+        .iter()
+        .map(Verdict::fits)
+        .collect()
+}
+
+fn inventory(cluster: &Cluster) -> Inventory {
+    let mut inventory = Inventory::default();
+    synced(&mut inventory);
+    apply_all(&mut inventory, cluster);
+    inventory
+}
+
+fn two_nodes() -> Cluster {
+    Cluster {
+        storages: vec![
+            storage("node-a", &[(Nvme, 100 * GI)]),
+            storage("node-b", &[(Nvme, 100 * GI)]),
+        ],
+        classes: classes(),
+        ..Cluster::default()
+    }
+}
+
+#[test]
+fn free_is_total_less_volumes_claims_in_flight_and_reservations() {
+    let mut cluster = Cluster {
+        storages: vec![storage("node-a", &[(Nvme, 1000 * GI), (Hdd, 4000 * GI)])],
+        classes: classes(),
+        ..Cluster::default()
+    };
+    cluster
+        .volumes
+        .push(volume("pv-1", "node-a", Nvme, 100 * GI, None));
+    cluster
+        .volumes
+        .push(volume("pv-2", "node-a", Hdd, 1000 * GI, None));
+    cluster.claims.push(selected(
+        claim("db", "in-flight", "nvme", 50 * GI),
+        "node-a",
+    ));
+    cluster.claims.push(claim("db", "wanted", "nvme", 30 * GI));
+    let mut inventory = inventory(&cluster);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(850 * GI));
+    assert_eq!(free(&mut inventory, "node-a", Hdd), Some(3000 * GI));
+
+    let wanting = pod("db", "wanting", "uid-w", &["wanted"]);
+    assert_eq!(assess(&mut inventory, &wanting, &["node-a"]), [true]);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(820 * GI));
+    // Assessing the same pod again replaces its reservation.
+    assert_eq!(assess(&mut inventory, &wanting, &["node-a"]), [true]);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(820 * GI));
+    assert_eq!(inventory.reservations().len(), 1);
+}
+
+#[test]
+fn a_claim_is_counted_once_from_reservation_to_bound_volume() {
+    let mut cluster = two_nodes();
+    let wanted = claim("db", "data", "nvme", 40 * GI);
+    cluster.claims.push(wanted.clone());
+    let mut inventory = inventory(&cluster);
+    let db = pod("db", "db-0", "uid-db", &["data"]);
+
+    assert_eq!(
+        assess(&mut inventory, &db, &["node-a", "node-b"]),
+        [true, true]
+    );
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(60 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(60 * GI));
+
+    // kube-scheduler picked node-b: node-a gets its space back.
+    inventory.apply_claim(Event::Apply(selected(wanted.clone(), "node-b")));
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(100 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(60 * GI));
+    assert!(inventory.reservations().get("uid-db").is_none());
+
+    // The volume appears; the claim is still pending until the PV binds.
+    inventory.apply_volume(Event::Apply(volume(
+        "pvc-1",
+        "node-b",
+        Nvme,
+        40 * GI,
+        Some(("db", "data")),
+    )));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(60 * GI));
+
+    inventory.apply_claim(Event::Apply(bound(selected(wanted, "node-b"), "pvc-1")));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(60 * GI));
+
+    inventory.apply_volume(Event::Delete(volume(
+        "pvc-1",
+        "node-b",
+        Nvme,
+        40 * GI,
+        None,
+    )));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(100 * GI));
+}
+
+#[test]
+fn a_volume_seen_before_the_selected_node_settles_the_reservation() {
+    let mut cluster = two_nodes();
+    cluster.claims.push(claim("db", "a", "nvme", 10 * GI));
+    cluster.claims.push(claim("db", "b", "nvme", 20 * GI));
+    let mut inventory = inventory(&cluster);
+    let db = pod("db", "db-0", "uid-db", &["a", "b"]);
+    assert_eq!(
+        assess(&mut inventory, &db, &["node-a", "node-b"]),
+        [true, true]
+    );
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(70 * GI));
+
+    inventory.apply_volume(Event::Apply(volume(
+        "pvc-a",
+        "node-a",
+        Nvme,
+        10 * GI,
+        Some(("db", "a")),
+    )));
+    // Claim a is now a volume on node-a; claim b stays reserved, on node-a only.
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(70 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(100 * GI));
+    let left = inventory.reservations().get("uid-db").unwrap();
+    assert_eq!(left.claims.len(), 1);
+}
+
+#[test]
+fn a_pod_scheduled_again_is_not_charged_for_its_own_claims() {
+    let mut cluster = two_nodes();
+    cluster
+        .claims
+        .push(selected(claim("db", "data", "nvme", 40 * GI), "node-a"));
+    let mut inventory = inventory(&cluster);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(60 * GI));
+
+    let db = pod("db", "db-0", "uid-db", &["data"]);
+    let needs = PodNeeds::of(&db, &inventory).unwrap();
+    let verdicts = inventory.assess(&PodRef::of(&db), &needs, &["node-a"], Instant::now(), TTL);
+    assert_eq!(verdicts.len(), 1);
+    let Verdict::Fits(left) = &verdicts[0] else {
+        panic!("{verdicts:?}");
+    };
+    assert_eq!(left[Nvme], 60 * GI);
+    // Its claim is already counted in flight; nothing more is reserved.
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(60 * GI));
+}
+
+#[test]
+fn reservations_expire() {
+    let mut cluster = two_nodes();
+    cluster.claims.push(claim("db", "data", "nvme", 40 * GI));
+    let mut inventory = inventory(&cluster);
+    let start = Instant::now();
+    let db = pod("db", "db-0", "uid-db", &["data"]);
+    assert_eq!(assess_at(&mut inventory, &db, &["node-a"], start), [true]);
+    assert_eq!(inventory.expire(start + TTL - Duration::from_millis(1)), 1);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(60 * GI));
+    assert_eq!(inventory.expire(start + TTL), 0);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(100 * GI));
+}
+
+#[test]
+fn deleted_claims_release_their_reservation_and_in_flight_space() {
+    let mut cluster = two_nodes();
+    let reserved = claim("db", "r", "nvme", 10 * GI);
+    let flying = selected(claim("db", "f", "nvme", 20 * GI), "node-b");
+    cluster.claims.extend([reserved.clone(), flying.clone()]);
+    let mut inventory = inventory(&cluster);
+    assert_eq!(
+        assess(
+            &mut inventory,
+            &pod("db", "p", "uid-p", &["r"]),
+            &["node-a"]
+        ),
+        [true]
+    );
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(90 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(80 * GI));
+    inventory.apply_claim(Event::Delete(reserved));
+    inventory.apply_claim(Event::Delete(flying));
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(100 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(100 * GI));
+}
+
+#[test]
+fn a_relist_drops_what_is_gone() {
+    let mut cluster = two_nodes();
+    cluster
+        .volumes
+        .push(volume("pv-1", "node-a", Nvme, 10 * GI, None));
+    cluster
+        .volumes
+        .push(volume("pv-2", "node-a", Nvme, 20 * GI, None));
+    cluster
+        .claims
+        .push(selected(claim("db", "f", "nvme", 30 * GI), "node-b"));
+    let mut inventory = inventory(&cluster);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(70 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(70 * GI));
+
+    inventory.apply_volume(Event::Init);
+    inventory.apply_volume(Event::InitApply(cluster.volumes[1].clone()));
+    inventory.apply_volume(Event::InitDone);
+    inventory.apply_claim(Event::Init);
+    inventory.apply_claim(Event::InitDone);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(80 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(100 * GI));
+
+    inventory.apply_storage(Event::Init);
+    inventory.apply_storage(Event::InitApply(cluster.storages[0].clone()));
+    inventory.apply_storage(Event::InitDone);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(80 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), None);
+}
+
+#[test]
+fn storage_classes_decide_what_is_in_flight() {
+    let mut cluster = two_nodes();
+    cluster.classes.clear();
+    cluster
+        .claims
+        .push(selected(claim("db", "f", "nvme", 30 * GI), "node-a"));
+    let mut inventory = inventory(&cluster);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(100 * GI));
+    for class in classes() {
+        inventory.apply_class(Event::Apply(class));
+    }
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(70 * GI));
+    inventory.apply_class(Event::Delete(class("nvme", Nvme, None)));
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(100 * GI));
+}
+
+#[test]
+fn unsynced_until_every_kind_is_listed() {
+    let mut inventory = Inventory::default();
+    assert_eq!(inventory.unsynced(), Source::ALL);
+    inventory.apply_storage(Event::Init);
+    inventory.apply_storage(Event::InitDone);
+    inventory.apply_class(Event::InitDone);
+    assert_eq!(
+        inventory.unsynced(),
+        [Source::LogicalVolume, Source::PersistentVolumeClaim]
+    );
+    inventory.apply_volume(Event::InitDone);
+    inventory.apply_claim(Event::InitDone);
+    assert!(inventory.unsynced().is_empty());
+}

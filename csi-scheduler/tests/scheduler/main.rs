@@ -1,0 +1,6 @@
+//! The extender in-process: inventory, verbs over HTTP, properties, races,
+//! and the watchers against a scripted API server.
+
+mod http;
+mod inventory;
+mod support;
