@@ -3,4 +3,6 @@
 
 mod http;
 mod inventory;
+mod properties;
+mod race;
 mod support;
