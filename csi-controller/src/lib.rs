@@ -1,8 +1,24 @@
 //! The cluster-wide controller: serves the CSI Identity and Controller
 //! services and maps each volume to a `LogicalVolume` on its node.
+//!
+//! The Controller service is generic over a [`store::Store`], so the agent's
+//! standalone mode serves the same validation and error mapping over its LV
+//! tags.
+
+pub mod controller;
+pub mod error;
+pub mod identity;
+pub mod placement;
+pub mod rpc;
+pub mod store;
+pub mod validate;
+pub mod volume;
 
 use clap::Parser;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+
+pub use controller::{ControllerService, ControllerSettings};
+pub use identity::IdentityService;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]

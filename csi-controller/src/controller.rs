@@ -1,0 +1,520 @@
+//! The CSI Controller service over any [`Store`]: validate → place → store
+//! → wait, with the spec's codes for every refusal.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lvmlocal_proto::csi::v1::controller_server::Controller;
+use lvmlocal_proto::csi::v1::controller_service_capability::{Rpc, Type as CapabilityType, rpc};
+use lvmlocal_proto::csi::v1::list_volumes_response::Entry;
+use lvmlocal_proto::csi::v1::validate_volume_capabilities_response::Confirmed;
+use lvmlocal_proto::csi::v1::{
+    self as csi, ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
+    ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
+    ControllerGetVolumeRequest, ControllerGetVolumeResponse, ControllerModifyVolumeRequest,
+    ControllerModifyVolumeResponse, ControllerPublishVolumeRequest,
+    ControllerPublishVolumeResponse, ControllerServiceCapability, ControllerUnpublishVolumeRequest,
+    ControllerUnpublishVolumeResponse, CreateSnapshotRequest, CreateSnapshotResponse,
+    CreateVolumeRequest, CreateVolumeResponse, DeleteSnapshotRequest, DeleteSnapshotResponse,
+    DeleteVolumeRequest, DeleteVolumeResponse, GetCapacityRequest, GetCapacityResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse, Topology,
+    ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
+};
+use lvmlocal_proto::{MediaClass, TOPOLOGY_KEY};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use tracing::Span;
+
+use crate::error::CsiError;
+use crate::placement::{self, NodeCapacity};
+use crate::rpc::RpcMetrics;
+use crate::store::{Store, StoreError};
+use crate::validate::{self, CreateRequest, MEDIA_PARAM, Wanted};
+use crate::volume::{Access, NewVolume, Volume, VolumeId, VolumeState};
+
+/// Behaviour an operator may tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControllerSettings {
+    /// Size of a volume whose CreateVolume sets no capacity (the spec leaves
+    /// it to the plugin; Kubernetes always sets one).
+    pub default_size_bytes: u64,
+    /// How long CreateVolume and ControllerExpandVolume wait for the node
+    /// before answering DEADLINE_EXCEEDED. Keep it below the sidecars'
+    /// `--timeout`, so the answer reaches them.
+    pub wait: Duration,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        Self {
+            default_size_bytes: 1 << 30,
+            wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The capabilities a CO may rely on; nothing else is implemented.
+const CAPABILITIES: [rpc::Type; 5] = [
+    rpc::Type::CreateDeleteVolume,
+    rpc::Type::ExpandVolume,
+    rpc::Type::GetCapacity,
+    rpc::Type::ListVolumes,
+    rpc::Type::SingleNodeMultiWriter,
+];
+
+pub struct ControllerService<S> {
+    store: S,
+    settings: ControllerSettings,
+    metrics: RpcMetrics,
+}
+
+impl<S: Store> ControllerService<S> {
+    pub fn new(store: S, settings: ControllerSettings, metrics: RpcMetrics) -> Self {
+        Self {
+            store,
+            settings,
+            metrics,
+        }
+    }
+
+    /// The store the service works on.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    async fn create(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse, CsiError> {
+        let req = validate::create(&req)?;
+        Span::current().record("volume", req.id.as_str());
+        let deadline = Instant::now() + self.settings.wait;
+        let volume = match self.store.get(&req.id).await? {
+            Some(existing) => existing,
+            None => {
+                let new = self.place(&req).await?;
+                tracing::info!(node = %new.node, bytes = new.size_bytes, "creating");
+                self.store.create(new).await?
+            }
+        };
+        if volume.state == VolumeState::Deleting {
+            return Err(CsiError::BeingDeleted(volume.id));
+        }
+        check_same(&volume, &req)?;
+        let volume = self.settle(volume, deadline).await?;
+        if let VolumeState::Failed {
+            lv_exists: false, ..
+        } = volume.state
+        {
+            // Forget the attempt so that a retry, likely on another node
+            // once the pod is rescheduled, starts over.
+            self.store.delete(&volume.id).await?;
+        }
+        let capacity_bytes = ready_size(&volume)?;
+        Ok(CreateVolumeResponse {
+            volume: Some(csi_volume(&volume, capacity_bytes)),
+        })
+    }
+
+    /// Chooses the node and the size of a new volume.
+    async fn place(&self, req: &CreateRequest) -> Result<NewVolume, CsiError> {
+        let candidates = self.store.capacities(req.media).await?;
+        let group = placement::choose(&req.nodes, req.media, &candidates)?;
+        let size_bytes = placement::size_for(req.size, self.settings.default_size_bytes, group)?;
+        placement::check_fits(group, req.media, size_bytes)?;
+        Ok(NewVolume {
+            id: req.id.clone(),
+            node: group.node.clone(),
+            media: req.media,
+            access: req.access,
+            size_bytes,
+            pvc: req.pvc.clone(),
+        })
+    }
+
+    async fn settle(&self, volume: Volume, deadline: Instant) -> Result<Volume, CsiError> {
+        if volume.settled() {
+            return Ok(volume);
+        }
+        Ok(self.store.wait(&volume, deadline).await?)
+    }
+
+    async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse, CsiError> {
+        let id = validate::delete(&req)?;
+        Span::current().record("volume", id.as_str());
+        self.store.delete(&id).await?;
+        Ok(DeleteVolumeResponse {})
+    }
+
+    async fn expand(
+        &self,
+        req: ControllerExpandVolumeRequest,
+    ) -> Result<ControllerExpandVolumeResponse, CsiError> {
+        let req = validate::expand(&req)?;
+        Span::current().record("volume", req.id.as_str());
+        let deadline = Instant::now() + self.settings.wait;
+        let volume = self.live(&req.id).await?;
+        let group = self.group_of(&volume).await?;
+        let current = volume.size_bytes;
+        let target = match &group {
+            Some(group) => placement::expanded_size(current, req.size, group)?,
+            None if req.size.contains(current) => current,
+            None => {
+                return Err(placement::PlacementError::NoVolumeGroup {
+                    node: volume.node,
+                    media: volume.media,
+                }
+                .into());
+            }
+        };
+        let volume = match group {
+            Some(group) if target > current => {
+                placement::check_fits(&group, volume.media, target - current)?;
+                tracing::info!(from = current, to = target, "expanding");
+                self.store.resize(&volume, target).await?
+            }
+            _ => volume,
+        };
+        let volume = self.settle(volume, deadline).await?;
+        Ok(ControllerExpandVolumeResponse {
+            capacity_bytes: ready_size(&volume)?,
+            node_expansion_required: matches!(volume.access, Access::Filesystem(_)),
+        })
+    }
+
+    async fn validate_capabilities(
+        &self,
+        req: ValidateVolumeCapabilitiesRequest,
+    ) -> Result<ValidateVolumeCapabilitiesResponse, CsiError> {
+        let id = validate::capability_check(&req)?;
+        Span::current().record("volume", id.as_str());
+        let volume = self.live(&id).await?;
+        Ok(match supports(&volume, &req) {
+            Ok(()) => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: HashMap::new(),
+                }),
+                message: String::new(),
+            },
+            Err(why) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: why,
+            },
+        })
+    }
+
+    async fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse, CsiError> {
+        let req = validate::list(&req)?;
+        let limit = req.max_entries.unwrap_or(usize::MAX);
+        let mut volumes = self
+            .store
+            .list(req.after.as_ref(), limit.saturating_add(1))
+            .await?;
+        let next_token = if volumes.len() > limit {
+            volumes.truncate(limit);
+            volumes
+                .last()
+                .map(|v| validate::next_token(&v.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let entries = volumes
+            .iter()
+            .map(|volume| Entry {
+                volume: Some(csi_volume(volume, reported_size(volume))),
+                status: None,
+            })
+            .collect();
+        Ok(ListVolumesResponse {
+            entries,
+            next_token,
+        })
+    }
+
+    async fn capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse, CsiError> {
+        let query = validate::capacity(&req)?;
+        let classes = match query.media {
+            Some(media) => vec![media],
+            None => MediaClass::ALL.to_vec(),
+        };
+        let mut largest = 0;
+        for media in classes {
+            let groups = self.store.capacities(media).await?;
+            let free = groups
+                .iter()
+                .filter(|group| query.node.as_ref().is_none_or(|node| &group.node == node))
+                .map(NodeCapacity::free_bytes)
+                .max()
+                .unwrap_or(0);
+            largest = largest.max(free);
+        }
+        // A linear LV can take all of a group's free space, so the largest
+        // volume is the available capacity itself.
+        let available = i64::try_from(largest).unwrap_or(i64::MAX);
+        Ok(GetCapacityResponse {
+            available_capacity: available,
+            maximum_volume_size: Some(available),
+            minimum_volume_size: None,
+        })
+    }
+
+    /// The volume, unless it is unknown or on its way out.
+    async fn live(&self, id: &VolumeId) -> Result<Volume, CsiError> {
+        match self.store.get(id).await? {
+            Some(volume) if volume.state != VolumeState::Deleting => Ok(volume),
+            _ => Err(CsiError::NotFound(id.clone())),
+        }
+    }
+
+    async fn group_of(&self, volume: &Volume) -> Result<Option<NodeCapacity>, CsiError> {
+        let groups = self.store.capacities(volume.media).await?;
+        Ok(groups.into_iter().find(|group| group.node == volume.node))
+    }
+}
+
+/// ALREADY_EXISTS unless the existing volume is what `req` asks for.
+fn check_same(volume: &Volume, req: &CreateRequest) -> Result<(), CsiError> {
+    let differs = |existing: String, wanted: String| CsiError::AlreadyExists {
+        id: volume.id.clone(),
+        existing,
+        wanted,
+    };
+    if volume.media != req.media {
+        return Err(differs(
+            format!("media {}", volume.media),
+            format!("media {}", req.media),
+        ));
+    }
+    if volume.access != req.access {
+        return Err(differs(volume.access.to_string(), req.access.to_string()));
+    }
+    if !req.size.contains(volume.size_bytes) {
+        return Err(differs(
+            format!("{} bytes", volume.size_bytes),
+            req.size.to_string(),
+        ));
+    }
+    if !placement::accessible(&req.nodes, &volume.node) {
+        return Err(differs(
+            format!("node {}", volume.node),
+            format!("nodes {:?}", req.nodes),
+        ));
+    }
+    Ok(())
+}
+
+/// The size of a volume the node has made, or the error why it has not.
+fn ready_size(volume: &Volume) -> Result<i64, CsiError> {
+    match &volume.state {
+        VolumeState::Ready { size_bytes } => Ok(i64::try_from(*size_bytes).unwrap_or(i64::MAX)),
+        VolumeState::Failed { message, .. } => Err(CsiError::NodeFailed {
+            id: volume.id.clone(),
+            node: volume.node.clone(),
+            message: message.clone(),
+        }),
+        VolumeState::Deleting => Err(CsiError::BeingDeleted(volume.id.clone())),
+        VolumeState::Pending => Err(StoreError::Corrupt(format!(
+            "the store answered for volume {} before its node did",
+            volume.id
+        ))
+        .into()),
+    }
+}
+
+/// The size ListVolumes shows: the LV's once made, the asked one before.
+fn reported_size(volume: &Volume) -> i64 {
+    let bytes = match volume.state {
+        VolumeState::Ready { size_bytes } => size_bytes,
+        _ => volume.size_bytes,
+    };
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+fn csi_volume(volume: &Volume, capacity_bytes: i64) -> csi::Volume {
+    csi::Volume {
+        capacity_bytes,
+        volume_id: volume.id.to_string(),
+        volume_context: HashMap::from([(MEDIA_PARAM.to_owned(), volume.media.to_string())]),
+        content_source: None,
+        accessible_topology: vec![Topology {
+            segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), volume.node.clone())]),
+        }],
+    }
+}
+
+/// Whether `volume` serves every capability of `req`; the reason if not.
+fn supports(volume: &Volume, req: &ValidateVolumeCapabilitiesRequest) -> Result<(), String> {
+    let params = validate::parameters(&req.parameters).map_err(|e| e.to_string())?;
+    if let Some(media) = params.media.filter(|media| *media != volume.media) {
+        return Err(format!("volume is on {}, not {media}", volume.media));
+    }
+    for capability in &req.volume_capabilities {
+        let wanted = validate::wanted(capability).map_err(|e| e.to_string())?;
+        let fits = match (wanted, volume.access) {
+            (Wanted::Block, Access::Block) => true,
+            (Wanted::Mount(None), Access::Filesystem(_)) => true,
+            (Wanted::Mount(Some(fs)), Access::Filesystem(have)) => fs == have,
+            _ => false,
+        };
+        if !fits {
+            return Err(format!("volume is a {} volume", volume.access));
+        }
+    }
+    Ok(())
+}
+
+fn unsupported<T>(what: &'static str) -> Result<T, CsiError> {
+    Err(CsiError::Unsupported(what))
+}
+
+#[tonic::async_trait]
+impl<S: Store> Controller for ControllerService<S> {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        self.metrics
+            .observe("CreateVolume", self.create(request.into_inner()))
+            .await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        self.metrics
+            .observe("DeleteVolume", self.delete(request.into_inner()))
+            .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        self.metrics
+            .observe("ControllerPublishVolume", async {
+                unsupported("ControllerPublishVolume")
+            })
+            .await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        self.metrics
+            .observe("ControllerUnpublishVolume", async {
+                unsupported("ControllerUnpublishVolume")
+            })
+            .await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        self.metrics
+            .observe(
+                "ValidateVolumeCapabilities",
+                self.validate_capabilities(request.into_inner()),
+            )
+            .await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        self.metrics
+            .observe("ListVolumes", self.list(request.into_inner()))
+            .await
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        self.metrics
+            .observe("GetCapacity", self.capacity(request.into_inner()))
+            .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        self.metrics
+            .observe("ControllerGetCapabilities", async {
+                Ok::<_, CsiError>(ControllerGetCapabilitiesResponse {
+                    capabilities: CAPABILITIES
+                        .iter()
+                        .map(|rpc| ControllerServiceCapability {
+                            r#type: Some(CapabilityType::Rpc(Rpc {
+                                r#type: *rpc as i32,
+                            })),
+                        })
+                        .collect(),
+                })
+            })
+            .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        self.metrics
+            .observe("CreateSnapshot", async { unsupported("CreateSnapshot") })
+            .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        self.metrics
+            .observe("DeleteSnapshot", async { unsupported("DeleteSnapshot") })
+            .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        self.metrics
+            .observe("ListSnapshots", async { unsupported("ListSnapshots") })
+            .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        self.metrics
+            .observe("ControllerExpandVolume", self.expand(request.into_inner()))
+            .await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        _: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        self.metrics
+            .observe("ControllerGetVolume", async {
+                unsupported("ControllerGetVolume")
+            })
+            .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        self.metrics
+            .observe("ControllerModifyVolume", async {
+                unsupported("ControllerModifyVolume")
+            })
+            .await
+    }
+}
