@@ -6,3 +6,4 @@ mod inventory;
 mod properties;
 mod race;
 mod support;
+mod watch;
