@@ -3,22 +3,47 @@
 //!
 //! The Controller service is generic over a [`store::Store`], so the agent's
 //! standalone mode serves the same validation and error mapping over its LV
-//! tags.
+//! tags: `validate → place → store → wait`.
 
 pub mod controller;
 pub mod error;
+pub mod gc;
+pub mod http;
 pub mod identity;
+pub mod kube_store;
+pub mod leader;
 pub mod placement;
 pub mod rpc;
+pub mod server;
 pub mod store;
 pub mod validate;
 pub mod volume;
 
-use clap::Parser;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
+use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
 
 pub use controller::{ControllerService, ControllerSettings};
 pub use identity::IdentityService;
+
+use crate::kube_store::KubeStore;
+use crate::leader::{Leadership, LeaseError, LeaseSettings};
+use crate::rpc::RpcMetrics;
+use crate::server::ServeError;
+use crate::store::BoxError;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -27,19 +52,227 @@ pub struct Args {
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub csi_endpoint: String,
 
+    /// Kubeconfig to use; in a pod, the service account is used without it.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address of the HTTP server for /healthz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_address: SocketAddr,
+
+    /// Take a Lease before serving, so one replica acts at a time.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Namespace of the Lease; defaults to the pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    #[arg(long, default_value = "lvmlocal-controller")]
+    pub leader_election_lease_name: String,
+
+    /// This replica's name in the Lease; defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
+
+    /// Seconds a Lease lasts without renewal; renewal is retried every
+    /// third of it and abandoned after two thirds.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+
+    /// Size of a volume whose CreateVolume sets no capacity.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub default_volume_size_bytes: u64,
+
+    /// Seconds CreateVolume and ControllerExpandVolume wait for the agent
+    /// before DEADLINE_EXCEEDED; keep below the sidecars' --timeout.
+    #[arg(long, default_value_t = 10)]
+    pub volume_wait_seconds: u64,
+
+    /// Seconds a Node object must have been gone before the finalizers of
+    /// its deleted LogicalVolumes are removed.
+    #[arg(long, default_value_t = 3600)]
+    pub node_gone_grace_seconds: u64,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
 
-pub async fn run(args: Args) -> Result<(), RuntimeError> {
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{context}: {source}")]
+    Kube {
+        context: &'static str,
+        source: BoxError,
+    },
+    #[error("cannot listen on {address}: {source}")]
+    Http {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("lost leadership, stopping: {0}")]
+    Leadership(#[from] LeaseError),
+}
+
+pub async fn run(args: Args) -> Result<(), RunError> {
     args.log.init()?;
     let stop = StopSignals::install()?;
+    let socket = server::socket_path(&args.csi_endpoint)?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+
+    let metrics = RpcMetrics::default();
+    let mut registry = Registry::with_prefix("lvmlocal");
+    metrics.register(&mut registry);
+    let http_listener = TcpListener::bind(args.metrics_address)
+        .await
+        .map_err(|source| RunError::Http {
+            address: args.metrics_address,
+            source,
+        })?;
+    let metrics_address = http_listener.local_addr().unwrap_or(args.metrics_address);
+    let (stopping_tx, stopping) = watch::channel(false);
+    tokio::spawn(http::serve(
+        http_listener,
+        Arc::new(registry),
+        stopped(stopping.clone()),
+    ));
+
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         csi_endpoint = %args.csi_endpoint,
+        %metrics_address,
         "csi-controller started"
     );
-    let signal = stop.wait().await;
-    tracing::info!(%signal, "csi-controller stopping");
+    let work = serve_when_leader(&args, client, metrics, &socket, stopping);
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => result,
+        signal = stop.wait() => {
+            tracing::info!(%signal, "csi-controller stopping");
+            stopping_tx.send_replace(true);
+            // Let in-flight calls finish; the work ends itself on the flag.
+            work.await
+        }
+    }
+}
+
+/// Waits for the lease, fills the caches, then serves the CSI socket until
+/// `stopping`; an error if leadership is lost.
+async fn serve_when_leader(
+    args: &Args,
+    client: Client,
+    metrics: RpcMetrics,
+    socket: &Path,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let leadership = if args.leader_election {
+        let leadership = Leadership::new(client.clone(), lease_settings(args, &client));
+        if until_stopped(leadership.acquire(), &stopping)
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
+        Some(leadership)
+    } else {
+        None
+    };
+
+    let (caches, feed) = kube_store::caches();
+    tokio::spawn(feed.run(client.clone()));
+    if until_stopped(caches.synced(), &stopping).await.is_none() {
+        return Ok(());
+    }
+    tokio::spawn(gc::run(
+        client.clone(),
+        caches.clone(),
+        Duration::from_secs(args.node_gone_grace_seconds),
+        Duration::from_secs(60),
+    ));
+
+    let settings = ControllerSettings {
+        default_size_bytes: args.default_volume_size_bytes,
+        wait: Duration::from_secs(args.volume_wait_seconds),
+    };
+    let controller =
+        ControllerService::new(KubeStore::new(client, caches), settings, metrics.clone());
+    let router = Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(true, metrics)))
+        .add_service(ControllerServer::new(controller));
+    let listener = server::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "serving CSI");
+    let serving = server::serve(router, listener, socket, stopped(stopping));
+
+    let Some(leadership) = leadership else {
+        return Ok(serving.await?);
+    };
+    tokio::select! {
+        served = serving => served?,
+        lost = leadership.keep() => return Err(lost.into()),
+    }
+    if let Err(err) = leadership.release().await {
+        tracing::warn!(error = %err, "cannot release the lease; a standby takes over when it expires");
+    }
     Ok(())
+}
+
+fn lease_settings(args: &Args, client: &Client) -> LeaseSettings {
+    let duration = Duration::from_secs(args.lease_duration_seconds.max(3));
+    LeaseSettings {
+        name: args.leader_election_lease_name.clone(),
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned()),
+        identity: args
+            .leader_election_identity
+            .clone()
+            .unwrap_or_else(host_name),
+        duration,
+        retry: duration / 3,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "csi-controller".to_owned())
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, RunError> {
+    let kube = |context: &'static str| move |source: BoxError| RunError::Kube { context, source };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| kube("cannot read the kubeconfig")(e.into()))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| kube("cannot use the kubeconfig")(e.into()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| kube("cannot find Kubernetes credentials")(e.into()))?,
+    };
+    Client::try_from(config).map_err(|e| kube("cannot build the Kubernetes client")(e.into()))
+}
+
+/// Resolves when the stop flag is raised.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// `work`'s output, or `None` if the stop flag is raised first.
+async fn until_stopped<T>(
+    work: impl Future<Output = T>,
+    stopping: &watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::select! {
+        out = work => Some(out),
+        () = stopped(stopping.clone()) => None,
+    }
 }
