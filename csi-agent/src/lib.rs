@@ -7,20 +7,30 @@ pub mod discovery;
 pub mod inventory;
 pub mod lvm;
 pub mod metrics;
+pub mod mount;
+pub mod node_service;
 pub mod node_storage;
 pub mod plan;
 pub mod probe;
 pub mod rescan;
 pub mod slot;
+pub mod standalone;
 pub mod sysfs;
 pub mod uevent;
+pub mod volumes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use csi_controller::rpc::RpcMetrics;
+use csi_controller::server::{self, ServeError};
+use csi_controller::{ControllerService, ControllerSettings, IdentityService};
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
+use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
+use lvmlocal_proto::csi::v1::node_server::NodeServer;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
 
 use crate::command::Runner;
@@ -28,8 +38,12 @@ use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
 use crate::lvm::Lvm;
 use crate::metrics::Metrics;
+use crate::mount::Mounter;
+use crate::node_service::{NodeService, NodeSettings};
 use crate::node_storage::Publisher;
 use crate::rescan::{RescanError, Rescanner};
+use crate::standalone::LvTagStore;
+use crate::volumes::Volumes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -45,6 +59,8 @@ pub enum AgentError {
     NoNodeName,
     #[error("connecting to the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("serving metrics on {address}: {source}")]
     Metrics {
         address: SocketAddr,
@@ -66,9 +82,19 @@ pub struct Args {
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub csi_endpoint: String,
 
-    /// Run without a Kubernetes API: nothing is reported to a cluster.
+    /// Run without a Kubernetes API: nothing is reported to a cluster, and
+    /// the agent also serves the CSI Controller service for this node, with
+    /// the LV tags as its only store.
     #[arg(long)]
     pub standalone: bool,
+
+    /// kubelet's directory: staging and target paths must lie under it.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
+    /// Most volumes kubelet may place on this node (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_volumes: i64,
 
     /// Address of the `/healthz` and `/metrics` endpoints.
     #[arg(long, default_value = "0.0.0.0:9808")]
@@ -180,7 +206,7 @@ async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
 }
 
 async fn apply(args: &DiscoveryArgs) -> Result<(), AgentError> {
-    let mut rescanner = rescanner(args, Arc::new(Metrics::new()), None)?;
+    let mut rescanner = rescanner(args, Arc::new(Metrics::new(&RpcMetrics::default())), None)?;
     let inventory = rescanner.rescan().await?;
     print!("{}", inventory.table());
     Ok(())
@@ -206,13 +232,16 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     args.log.init()?;
     let stop = StopSignals::install()?;
     let node = args.node_name.ok_or(AgentError::NoNodeName)?;
+    let socket = server::socket_path(&args.csi_endpoint)?;
     let publisher = if args.standalone {
         None
     } else {
         Some(Publisher::new(kube::Client::try_default().await?, &node))
     };
-    let metrics = Arc::new(Metrics::new());
+    let rpc = RpcMetrics::default();
+    let metrics = Arc::new(Metrics::new(&rpc));
     let rescanner = rescanner(&args.discovery, metrics.clone(), publisher)?;
+    let config = rescanner.config.clone();
     let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Metrics {
@@ -220,7 +249,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
             source,
         })?;
     // Healthy while rescans keep coming; three missed intervals is not.
-    let max_age = rescanner.config.rescan_interval * 3;
+    let max_age = config.rescan_interval * 3;
     let metrics_server = tokio::spawn(metrics::serve(listener, metrics, max_age));
 
     let (trigger, triggered) = tokio::sync::mpsc::channel(1);
@@ -228,6 +257,44 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         tracing::warn!(error = %err, "no uevents; disks are found by periodic rescans only");
     }
     let disks = tokio::spawn(rescanner.run(triggered));
+
+    let lvm = Lvm::new(Runner::default());
+    let volumes = Arc::new(Volumes::new(lvm.clone(), &config));
+    let node_service = NodeService::new(
+        NodeSettings {
+            node: node.clone(),
+            kubelet_dir: args.kubelet_dir.clone(),
+            max_volumes: args.max_volumes,
+        },
+        volumes.clone(),
+        Mounter::new(Runner::default()),
+        rpc.clone(),
+    );
+    let mut router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(
+            args.standalone,
+            rpc.clone(),
+        )))
+        .add_service(NodeServer::new(node_service));
+    if args.standalone {
+        let groups = config
+            .classes
+            .iter()
+            .map(|media| (*media, config.vg_name(*media)))
+            .collect();
+        let store = LvTagStore::new(&node, volumes, lvm, groups);
+        let controller = ControllerService::new(store, ControllerSettings::default(), rpc.clone());
+        router = router.add_service(ControllerServer::new(controller));
+    }
+    let csi_listener = server::bind(&socket)?;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let csi_socket = socket.clone();
+    let csi = tokio::spawn(async move {
+        server::serve(router, csi_listener, &csi_socket, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = %node,
@@ -239,5 +306,11 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
     metrics_server.abort();
+    // Let calls in flight finish: an interrupted mount is retried, but cleanly.
+    let _ = stopping.send(());
+    match csi.await {
+        Ok(result) => result?,
+        Err(err) => tracing::error!(error = %err, "CSI server task failed"),
+    }
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! lvm2, driven through the command runner: reports read as JSON in bytes,
-//! and the few commands that build volume groups. Nothing here ever passes
-//! `--yes` or `--force`: should a disk gain data after discovery looked at
-//! it, LVM's own refusal is the last line of defence.
+//! the few commands that build volume groups, and the logical volume
+//! commands. Building volume groups never passes `--yes` or `--force`:
+//! should a disk gain data after discovery looked at it, LVM's own refusal is
+//! the last line of defence. `--yes` appears only where it answers for space
+//! that is already lvmlocal's: wiping stale signatures inside a new LV, and
+//! removing an LV that carries lvmlocal's tag.
 
 use serde::Deserialize;
 
@@ -66,6 +69,89 @@ impl Lvm {
                 command: cmd.to_string(),
                 reason,
             })
+    }
+
+    /// Logical volumes of the volume group `vg` (all groups when None).
+    pub async fn lvs(&self, vg: Option<&str>) -> Result<Vec<Lv>, LvmError> {
+        let mut args: Vec<&str> = REPORT_ARGS.to_vec();
+        args.extend([
+            "--nosuffix",
+            "-o",
+            "lv_name,vg_name,lv_size,lv_tags,lv_attr,lv_path",
+        ]);
+        args.extend(vg);
+        let cmd = Cmd::new("lvs", args);
+        let out = self.runner.run(&cmd).await?;
+        rows(&out, "lv")
+            .and_then(|rows| rows.iter().map(parse_lv).collect())
+            .map_err(|reason| LvmError::Report {
+                command: cmd.to_string(),
+                reason,
+            })
+    }
+
+    /// `lvcreate` of `size_bytes` (LVM rounds up to whole extents) with
+    /// `tags`. Signatures left in that space by an earlier LV are wiped and
+    /// its first 4 KiB zeroed, so no old filesystem shows through.
+    pub async fn lvcreate(
+        &self,
+        vg: &str,
+        name: &str,
+        size_bytes: u64,
+        tags: &[String],
+    ) -> Result<(), LvmError> {
+        let mut args = vec![
+            "--name".to_owned(),
+            name.to_owned(),
+            "--size".to_owned(),
+            format!("{size_bytes}b"),
+            "--wipesignatures".to_owned(),
+            "y".to_owned(),
+            "--zero".to_owned(),
+            "y".to_owned(),
+            "--yes".to_owned(),
+        ];
+        for tag in tags {
+            args.extend(["--addtag".to_owned(), tag.clone()]);
+        }
+        args.push(vg.to_owned());
+        self.runner.run(&Cmd::new("lvcreate", args)).await?;
+        Ok(())
+    }
+
+    pub async fn lvextend(&self, vg: &str, name: &str, size_bytes: u64) -> Result<(), LvmError> {
+        let args = [
+            "--size".to_owned(),
+            format!("{size_bytes}b"),
+            format!("{vg}/{name}"),
+        ];
+        self.runner.run(&Cmd::new("lvextend", args)).await?;
+        Ok(())
+    }
+
+    /// Swaps the tag `old` for `new` on an LV.
+    pub async fn retag_lv(
+        &self,
+        vg: &str,
+        name: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), LvmError> {
+        let args = [
+            "--deltag".to_owned(),
+            old.to_owned(),
+            "--addtag".to_owned(),
+            new.to_owned(),
+            format!("{vg}/{name}"),
+        ];
+        self.runner.run(&Cmd::new("lvchange", args)).await?;
+        Ok(())
+    }
+
+    pub async fn lvremove(&self, vg: &str, name: &str) -> Result<(), LvmError> {
+        let args = ["--yes".to_owned(), format!("{vg}/{name}")];
+        self.runner.run(&Cmd::new("lvremove", args)).await?;
+        Ok(())
     }
 
     /// The commands that carry out one planned action, in order.
@@ -133,6 +219,25 @@ impl Lvm {
     }
 }
 
+/// A logical volume as `lvs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lv {
+    pub name: String,
+    pub vg: String,
+    pub size_bytes: u64,
+    pub tags: Vec<String>,
+    /// `lv_attr`, e.g. `-wi-a-----`: type, permissions, allocation, fixed
+    /// minor, state (`a` active), device open, target type, zeroing, health.
+    pub attr: String,
+    pub path: String,
+}
+
+impl Lv {
+    pub fn tag_value(&self, prefix: &str) -> Option<&str> {
+        self.tags.iter().find_map(|tag| tag.strip_prefix(prefix))
+    }
+}
+
 type Row = serde_json::Map<String, serde_json::Value>;
 
 #[derive(Deserialize)]
@@ -183,6 +288,17 @@ fn parse_pv(row: &Row) -> Result<Pv, String> {
         size_bytes: bytes(row, "pv_size")?,
         // pv_attr is e.g. "a--" or "a-m": the third letter marks a missing PV.
         missing: field(row, "pv_attr")?.chars().nth(2) == Some('m'),
+    })
+}
+
+fn parse_lv(row: &Row) -> Result<Lv, String> {
+    Ok(Lv {
+        name: field(row, "lv_name")?.to_owned(),
+        vg: field(row, "vg_name")?.to_owned(),
+        size_bytes: bytes(row, "lv_size")?,
+        tags: tags(row, "lv_tags")?,
+        attr: field(row, "lv_attr")?.to_owned(),
+        path: field(row, "lv_path")?.to_owned(),
     })
 }
 

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use csi_controller::rpc::RpcMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,15 +43,11 @@ pub struct Metrics {
     last_rescan: AtomicU64,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// The agent's metrics, with the CSI call metrics `rpc` beside them.
+    pub fn new(rpc: &RpcMetrics) -> Self {
         let mut registry = Registry::with_prefix("lvmlocal_agent");
+        rpc.register(&mut registry);
         let vg_size = Family::default();
         let vg_free = Family::default();
         let vg_allocated = Family::default();

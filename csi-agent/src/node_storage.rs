@@ -201,3 +201,164 @@ impl Publisher {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use lvmlocal_proto::MediaClass;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn disk(slot: &str, state: &str, reason: &str) -> DiskStatus {
+        DiskStatus {
+            slot: Some(slot.into()),
+            name: "nvme0n1".into(),
+            size_bytes: 1 << 30,
+            media: Some(MediaClass::Nvme),
+            state: state.into(),
+            reason: reason.into(),
+            ..DiskStatus::default()
+        }
+    }
+
+    fn status(disks: Vec<DiskStatus>) -> NodeLocalStorageStatus {
+        NodeLocalStorageStatus {
+            nvme: Some(MediaStatus {
+                vg_name: "lvmlocal-nvme".into(),
+                total_bytes: 1 << 30,
+                free_bytes: 1 << 30,
+                extent_bytes: 4 << 20,
+                free: "1.0Gi".into(),
+                ..MediaStatus::default()
+            }),
+            disks,
+            ..NodeLocalStorageStatus::default()
+        }
+    }
+
+    fn object(status: &NodeLocalStorageStatus) -> Value {
+        json!({
+            "apiVersion": "lvmlocal.io/v1alpha1",
+            "kind": "NodeLocalStorage",
+            "metadata": {"name": "node-a", "uid": "5e1f", "resourceVersion": "7"},
+            "spec": {"nodeName": "node-a"},
+            "status": status,
+        })
+    }
+
+    async fn body(request: Request<Body>) -> Value {
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn changes_between_reports() {
+        let before = status(vec![
+            disk("pci-a", "member", "in volume group lvmlocal-nvme"),
+            disk("pci-b", "usable", "blank, will join"),
+            disk("pci-c", "member", "in volume group lvmlocal-nvme"),
+        ]);
+        let after = status(vec![
+            disk("pci-a", "member", "in volume group lvmlocal-nvme"),
+            disk("pci-b", "member", "in volume group lvmlocal-nvme"),
+            disk("pci-d", "signature", "holds data: ext4 signature"),
+        ]);
+        assert_eq!(
+            disk_changes(&before, &after),
+            [
+                DiskChange::Joined {
+                    slot: "pci-b".into(),
+                    vg: "lvmlocal-nvme".into()
+                },
+                DiskChange::Refused {
+                    slot: "pci-d".into(),
+                    reason: "holds data: ext4 signature".into()
+                },
+                DiskChange::Vanished {
+                    slot: "pci-c".into()
+                },
+            ]
+        );
+        assert_eq!(disk_changes(&after, &after), []);
+    }
+
+    /// The first report creates the object and compares with what an earlier
+    /// run left in it; a report equal to the last one sends nothing.
+    #[tokio::test]
+    async fn publishes_with_server_side_apply_only_on_change() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let earlier = status(vec![disk(
+            "pci-a",
+            "member",
+            "in volume group lvmlocal-nvme",
+        )]);
+        let now = status(vec![
+            disk("pci-a", "member", "in volume group lvmlocal-nvme"),
+            disk("pci-b", "mounted", "mounted"),
+        ]);
+        let (earlier_answer, now_answer) = (object(&earlier), object(&now));
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("object applied");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a"
+            );
+            let query = request.uri().query().unwrap().to_owned();
+            assert!(
+                query.contains("fieldManager=lvmlocal-agent") && query.contains("force=true"),
+                "{query}"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+            let applied = body(request).await;
+            assert_eq!(applied["spec"], json!({"nodeName": "node-a"}));
+            assert!(applied.get("status").is_none(), "{applied}");
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&earlier_answer).unwrap(),
+            )));
+
+            let (request, send) = handle.next_request().await.expect("status applied");
+            assert_eq!(
+                request.uri().path(),
+                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a/status"
+            );
+            let applied = body(request).await;
+            assert_eq!(applied["status"]["disks"][1]["state"], "mounted");
+            assert_eq!(applied["status"]["nvme"]["vgName"], "lvmlocal-nvme");
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&now_answer).unwrap(),
+            )));
+
+            // Only the disk new since the earlier run makes an event.
+            let (request, send) = handle.next_request().await.expect("event recorded");
+            assert_eq!(request.method(), http::Method::POST);
+            assert!(
+                request.uri().path().ends_with("/events"),
+                "{}",
+                request.uri()
+            );
+            let event = body(request).await;
+            assert_eq!(event["reason"], "DiskRefused");
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["regarding"]["name"], "node-a");
+            assert_eq!(event["note"], "disk pci-b left alone: mounted");
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&event).unwrap(),
+            )));
+        });
+
+        let mut publisher = Publisher::new(Client::new(service, "default"), "node-a");
+        assert!(publisher.publish(&now).await.unwrap());
+        api_server.await.unwrap();
+        // The mock has no one answering any more: a request would fail this.
+        assert!(!publisher.publish(&now).await.unwrap());
+    }
+}

@@ -4,28 +4,37 @@ mod binary;
 use nix::sys::signal::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_csi-agent");
-// Standalone, with a sysfs root that does not exist: the agent runs its
-// loop but finds no disk, so nothing on the machine running the test is touched.
-const ARGS: &[&str] = &[
-    "--node-name",
-    "node-a",
-    "--standalone",
-    "--sysfs",
-    "/nonexistent/sysfs",
-    "--metrics-address",
-    "127.0.0.1:0",
-];
 const STARTED: &str = "csi-agent started";
+
+/// Runs the agent standalone with a sysfs root that does not exist: it runs
+/// its loop but finds no disk, so nothing on the machine running the test is
+/// touched. Its CSI socket goes into a directory of the test's own.
+fn stop_with(signal: Signal) -> std::process::ExitStatus {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("unix://{}/csi.sock", dir.path().display());
+    let args = [
+        "--node-name",
+        "node-a",
+        "--standalone",
+        "--sysfs",
+        "/nonexistent/sysfs",
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--csi-endpoint",
+        &endpoint,
+    ];
+    binary::stop_with(BIN, &args, STARTED, signal)
+}
 
 #[test]
 fn exits_zero_on_sigterm() {
-    let status = binary::stop_with(BIN, ARGS, STARTED, Signal::SIGTERM);
+    let status = stop_with(Signal::SIGTERM);
     assert_eq!(status.code(), Some(0), "{status}");
 }
 
 #[test]
 fn exits_zero_on_sigint() {
-    let status = binary::stop_with(BIN, ARGS, STARTED, Signal::SIGINT);
+    let status = stop_with(Signal::SIGINT);
     assert_eq!(status.code(), Some(0), "{status}");
 }
 

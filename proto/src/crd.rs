@@ -115,6 +115,7 @@ pub struct DiskStatus {
     plural = "logicalvolumes",
     shortname = "llv",
     status = "LogicalVolumeStatus",
+    selectable = ".spec.nodeName",
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Media","type":"string","jsonPath":".spec.media"}"#,
     printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.sizeBytes"}"#,
@@ -187,6 +188,9 @@ mod tests {
             Some("logicalvolumes.lvmlocal.io")
         );
         assert_eq!(NodeLocalStorage::crd().spec.scope, "Cluster");
+        // Each agent watches only its own node's volumes with a field selector.
+        let selectable = crd.spec.versions[0].selectable_fields.clone().unwrap();
+        assert_eq!(selectable[0].json_path, ".spec.nodeName");
     }
 
     #[test]

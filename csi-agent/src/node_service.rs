@@ -1,0 +1,587 @@
+//! The CSI Node service: stage (format if blank, mount), publish (bind
+//! mount, or the device file for raw block), stats, online expansion. Every
+//! argument is checked before anything runs; every call can be repeated.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use csi_controller::rpc::RpcMetrics;
+use csi_controller::validate::{self, Invalid};
+use csi_controller::volume::Access;
+use lvmlocal_proto::TOPOLOGY_KEY;
+use lvmlocal_proto::csi::v1::node_server::Node;
+use lvmlocal_proto::csi::v1::node_service_capability::{Rpc, rpc};
+use lvmlocal_proto::csi::v1::volume_capability::AccessType;
+use lvmlocal_proto::csi::v1::volume_usage::Unit;
+use lvmlocal_proto::csi::v1::{
+    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
+    NodeGetCapabilitiesResponse, NodeGetInfoRequest, NodeGetInfoResponse,
+    NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
+    NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCapability,
+    VolumeCondition, VolumeUsage,
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::mount::{MountError, Mounter, devno, mounted_at};
+use crate::volumes::{LocalVolume, VolumeError, Volumes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("{what} {path:?} must be an absolute path under {kubelet_dir} without '..'")]
+    OutsideKubelet {
+        what: &'static str,
+        path: String,
+        kubelet_dir: String,
+    },
+    #[error("mount option {0:?} is not allowed: letters, digits and =_.:/- only")]
+    MountOption(String),
+    #[error("volume {0} does not exist on this node")]
+    UnknownVolume(String),
+    #[error("{0} is not staged: NodeStageVolume first")]
+    NotStaged(String),
+    #[error("{path} is already mounted from another device")]
+    TakenPath { path: String },
+    #[error("volume {id} is a {existing} volume, not {asked}")]
+    WrongAccess {
+        id: String,
+        existing: String,
+        asked: String,
+    },
+    #[error("{0}")]
+    Precondition(MountError),
+    #[error(transparent)]
+    Mount(MountError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+impl From<MountError> for NodeError {
+    fn from(err: MountError) -> Self {
+        match err {
+            MountError::OtherFilesystem { .. } => NodeError::Precondition(err),
+            MountError::Busy { target } => NodeError::TakenPath { path: target },
+            err => NodeError::Mount(err),
+        }
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(err: NodeError) -> Self {
+        let code = match &err {
+            NodeError::Invalid(invalid) => invalid.code(),
+            NodeError::Missing(_)
+            | NodeError::OutsideKubelet { .. }
+            | NodeError::MountOption(_) => Code::InvalidArgument,
+            NodeError::UnknownVolume(_) => Code::NotFound,
+            NodeError::NotStaged(_) | NodeError::Precondition(_) => Code::FailedPrecondition,
+            NodeError::TakenPath { .. } | NodeError::WrongAccess { .. } => Code::AlreadyExists,
+            NodeError::Mount(_) | NodeError::Volume(_) => Code::Internal,
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub node: String,
+    /// Staging and target paths must lie under it.
+    pub kubelet_dir: PathBuf,
+    /// Reported to kubelet; 0 means no limit.
+    pub max_volumes: i64,
+}
+
+pub struct NodeService {
+    settings: NodeSettings,
+    volumes: Arc<Volumes>,
+    mounter: Mounter,
+    metrics: RpcMetrics,
+}
+
+impl NodeService {
+    pub fn new(
+        settings: NodeSettings,
+        volumes: Arc<Volumes>,
+        mounter: Mounter,
+        metrics: RpcMetrics,
+    ) -> Self {
+        Self {
+            settings,
+            volumes,
+            mounter,
+            metrics,
+        }
+    }
+
+    fn path(&self, what: &'static str, path: &str) -> Result<PathBuf, NodeError> {
+        if path.is_empty() {
+            return Err(NodeError::Missing(what));
+        }
+        let candidate = Path::new(path);
+        // Plain: no '..', and spelled as its components rebuild it (no '.', no '//').
+        let clean = candidate.is_absolute()
+            && candidate
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+            && candidate.components().collect::<PathBuf>().as_os_str() == candidate.as_os_str();
+        if !clean
+            || !candidate.starts_with(&self.settings.kubelet_dir)
+            || candidate == self.settings.kubelet_dir
+        {
+            return Err(NodeError::OutsideKubelet {
+                what,
+                path: path.to_owned(),
+                kubelet_dir: self.settings.kubelet_dir.display().to_string(),
+            });
+        }
+        Ok(candidate.to_owned())
+    }
+
+    async fn volume(&self, id: &str) -> Result<LocalVolume, NodeError> {
+        let id = validate::volume_id(id)?;
+        tracing::Span::current().record("volume", id.as_str());
+        self.volumes
+            .get(id.as_str())
+            .await?
+            .ok_or_else(|| NodeError::UnknownVolume(id.to_string()))
+    }
+
+    async fn stage(
+        &self,
+        req: NodeStageVolumeRequest,
+    ) -> Result<NodeStageVolumeResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let staging = self.path("staging_target_path", &req.staging_target_path)?;
+        let capability = req
+            .volume_capability
+            .ok_or(NodeError::Missing("volume_capability"))?;
+        let access = validate::access(std::slice::from_ref(&capability), None)?;
+        let options = mount_options(&capability)?;
+        let volume = self.volume(&req.volume_id).await?;
+        check_access(&volume, access)?;
+        let Access::Filesystem(fs) = access else {
+            // Raw block needs nothing staged: publish exposes the device itself.
+            return Ok(NodeStageVolumeResponse {});
+        };
+        let device = volume.device_path.as_str();
+        if let Some(mount) = mounted_at(&staging)? {
+            return if mount.devno == devno(Path::new(device))? {
+                Ok(NodeStageVolumeResponse {})
+            } else {
+                Err(NodeError::TakenPath {
+                    path: staging.display().to_string(),
+                })
+            };
+        }
+        self.mounter.format_if_blank(device, fs.as_str()).await?;
+        create_dir(&staging)?;
+        self.mounter
+            .mount(device, &staging, fs.as_str(), &options)
+            .await?;
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: NodeUnstageVolumeRequest,
+    ) -> Result<NodeUnstageVolumeResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let staging = self.path("staging_target_path", &req.staging_target_path)?;
+        self.mounter.unmount(&staging).await?;
+        Ok(NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(
+        &self,
+        req: NodePublishVolumeRequest,
+    ) -> Result<NodePublishVolumeResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let target = self.path("target_path", &req.target_path)?;
+        let capability = req
+            .volume_capability
+            .ok_or(NodeError::Missing("volume_capability"))?;
+        let access = validate::access(std::slice::from_ref(&capability), None)?;
+        let staging = match access {
+            Access::Filesystem(_) => {
+                Some(self.path("staging_target_path", &req.staging_target_path)?)
+            }
+            Access::Block => None,
+        };
+        let volume = self.volume(&req.volume_id).await?;
+        check_access(&volume, access)?;
+        let device = Path::new(&volume.device_path);
+        let source = match &staging {
+            Some(staging) => {
+                let mount =
+                    mounted_at(staging)?.ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
+                if mount.devno != devno(device)? {
+                    return Err(NodeError::NotStaged(volume.id.clone()));
+                }
+                create_dir(&target)?;
+                staging.as_path()
+            }
+            None => {
+                // The target of a block volume is a file the device is bound onto.
+                if let Some(parent) = target.parent() {
+                    create_dir(parent)?;
+                }
+                if !target.exists() {
+                    std::fs::File::create(&target).map_err(|source| MountError::Io {
+                        path: target.display().to_string(),
+                        source,
+                    })?;
+                }
+                device
+            }
+        };
+        if let Some(mount) = mounted_at(&target)? {
+            return if mount.devno == devno(device)? && mount.read_only() == req.readonly {
+                Ok(NodePublishVolumeResponse {})
+            } else {
+                Err(NodeError::TakenPath {
+                    path: target.display().to_string(),
+                })
+            };
+        }
+        self.mounter.bind(source, &target, req.readonly).await?;
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: NodeUnpublishVolumeRequest,
+    ) -> Result<NodeUnpublishVolumeResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let target = self.path("target_path", &req.target_path)?;
+        self.mounter.unmount(&target).await?;
+        let removed = match std::fs::symlink_metadata(&target) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&target),
+            Ok(_) => std::fs::remove_file(&target),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|source| MountError::Io {
+            path: target.display().to_string(),
+            source,
+        })?;
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let path = self.path("volume_path", &req.volume_path)?;
+        let volume = self.volume(&req.volume_id).await?;
+        if !path.exists() {
+            return Err(NodeError::UnknownVolume(format!(
+                "{} at {}",
+                volume.id,
+                path.display()
+            )));
+        }
+        let mount = mounted_at(&path)?;
+        let on_device = match &mount {
+            Some(mount) => Some(mount.devno == devno(Path::new(&volume.device_path))?),
+            None => None,
+        };
+        let (abnormal, message) = match (volume.healthy, on_device) {
+            (false, _) => (
+                true,
+                format!("logical volume {} is not active or unhealthy", volume.id),
+            ),
+            (true, None) => (true, format!("{} is not mounted", path.display())),
+            (true, Some(false)) => (
+                true,
+                format!("{} is mounted from another device", path.display()),
+            ),
+            (true, Some(true)) => (false, "healthy".to_owned()),
+        };
+        let usage = if path.is_dir() && on_device == Some(true) {
+            let fs = nix::sys::statvfs::statvfs(&path).map_err(|err| MountError::Io {
+                path: path.display().to_string(),
+                source: err.into(),
+            })?;
+            let fragment = fs.fragment_size();
+            let bytes =
+                |blocks: u64| i64::try_from(blocks.saturating_mul(fragment)).unwrap_or(i64::MAX);
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            vec![
+                VolumeUsage {
+                    available: bytes(fs.blocks_available()),
+                    total: bytes(fs.blocks()),
+                    used: bytes(fs.blocks() - fs.blocks_free()),
+                    unit: Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    available: count(fs.files_available()),
+                    total: count(fs.files()),
+                    used: count(fs.files() - fs.files_free()),
+                    unit: Unit::Inodes as i32,
+                },
+            ]
+        } else {
+            vec![VolumeUsage {
+                total: i64::try_from(volume.size_bytes).unwrap_or(i64::MAX),
+                unit: Unit::Bytes as i32,
+                ..VolumeUsage::default()
+            }]
+        };
+        Ok(NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(VolumeCondition { abnormal, message }),
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: NodeExpandVolumeRequest,
+    ) -> Result<NodeExpandVolumeResponse, NodeError> {
+        validate::volume_id(&req.volume_id)?;
+        let path = self.path("volume_path", &req.volume_path)?;
+        let volume = self.volume(&req.volume_id).await?;
+        let block = match &req.volume_capability {
+            Some(capability) => {
+                validate::access(std::slice::from_ref(capability), None)? == Access::Block
+            }
+            None => volume.access == "block",
+        };
+        if !block {
+            let mount =
+                mounted_at(&path)?.ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
+            if mount.devno != devno(Path::new(&volume.device_path))? {
+                return Err(NodeError::NotStaged(volume.id.clone()));
+            }
+            self.mounter
+                .grow(&volume.device_path, &path, &mount.fs_type)
+                .await?;
+        }
+        Ok(NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(volume.size_bytes).unwrap_or(i64::MAX),
+        })
+    }
+}
+
+/// An LV made for one access cannot be used for another.
+fn check_access(volume: &LocalVolume, access: Access) -> Result<(), NodeError> {
+    let asked = match access {
+        Access::Block => "block".to_owned(),
+        Access::Filesystem(fs) => fs.to_string(),
+    };
+    if volume.access == asked {
+        Ok(())
+    } else {
+        Err(NodeError::WrongAccess {
+            id: volume.id.clone(),
+            existing: volume.access.clone(),
+            asked,
+        })
+    }
+}
+
+/// The capability's mount flags, each of a plain shape so none can smuggle
+/// a second option past `mount -o`.
+fn mount_options(capability: &VolumeCapability) -> Result<Vec<String>, NodeError> {
+    let Some(AccessType::Mount(mount)) = &capability.access_type else {
+        return Ok(Vec::new());
+    };
+    for flag in &mount.mount_flags {
+        let plain = !flag.is_empty()
+            && flag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "=_.:/-".contains(c));
+        if !plain {
+            return Err(NodeError::MountOption(flag.clone()));
+        }
+    }
+    Ok(mount.mount_flags.clone())
+}
+
+fn create_dir(path: &Path) -> Result<(), MountError> {
+    std::fs::create_dir_all(path).map_err(|source| MountError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn capability(kind: rpc::Type) -> NodeServiceCapability {
+    NodeServiceCapability {
+        r#type: Some(lvmlocal_proto::csi::v1::node_service_capability::Type::Rpc(
+            Rpc {
+                r#type: kind as i32,
+            },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        self.metrics
+            .observe("NodeStageVolume", self.stage(request.into_inner()))
+            .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        self.metrics
+            .observe("NodeUnstageVolume", self.unstage(request.into_inner()))
+            .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        self.metrics
+            .observe("NodePublishVolume", self.publish(request.into_inner()))
+            .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        self.metrics
+            .observe("NodeUnpublishVolume", self.unpublish(request.into_inner()))
+            .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        self.metrics
+            .observe("NodeGetVolumeStats", self.stats(request.into_inner()))
+            .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        self.metrics
+            .observe("NodeExpandVolume", self.expand(request.into_inner()))
+            .await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        self.metrics
+            .observe("NodeGetCapabilities", async {
+                Ok::<_, Status>(NodeGetCapabilitiesResponse {
+                    capabilities: vec![
+                        capability(rpc::Type::StageUnstageVolume),
+                        capability(rpc::Type::GetVolumeStats),
+                        capability(rpc::Type::ExpandVolume),
+                        capability(rpc::Type::VolumeCondition),
+                        capability(rpc::Type::SingleNodeMultiWriter),
+                    ],
+                })
+            })
+            .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        self.metrics
+            .observe("NodeGetInfo", async {
+                Ok::<_, Status>(NodeGetInfoResponse {
+                    node_id: self.settings.node.clone(),
+                    max_volumes_per_node: self.settings.max_volumes,
+                    accessible_topology: Some(Topology {
+                        segments: HashMap::from([(
+                            TOPOLOGY_KEY.to_owned(),
+                            self.settings.node.clone(),
+                        )]),
+                    }),
+                })
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Runner;
+    use crate::config::DiscoveryConfig;
+    use crate::lvm::Lvm;
+
+    fn service() -> NodeService {
+        NodeService::new(
+            NodeSettings {
+                node: "node-a".into(),
+                kubelet_dir: "/var/lib/kubelet".into(),
+                max_volumes: 0,
+            },
+            Arc::new(Volumes::new(
+                Lvm::new(Runner::default()),
+                &DiscoveryConfig::default(),
+            )),
+            Mounter::default(),
+            RpcMetrics::default(),
+        )
+    }
+
+    #[test]
+    fn paths_must_stay_under_the_kubelet_directory() {
+        let node = service();
+        for good in [
+            "/var/lib/kubelet/plugins/kubernetes.io/csi/lvmlocal.io/x/globalmount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pvc-1/mount",
+        ] {
+            assert!(node.path("target_path", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "relative/path",
+            "/etc",
+            "/var/lib/kubelet",
+            "/var/lib/kubeletx/pods",
+            "/var/lib/kubelet/../../etc",
+            "/var/lib/kubelet/pods/./x",
+            "/var/lib/kubelet//pods/x",
+            "/var/lib/kubelet/pods/x/",
+        ] {
+            let err = node.path("target_path", bad).unwrap_err();
+            assert_eq!(Status::from(err).code(), Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn mount_flags_cannot_smuggle_options() {
+        let cap = |flags: &[&str]| VolumeCapability {
+            access_type: Some(AccessType::Mount(
+                lvmlocal_proto::csi::v1::volume_capability::MountVolume {
+                    fs_type: "ext4".into(),
+                    mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                    volume_mount_group: String::new(),
+                },
+            )),
+            access_mode: None,
+        };
+        assert_eq!(
+            mount_options(&cap(&["noatime", "discard"])).unwrap(),
+            ["noatime", "discard"]
+        );
+        for bad in ["ro,suid", "x y", "", "a;b"] {
+            assert!(mount_options(&cap(&[bad])).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Standalone mode's store for the Controller service: the LV tags of this
+//! node, and no Kubernetes API. The validation and error mapping are the
+//! controller's own; only where volumes are kept differs.
+
+use std::sync::Arc;
+
+use csi_controller::placement::NodeCapacity;
+use csi_controller::store::{Store, StoreError};
+use csi_controller::volume::{Access, FsType, NewVolume, Volume, VolumeId, VolumeState};
+use lvmlocal_proto::MediaClass;
+use tokio::time::Instant;
+
+use crate::lvm::Lvm;
+use crate::volumes::{LocalVolume, VolumeError, VolumeRequest, Volumes};
+
+pub struct LvTagStore {
+    node: String,
+    volumes: Arc<Volumes>,
+    lvm: Lvm,
+    groups: Vec<(MediaClass, String)>,
+}
+
+impl LvTagStore {
+    pub fn new(
+        node: &str,
+        volumes: Arc<Volumes>,
+        lvm: Lvm,
+        groups: Vec<(MediaClass, String)>,
+    ) -> Self {
+        Self {
+            node: node.to_owned(),
+            volumes,
+            lvm,
+            groups,
+        }
+    }
+
+    fn volume(&self, local: LocalVolume) -> Result<Volume, StoreError> {
+        let access = match local.access.as_str() {
+            "block" => Access::Block,
+            fs => Access::Filesystem(
+                fs.parse::<FsType>()
+                    .map_err(|err| StoreError::Corrupt(format!("LV {}: {err}", local.id)))?,
+            ),
+        };
+        Ok(Volume {
+            id: VolumeId::parse(&local.id)
+                .map_err(|err| StoreError::Corrupt(format!("LV {}: {err}", local.id)))?,
+            node: self.node.clone(),
+            media: local.media,
+            access,
+            size_bytes: local.requested_bytes,
+            state: VolumeState::Ready {
+                size_bytes: local.size_bytes,
+            },
+            // Each change is carried out before the store answers: there is
+            // never an older generation to wait for.
+            generation: 1,
+        })
+    }
+}
+
+fn unavailable(what: &str) -> impl FnOnce(VolumeError) -> StoreError + '_ {
+    move |err| StoreError::unavailable(what.to_owned(), err)
+}
+
+impl Store for LvTagStore {
+    async fn get(&self, id: &VolumeId) -> Result<Option<Volume>, StoreError> {
+        let local = self
+            .volumes
+            .get(id.as_str())
+            .await
+            .map_err(unavailable("reading logical volumes"))?;
+        local.map(|local| self.volume(local)).transpose()
+    }
+
+    async fn create(&self, volume: NewVolume) -> Result<Volume, StoreError> {
+        let request = VolumeRequest {
+            id: volume.id.to_string(),
+            media: volume.media,
+            size_bytes: volume.size_bytes,
+            access: match volume.access {
+                Access::Block => "block".to_owned(),
+                Access::Filesystem(fs) => fs.to_string(),
+            },
+            pvc: volume
+                .pvc
+                .as_ref()
+                .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
+        };
+        match self.volumes.ensure(&request).await {
+            Ok(local) => self.volume(local),
+            // Out of space: a failed volume, so the caller answers RESOURCE_EXHAUSTED.
+            Err(err @ (VolumeError::NoSpace { .. } | VolumeError::NoGroup(_))) => Ok(Volume {
+                id: volume.id,
+                node: volume.node,
+                media: volume.media,
+                access: volume.access,
+                size_bytes: volume.size_bytes,
+                state: VolumeState::Failed {
+                    message: err.to_string(),
+                    lv_exists: false,
+                },
+                generation: 1,
+            }),
+            Err(err) => Err(StoreError::unavailable("creating the logical volume", err)),
+        }
+    }
+
+    async fn wait(&self, volume: &Volume, _deadline: Instant) -> Result<Volume, StoreError> {
+        Ok(volume.clone())
+    }
+
+    async fn delete(&self, id: &VolumeId) -> Result<(), StoreError> {
+        self.volumes
+            .remove(id.as_str())
+            .await
+            .map_err(unavailable("removing the logical volume"))
+    }
+
+    async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StoreError> {
+        match self.volumes.expand(volume.id.as_str(), size_bytes).await {
+            Ok(Some(local)) => self.volume(local),
+            Ok(None) => Err(StoreError::Corrupt(format!(
+                "volume {} vanished",
+                volume.id
+            ))),
+            Err(err @ VolumeError::NoSpace { .. }) => Ok(Volume {
+                state: VolumeState::Failed {
+                    message: err.to_string(),
+                    lv_exists: true,
+                },
+                size_bytes,
+                ..volume.clone()
+            }),
+            Err(err) => Err(StoreError::unavailable("extending the logical volume", err)),
+        }
+    }
+
+    async fn list(
+        &self,
+        after: Option<&VolumeId>,
+        limit: usize,
+    ) -> Result<Vec<Volume>, StoreError> {
+        self.volumes
+            .list()
+            .await
+            .map_err(unavailable("reading logical volumes"))?
+            .into_iter()
+            .filter(|local| after.is_none_or(|after| local.id.as_str() > after.as_str()))
+            .take(limit)
+            .map(|local| self.volume(local))
+            .collect()
+    }
+
+    async fn capacities(&self, media: MediaClass) -> Result<Vec<NodeCapacity>, StoreError> {
+        let Some((_, vg)) = self.groups.iter().find(|(class, _)| *class == media) else {
+            return Ok(Vec::new());
+        };
+        let state = self
+            .lvm
+            .state()
+            .await
+            .map_err(|err| StoreError::unavailable("reading volume groups", err))?;
+        Ok(state
+            .vg(vg)
+            .map(|group| NodeCapacity {
+                node: self.node.clone(),
+                total_bytes: group.size_bytes,
+                reported_free_bytes: group.free_bytes,
+                allocated_bytes: group.size_bytes - group.free_bytes,
+                extent_bytes: group.extent_bytes,
+                degraded: group.missing_pvs > 0,
+            })
+            .into_iter()
+            .collect())
+    }
+}
