@@ -12,6 +12,7 @@ pub mod node_service;
 pub mod node_storage;
 pub mod plan;
 pub mod probe;
+pub mod reconciler;
 pub mod rescan;
 pub mod slot;
 pub mod standalone;
@@ -233,11 +234,12 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let stop = StopSignals::install()?;
     let node = args.node_name.ok_or(AgentError::NoNodeName)?;
     let socket = server::socket_path(&args.csi_endpoint)?;
-    let publisher = if args.standalone {
+    let client = if args.standalone {
         None
     } else {
-        Some(Publisher::new(kube::Client::try_default().await?, &node))
+        Some(kube::Client::try_default().await?)
     };
+    let publisher = client.clone().map(|client| Publisher::new(client, &node));
     let rpc = RpcMetrics::default();
     let metrics = Arc::new(Metrics::new(&rpc));
     let rescanner = rescanner(&args.discovery, metrics.clone(), publisher)?;
@@ -250,7 +252,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         })?;
     // Healthy while rescans keep coming; three missed intervals is not.
     let max_age = config.rescan_interval * 3;
-    let metrics_server = tokio::spawn(metrics::serve(listener, metrics, max_age));
+    let metrics_server = tokio::spawn(metrics::serve(listener, metrics.clone(), max_age));
 
     let (trigger, triggered) = tokio::sync::mpsc::channel(1);
     if let Err(err) = uevent::watch(trigger) {
@@ -260,6 +262,14 @@ async fn serve(args: Args) -> Result<(), AgentError> {
 
     let lvm = Lvm::new(Runner::default());
     let volumes = Arc::new(Volumes::new(lvm.clone(), &config));
+    let reconciler = client.map(|client| {
+        tokio::spawn(reconciler::run(
+            client,
+            node.clone(),
+            volumes.clone(),
+            metrics.clone(),
+        ))
+    });
     let node_service = NodeService::new(
         NodeSettings {
             node: node.clone(),
@@ -305,6 +315,9 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let signal = stop.wait().await;
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
+    if let Some(reconciler) = reconciler {
+        reconciler.abort();
+    }
     metrics_server.abort();
     // Let calls in flight finish: an interrupted mount is retried, but cleanly.
     let _ = stopping.send(());

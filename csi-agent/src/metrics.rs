@@ -30,6 +30,11 @@ pub struct VerdictLabel {
     pub verdict: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub error: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     vg_size: Family<MediaLabel, Gauge>,
@@ -39,6 +44,10 @@ pub struct Metrics {
     disks: Family<VerdictLabel, Gauge>,
     rescan_seconds: Histogram,
     rescan_failures: Counter,
+    reconciles: Counter,
+    reconcile_seconds: Histogram,
+    reconcile_failures: Family<ErrorLabel, Counter>,
+    orphaned_volumes: Gauge,
     /// Unix time of the last rescan that completed, for `/healthz`.
     last_rescan: AtomicU64,
 }
@@ -55,6 +64,10 @@ impl Metrics {
         let disks = Family::default();
         let rescan_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let rescan_failures = Counter::default();
+        let reconciles = Counter::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let reconcile_failures = Family::default();
+        let orphaned_volumes = Gauge::default();
         registry.register(
             "vg_size_bytes",
             "Size of the volume group of a media class",
@@ -86,6 +99,26 @@ impl Metrics {
             "Rescans that ended in an error",
             rescan_failures.clone(),
         );
+        registry.register(
+            "reconciles",
+            "Reconciles of the node's LogicalVolumes",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile of a LogicalVolume takes",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that ended in a failure, by its reason",
+            reconcile_failures.clone(),
+        );
+        registry.register(
+            "orphaned_volumes",
+            "lvmlocal LVs on this node without a LogicalVolume object",
+            orphaned_volumes.clone(),
+        );
         Self {
             registry,
             vg_size,
@@ -95,6 +128,10 @@ impl Metrics {
             disks,
             rescan_seconds,
             rescan_failures,
+            reconciles,
+            reconcile_seconds,
+            reconcile_failures,
+            orphaned_volumes,
             last_rescan: AtomicU64::new(0),
         }
     }
@@ -132,6 +169,24 @@ impl Metrics {
 
     pub fn rescan_failed(&self) {
         self.rescan_failures.inc();
+    }
+
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_failed(&self, reason: &str) {
+        self.reconcile_failures
+            .get_or_create(&ErrorLabel {
+                error: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn orphaned_volumes(&self, count: usize) {
+        self.orphaned_volumes
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn encode(&self) -> String {

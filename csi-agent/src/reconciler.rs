@@ -1,0 +1,1505 @@
+//! The node's `LogicalVolume`s carried out on its LVM: each object of this
+//! node becomes an LV of its media class and at least its size, grows when
+//! its spec grows, and is removed when the object is deleted, before the
+//! finalizer lets the object go.
+//!
+//! The LV list is the truth. Every reconcile starts from what `lvs` shows, so
+//! after a restart each object's status is rebuilt from the LV tags; a tagged
+//! LV that no object claims is reported as orphaned and left alone.
+//!
+//! `look → plan → carry out → status`: [`plan`] and [`status`] are pure;
+//! [`reconcile`] only runs what they decide.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csi_controller::volume::FsType;
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus};
+use serde_json::{Value, json};
+
+use crate::metrics::Metrics;
+use crate::node_storage::FIELD_MANAGER;
+use crate::volumes::{LocalVolume, VolumeError, VolumeRequest, Volumes};
+
+/// A ready volume is looked at again this often, so that an LV gone from
+/// under it shows in its status.
+const RECHECK: Duration = Duration::from_secs(300);
+/// A failed volume is tried again this often: space may have been freed.
+const RETRY_FAILED: Duration = Duration::from_secs(60);
+/// How often the LVs are compared with the objects to find orphans.
+const ORPHAN_CHECK: Duration = Duration::from_secs(60);
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The LV operations the reconciler needs: [`Volumes`] on a node.
+pub trait VolumeBackend: Send + Sync + 'static {
+    fn list(&self) -> impl Future<Output = Result<Vec<LocalVolume>, VolumeError>> + Send;
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<LocalVolume>, VolumeError>> + Send;
+    fn ensure(
+        &self,
+        request: &VolumeRequest,
+    ) -> impl Future<Output = Result<LocalVolume, VolumeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), VolumeError>> + Send;
+}
+
+impl VolumeBackend for Volumes {
+    async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
+        Volumes::list(self).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        Volumes::get(self, id).await
+    }
+
+    async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+        Volumes::ensure(self, request).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+        Volumes::remove(self, id).await
+    }
+}
+
+/// What to do about one `LogicalVolume`, given its LV on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Not this agent's to act on: another node's object, or one being
+    /// deleted that no longer carries the finalizer.
+    Leave,
+    /// Put the finalizer on before an LV is made, so that no deletion can
+    /// slip past it.
+    AddFinalizer,
+    /// Create the LV, or grow it to the spec's size.
+    Ensure(VolumeRequest),
+    /// The LV already is what the spec asks; only the status may be stale.
+    Report(LocalVolume),
+    /// The spec cannot be carried out; the status says why, nothing is touched.
+    Refuse(Failure),
+    /// Being deleted: remove the LV, then drop the finalizer at this index.
+    Remove { finalizer: usize },
+    /// Being deleted and the LV is already gone: drop the finalizer.
+    Release { finalizer: usize },
+}
+
+/// Why a volume is `Failed`, and what is left of it on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Names the failure in events and metrics, e.g. `NotEnoughSpace`.
+    pub reason: &'static str,
+    pub message: String,
+    pub device_path: Option<String>,
+    pub size_bytes: Option<u64>,
+}
+
+impl Failure {
+    fn new(reason: &'static str, message: String, existing: Option<&LocalVolume>) -> Self {
+        Self {
+            reason,
+            message,
+            device_path: existing.map(|volume| volume.device_path.clone()),
+            size_bytes: existing.map(|volume| volume.size_bytes),
+        }
+    }
+
+    /// The failure `err` amounts to for a volume whose LV is `existing`.
+    /// None when LVM itself failed: that is retried, not reported as the
+    /// volume's fate.
+    pub fn of(err: &VolumeError, existing: Option<&LocalVolume>) -> Option<Self> {
+        let reason = match err {
+            VolumeError::NoSpace { .. } => "NotEnoughSpace",
+            VolumeError::NoGroup(_) => "NoVolumeGroup",
+            VolumeError::OtherMedia { .. } => "OtherMedia",
+            VolumeError::Lvm(_) => return None,
+        };
+        Some(Self::new(reason, err.to_string(), existing))
+    }
+
+    /// The LV was made once and is gone. The device path stays in the
+    /// status: it is what tells later reconciles (and the controller) that
+    /// this volume had data, and a blank LV must not take its place.
+    fn lost(device_path: String) -> Self {
+        Self {
+            reason: "VolumeLost",
+            message: format!(
+                "the LV {device_path} is gone from the node; a blank one is not made in its place"
+            ),
+            device_path: Some(device_path),
+            size_bytes: None,
+        }
+    }
+}
+
+/// What the node has for a volume, as its status will say it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ready(LocalVolume),
+    Failed(Failure),
+}
+
+/// Decides what `lv` needs, given its LV on `node` (`local`).
+pub fn plan(lv: &LogicalVolume, local: Option<&LocalVolume>, node: &str) -> Plan {
+    if lv.spec.node_name != node {
+        return Plan::Leave;
+    }
+    let finalizer = lv.finalizers().iter().position(|name| name == LV_FINALIZER);
+    if lv.metadata.deletion_timestamp.is_some() {
+        return match (finalizer, local) {
+            (None, _) => Plan::Leave,
+            (Some(finalizer), Some(_)) => Plan::Remove { finalizer },
+            (Some(finalizer), None) => Plan::Release { finalizer },
+        };
+    }
+    if finalizer.is_none() {
+        return Plan::AddFinalizer;
+    }
+    let request = match request(lv) {
+        Ok(request) => request,
+        Err(message) => return Plan::Refuse(Failure::new("InvalidSpec", message, local)),
+    };
+    match local {
+        Some(local) if local.media != request.media => {
+            let err = VolumeError::OtherMedia {
+                id: request.id,
+                existing: local.media,
+                wanted: request.media,
+            };
+            Plan::Refuse(Failure::new("OtherMedia", err.to_string(), Some(local)))
+        }
+        Some(local) if local.size_bytes >= request.size_bytes => Plan::Report(local.clone()),
+        Some(_) => Plan::Ensure(request),
+        None => match lv.status.as_ref().and_then(|s| s.device_path.clone()) {
+            Some(device_path) => Plan::Refuse(Failure::lost(device_path)),
+            None => Plan::Ensure(request),
+        },
+    }
+}
+
+/// The LV request `lv` stands for, checked as the controller checks it.
+fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
+    let volume = csi_controller::kube_store::volume_of(lv).map_err(|err| err.to_string())?;
+    if volume.size_bytes == 0 {
+        return Err(format!("LogicalVolume {}: spec.sizeBytes is 0", volume.id));
+    }
+    Ok(VolumeRequest {
+        id: volume.id.to_string(),
+        media: volume.media,
+        size_bytes: volume.size_bytes,
+        access: volume
+            .access
+            .fs_type()
+            .map_or("block", FsType::as_str)
+            .to_owned(),
+        pvc: lv
+            .spec
+            .pvc
+            .as_ref()
+            .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
+    })
+}
+
+/// The status `outcome` amounts to: only what was observed, answering the
+/// object's current generation.
+pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
+    let observed_generation = lv.metadata.generation;
+    match outcome {
+        Outcome::Ready(volume) => LogicalVolumeStatus {
+            phase: LogicalVolumePhase::Ready,
+            device_path: Some(volume.device_path.clone()),
+            size_bytes: Some(volume.size_bytes),
+            message: None,
+            observed_generation,
+        },
+        Outcome::Failed(failure) => LogicalVolumeStatus {
+            phase: LogicalVolumePhase::Failed,
+            device_path: failure.device_path.clone(),
+            size_bytes: failure.size_bytes,
+            message: Some(failure.message.clone()),
+            observed_generation,
+        },
+    }
+}
+
+/// A JSON patch adding the finalizer, refused if the list changed since
+/// `lv` was read.
+pub fn add_finalizer(lv: &LogicalVolume) -> Value {
+    match lv.metadata.finalizers.as_deref() {
+        None | Some([]) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [LV_FINALIZER]},
+        ]),
+        Some(current) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": LV_FINALIZER},
+        ]),
+    }
+}
+
+/// A JSON patch removing the finalizer at `index` and no other, refused if
+/// something else has moved there.
+pub fn drop_finalizer(index: usize) -> Value {
+    let path = format!("/metadata/finalizers/{index}");
+    json!([
+        {"op": "test", "path": path, "value": LV_FINALIZER},
+        {"op": "remove", "path": path},
+    ])
+}
+
+/// The LVs no object claims.
+pub fn orphans<'a>(local: &'a [LocalVolume], objects: &HashSet<String>) -> Vec<&'a LocalVolume> {
+    local
+        .iter()
+        .filter(|volume| !objects.contains(&volume.id))
+        .collect()
+}
+
+/// Wait before the next try after `failures` failures in a row.
+pub fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BACKOFF_FIRST
+        .saturating_mul(1 << doublings)
+        .min(BACKOFF_MAX)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} failed: {source}")]
+    Lvm {
+        action: &'static str,
+        #[source]
+        source: VolumeError,
+    },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// Names the error in metrics and events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Lvm { .. } => "LvmFailed",
+            Error::Kube(_) => "KubeApiFailed",
+        }
+    }
+}
+
+pub struct Context<B> {
+    pub volumes: Arc<B>,
+    pub api: Api<LogicalVolume>,
+    pub recorder: Recorder,
+    pub node: String,
+    pub metrics: Arc<Metrics>,
+    /// Failures in a row per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl<B: VolumeBackend> Context<B> {
+    pub fn new(client: Client, node: &str, volumes: Arc<B>, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(node.to_owned()),
+        };
+        Self {
+            volumes,
+            api: Api::all(client.clone()),
+            recorder: Recorder::new(client, reporter),
+            node: node.to_owned(),
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    async fn patch_finalizers(&self, name: &str, ops: Value) -> Result<(), Error> {
+        let ops = serde_json::from_value(ops).expect("finalizer patches are well-formed");
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        self.api
+            .patch(name, &params, &Patch::<()>::Json(ops))
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the status `outcome` amounts to, unless the object already
+    /// says exactly that: a reconcile that changes nothing writes nothing.
+    async fn report(&self, lv: &LogicalVolume, outcome: Outcome) -> Result<Action, Error> {
+        let status = status(lv, &outcome);
+        if lv.status.as_ref() != Some(&status) {
+            let patch = json!({
+                "apiVersion": LogicalVolume::api_version(&()),
+                "kind": LogicalVolume::kind(&()),
+                "status": status,
+            });
+            self.api
+                .patch_status(
+                    &lv.name_any(),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(patch),
+                )
+                .await?;
+            match &outcome {
+                Outcome::Ready(volume) => tracing::info!(
+                    device = %volume.device_path,
+                    bytes = volume.size_bytes,
+                    "volume ready"
+                ),
+                Outcome::Failed(failure) => {
+                    tracing::warn!(reason = failure.reason, message = %failure.message, "volume failed");
+                    self.warn(lv, failure.reason, "Provision", failure.message.clone())
+                        .await;
+                }
+            }
+        }
+        Ok(match outcome {
+            Outcome::Ready(_) => Action::requeue(RECHECK),
+            Outcome::Failed(failure) => {
+                self.metrics.reconcile_failed(failure.reason);
+                Action::requeue(RETRY_FAILED)
+            }
+        })
+    }
+
+    /// Records a Warning event on `lv`; an event lost is only logged.
+    async fn warn(&self, lv: &LogicalVolume, reason: &str, action: &str, note: String) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &lv.object_ref(&())).await {
+            tracing::warn!(error = %err, reason, "cannot record event");
+        }
+    }
+}
+
+/// Brings the LV of `lv` and its status in line with its spec.
+#[tracing::instrument(skip_all, fields(volume = %lv.name_any(), generation = lv.metadata.generation))]
+pub async fn reconcile<B: VolumeBackend>(
+    lv: Arc<LogicalVolume>,
+    ctx: Arc<Context<B>>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = carry_out(&lv, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .expect("failure table poisoned")
+                .remove(&lv.name_any());
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "reconcile failed");
+            ctx.metrics.reconcile_failed(err.reason());
+            if let Error::Lvm { action, source } = err {
+                ctx.warn(&lv, err.reason(), action, source.to_string())
+                    .await;
+            }
+        }
+    }
+    result
+}
+
+async fn carry_out<B: VolumeBackend>(
+    lv: &LogicalVolume,
+    ctx: &Context<B>,
+) -> Result<Action, Error> {
+    let name = lv.name_any();
+    let local = ctx.volumes.get(&name).await.map_err(|source| Error::Lvm {
+        action: "Inspect",
+        source,
+    })?;
+    let plan = plan(lv, local.as_ref(), &ctx.node);
+    tracing::debug!(?plan);
+    match plan {
+        Plan::Leave => Ok(Action::await_change()),
+        Plan::AddFinalizer => {
+            ctx.patch_finalizers(&name, add_finalizer(lv)).await?;
+            // The patched object comes back through the watch.
+            Ok(Action::await_change())
+        }
+        Plan::Ensure(request) => {
+            let outcome = match ctx.volumes.ensure(&request).await {
+                Ok(volume) => Outcome::Ready(volume),
+                Err(err) => match Failure::of(&err, local.as_ref()) {
+                    Some(failure) => Outcome::Failed(failure),
+                    None => {
+                        return Err(Error::Lvm {
+                            action: "Provision",
+                            source: err,
+                        });
+                    }
+                },
+            };
+            ctx.report(lv, outcome).await
+        }
+        Plan::Report(volume) => ctx.report(lv, Outcome::Ready(volume)).await,
+        Plan::Refuse(failure) => ctx.report(lv, Outcome::Failed(failure)).await,
+        Plan::Remove { finalizer } => {
+            ctx.volumes
+                .remove(&name)
+                .await
+                .map_err(|source| Error::Lvm {
+                    action: "Remove",
+                    source,
+                })?;
+            tracing::info!("volume removed");
+            ctx.patch_finalizers(&name, drop_finalizer(finalizer))
+                .await?;
+            Ok(Action::await_change())
+        }
+        Plan::Release { finalizer } => {
+            ctx.patch_finalizers(&name, drop_finalizer(finalizer))
+                .await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Tries a failing object again after a wait that doubles with each
+/// failure in a row.
+pub fn error_policy<B>(lv: Arc<LogicalVolume>, _err: &Error, ctx: Arc<Context<B>>) -> Action {
+    let mut failures = ctx.failures.lock().expect("failure table poisoned");
+    let count = failures.entry(lv.name_any()).or_default();
+    *count = count.saturating_add(1);
+    Action::requeue(backoff(*count))
+}
+
+/// Compares the LVs with the objects, so an LV no object claims is seen.
+struct OrphanCheck<B> {
+    volumes: Arc<B>,
+    objects: Store<LogicalVolume>,
+    metrics: Arc<Metrics>,
+    /// Orphans already logged, so each is logged when it appears.
+    reported: BTreeSet<String>,
+}
+
+impl<B: VolumeBackend> OrphanCheck<B> {
+    fn new(volumes: Arc<B>, objects: Store<LogicalVolume>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            volumes,
+            objects,
+            metrics,
+            reported: BTreeSet::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        // Before the first full listing every LV would look orphaned.
+        if self.objects.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(ORPHAN_CHECK);
+        loop {
+            tick.tick().await;
+            self.check().await;
+        }
+    }
+
+    async fn check(&mut self) {
+        // LVs first: an LV is made only once its object is in the cache, so
+        // a volume being made now cannot pass for an orphan.
+        let local = match self.volumes.list().await {
+            Ok(local) => local,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list LVs to look for orphans");
+                return;
+            }
+        };
+        let objects: HashSet<String> = self
+            .objects
+            .state()
+            .iter()
+            .map(|lv| lv.name_any())
+            .collect();
+        let found = orphans(&local, &objects);
+        self.metrics.orphaned_volumes(found.len());
+        for volume in &found {
+            if !self.reported.contains(&volume.id) {
+                tracing::warn!(
+                    volume = %volume.id,
+                    vg = %volume.vg,
+                    bytes = volume.size_bytes,
+                    pvc = volume.pvc.as_deref().unwrap_or("-"),
+                    "orphaned LV: it carries lvmlocal's tag but no LogicalVolume names it; left in place"
+                );
+            }
+        }
+        self.reported = found.iter().map(|volume| volume.id.clone()).collect();
+    }
+}
+
+/// Reconciles the `LogicalVolume`s of `node` and watches for orphaned LVs;
+/// runs until the task is dropped.
+pub async fn run<B: VolumeBackend>(
+    client: Client,
+    node: String,
+    volumes: Arc<B>,
+    metrics: Arc<Metrics>,
+) {
+    let objects = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let controller = Controller::new(Api::<LogicalVolume>::all(client.clone()), objects);
+    let orphans = OrphanCheck::new(volumes.clone(), controller.store(), metrics.clone());
+    let context = Arc::new(Context::new(client, &node, volumes, metrics));
+    let reconciles = controller
+        .run(reconcile, error_policy, context)
+        .for_each(|result| {
+            match result {
+                // Logged inside the reconcile's span.
+                Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "LogicalVolume gone before its reconcile");
+                }
+                Err(err) => tracing::warn!(error = %err, "LogicalVolume controller"),
+            }
+            async {}
+        });
+    tokio::select! {
+        () = reconciles => tracing::info!("LogicalVolume controller stopped"),
+        () = orphans.run() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::pin::pin;
+
+    use csi_controller::kube_store::volume_of;
+    use csi_controller::rpc::RpcMetrics;
+    use csi_controller::volume::VolumeState;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+    use lvmlocal_proto::MediaClass;
+
+    use super::*;
+    use crate::lvm::LvmError;
+
+    const GIB: u64 = 1 << 30;
+    const EXTENT: u64 = 4 << 20;
+    const OTHER_FINALIZER: &str = "backup.example.com/keep";
+
+    /// A stand-in for LVM in the Kubernetes-side tests only: it keeps LVs
+    /// in a map, rounds sizes to extents, runs out of space at `free`, and
+    /// records every call. LVM itself is tested in the VM.
+    struct FakeLvm {
+        volumes: Mutex<BTreeMap<String, LocalVolume>>,
+        free: Mutex<u64>,
+        /// Every LV command fails as LVM failing would.
+        broken: bool,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeLvm {
+        fn new(free: u64) -> Self {
+            Self {
+                volumes: Mutex::default(),
+                free: Mutex::new(free),
+                broken: false,
+                calls: Mutex::default(),
+            }
+        }
+
+        fn with(self, volume: LocalVolume) -> Self {
+            self.volumes
+                .lock()
+                .unwrap()
+                .insert(volume.id.clone(), volume);
+            self
+        }
+
+        fn call(&self, call: String) -> Result<(), VolumeError> {
+            self.calls.lock().unwrap().push(call);
+            if self.broken {
+                return Err(VolumeError::Lvm(LvmError::Report {
+                    command: "lvs".into(),
+                    reason: "no JSON".into(),
+                }));
+            }
+            Ok(())
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn ids(&self) -> Vec<String> {
+            self.volumes.lock().unwrap().keys().cloned().collect()
+        }
+    }
+
+    impl VolumeBackend for FakeLvm {
+        async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
+            self.call("list".into())?;
+            Ok(self.volumes.lock().unwrap().values().cloned().collect())
+        }
+
+        async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+            self.call(format!("get {id}"))?;
+            Ok(self.volumes.lock().unwrap().get(id).cloned())
+        }
+
+        async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+            self.call(format!(
+                "ensure {} {} {} {} {}",
+                request.id,
+                request.media,
+                request.size_bytes,
+                request.access,
+                request.pvc.as_deref().unwrap_or("-")
+            ))?;
+            let mut volumes = self.volumes.lock().unwrap();
+            let mut free = self.free.lock().unwrap();
+            let mut volume = volumes
+                .get(&request.id)
+                .cloned()
+                .unwrap_or_else(|| local(&request.id, request.media, 0));
+            let size = request.size_bytes.div_ceil(EXTENT) * EXTENT;
+            if size > volume.size_bytes {
+                let needed = size - volume.size_bytes;
+                if needed > *free {
+                    return Err(VolumeError::NoSpace {
+                        media: request.media,
+                        needed,
+                        free: *free,
+                    });
+                }
+                *free -= needed;
+                volume.size_bytes = size;
+                volume.requested_bytes = request.size_bytes;
+            }
+            volumes.insert(request.id.clone(), volume.clone());
+            Ok(volume)
+        }
+
+        async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+            self.call(format!("remove {id}"))?;
+            self.volumes.lock().unwrap().remove(id);
+            Ok(())
+        }
+    }
+
+    fn local(id: &str, media: MediaClass, size_bytes: u64) -> LocalVolume {
+        LocalVolume {
+            id: id.into(),
+            media,
+            vg: format!("lvmlocal-{media}"),
+            size_bytes,
+            requested_bytes: size_bytes,
+            access: "ext4".into(),
+            pvc: Some("db/data-0".into()),
+            device_path: format!("/dev/lvmlocal-{media}/{id}"),
+            healthy: true,
+        }
+    }
+
+    /// A `LogicalVolume` as the controller creates it, as the API server
+    /// returns it.
+    fn object_json(size: u64, generation: i64) -> Value {
+        json!({
+            "apiVersion": "lvmlocal.io/v1alpha1",
+            "kind": "LogicalVolume",
+            "metadata": {
+                "name": "pvc-1",
+                "uid": "0c3e5f2a-8d6b-4c1e-9f7a-2b4d6e8f0a1c",
+                "resourceVersion": "4711",
+                "generation": generation,
+                "creationTimestamp": "2025-05-01T10:00:00Z",
+                "finalizers": [LV_FINALIZER],
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "media": "nvme",
+                "sizeBytes": size,
+                "fsType": "ext4",
+                "pvc": {"namespace": "db", "name": "data-0"},
+            },
+        })
+    }
+
+    fn object(size: u64, generation: i64) -> LogicalVolume {
+        serde_json::from_value(object_json(size, generation)).unwrap()
+    }
+
+    fn deleting(mut lv: LogicalVolume, finalizers: &[&str]) -> LogicalVolume {
+        lv.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2025-05-02T10:00:00Z".parse().unwrap(),
+            ));
+        lv.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        lv
+    }
+
+    fn with_status(mut lv: LogicalVolume, status: LogicalVolumeStatus) -> LogicalVolume {
+        lv.status = Some(status);
+        lv
+    }
+
+    fn ready(size: u64, generation: i64) -> LogicalVolumeStatus {
+        LogicalVolumeStatus {
+            phase: LogicalVolumePhase::Ready,
+            device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+            size_bytes: Some(size),
+            message: None,
+            observed_generation: Some(generation),
+        }
+    }
+
+    fn request(size: u64, access: &str) -> VolumeRequest {
+        VolumeRequest {
+            id: "pvc-1".into(),
+            media: MediaClass::Nvme,
+            size_bytes: size,
+            access: access.into(),
+            pvc: Some("db/data-0".into()),
+        }
+    }
+
+    #[test]
+    fn plan_covers_every_state_of_object_and_lv() {
+        let lv = || object(GIB, 1);
+        let nvme = local("pvc-1", MediaClass::Nvme, GIB);
+        let larger = local("pvc-1", MediaClass::Nvme, GIB + EXTENT);
+        let smaller = local("pvc-1", MediaClass::Nvme, GIB / 2);
+        let on_hdd = local("pvc-1", MediaClass::Hdd, GIB);
+        let other_node = {
+            let mut lv = lv();
+            lv.spec.node_name = "node-b".into();
+            lv
+        };
+        let no_finalizer = {
+            let mut lv = lv();
+            lv.metadata.finalizers = None;
+            lv
+        };
+        let block = {
+            let mut lv = lv();
+            lv.spec.fs_type = None;
+            lv
+        };
+        let no_pvc = {
+            let mut lv = lv();
+            lv.spec.pvc = None;
+            lv
+        };
+        let ntfs = {
+            let mut lv = lv();
+            lv.spec.fs_type = Some("ntfs".into());
+            lv
+        };
+        let empty = {
+            let mut lv = lv();
+            lv.spec.size_bytes = 0;
+            lv
+        };
+        let failed_no_space = LogicalVolumeStatus {
+            phase: LogicalVolumePhase::Failed,
+            message: Some("nvme: needs 1073741824 bytes, 0 free".into()),
+            observed_generation: Some(1),
+            ..LogicalVolumeStatus::default()
+        };
+        let lost = Failure {
+            reason: "VolumeLost",
+            message: "the LV /dev/lvmlocal-nvme/pvc-1 is gone from the node; \
+                      a blank one is not made in its place"
+                .into(),
+            device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+            size_bytes: None,
+        };
+        let cases: Vec<(&str, LogicalVolume, Option<&LocalVolume>, Plan)> = vec![
+            ("another node's", other_node, Some(&nvme), Plan::Leave),
+            (
+                "deleted, finalizer already gone",
+                deleting(lv(), &[OTHER_FINALIZER]),
+                Some(&nvme),
+                Plan::Leave,
+            ),
+            (
+                "deleted with its LV",
+                deleting(lv(), &[LV_FINALIZER]),
+                Some(&nvme),
+                Plan::Remove { finalizer: 0 },
+            ),
+            (
+                "deleted, finalizer behind another",
+                deleting(lv(), &[OTHER_FINALIZER, LV_FINALIZER]),
+                Some(&nvme),
+                Plan::Remove { finalizer: 1 },
+            ),
+            (
+                "deleted, LV already removed",
+                deleting(lv(), &[LV_FINALIZER, OTHER_FINALIZER]),
+                None,
+                Plan::Release { finalizer: 0 },
+            ),
+            (
+                "deleted before it was ever made",
+                deleting(with_status(lv(), failed_no_space.clone()), &[LV_FINALIZER]),
+                None,
+                Plan::Release { finalizer: 0 },
+            ),
+            ("no finalizer yet", no_finalizer, None, Plan::AddFinalizer),
+            ("new", lv(), None, Plan::Ensure(request(GIB, "ext4"))),
+            (
+                "raw block",
+                block,
+                None,
+                Plan::Ensure(request(GIB, "block")),
+            ),
+            (
+                "no PVC",
+                no_pvc,
+                None,
+                Plan::Ensure(VolumeRequest {
+                    pvc: None,
+                    ..request(GIB, "ext4")
+                }),
+            ),
+            (
+                "made, status not yet written",
+                lv(),
+                Some(&nvme),
+                Plan::Report(nvme.clone()),
+            ),
+            (
+                "made, rounded up to extents",
+                with_status(lv(), ready(GIB + EXTENT, 1)),
+                Some(&larger),
+                Plan::Report(larger.clone()),
+            ),
+            (
+                "spec grew",
+                with_status(object(GIB, 2), ready(GIB / 2, 1)),
+                Some(&smaller),
+                Plan::Ensure(request(GIB, "ext4")),
+            ),
+            (
+                "an LV of the same name on other media",
+                lv(),
+                Some(&on_hdd),
+                Plan::Refuse(Failure {
+                    reason: "OtherMedia",
+                    message: "volume pvc-1 already exists on hdd media, not nvme".into(),
+                    device_path: Some("/dev/lvmlocal-hdd/pvc-1".into()),
+                    size_bytes: Some(GIB),
+                }),
+            ),
+            (
+                "made once, now gone",
+                with_status(lv(), ready(GIB, 1)),
+                None,
+                Plan::Refuse(lost.clone()),
+            ),
+            (
+                "reported lost, still gone",
+                with_status(lv(), status(&lv(), &Outcome::Failed(lost.clone()))),
+                None,
+                Plan::Refuse(lost),
+            ),
+            (
+                "did not fit before, tried again",
+                with_status(lv(), failed_no_space),
+                None,
+                Plan::Ensure(request(GIB, "ext4")),
+            ),
+            (
+                "unsupported filesystem",
+                ntfs,
+                None,
+                Plan::Refuse(Failure {
+                    reason: "InvalidSpec",
+                    message: "LogicalVolume pvc-1: filesystem type \"ntfs\" is not supported; \
+                              use ext4 or xfs"
+                        .into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+            ),
+            (
+                "zero size",
+                empty,
+                None,
+                Plan::Refuse(Failure {
+                    reason: "InvalidSpec",
+                    message: "LogicalVolume pvc-1: spec.sizeBytes is 0".into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+            ),
+        ];
+        for (case, lv, local, want) in cases {
+            assert_eq!(plan(&lv, local, "node-a"), want, "{case}");
+        }
+        let mut bad_name = lv();
+        bad_name.metadata.name = Some("Bad_Name".into());
+        assert!(
+            matches!(
+                plan(&bad_name, None, "node-a"),
+                Plan::Refuse(Failure {
+                    reason: "InvalidSpec",
+                    ..
+                })
+            ),
+            "a name that is not a volume id"
+        );
+    }
+
+    #[test]
+    fn failures_say_what_is_left_of_the_volume() {
+        let grown = local("pvc-1", MediaClass::Nvme, GIB);
+        let no_space = VolumeError::NoSpace {
+            media: MediaClass::Nvme,
+            needed: 2 * GIB,
+            free: GIB,
+        };
+        let cases = [
+            (
+                VolumeError::NoSpace {
+                    media: MediaClass::Nvme,
+                    needed: GIB,
+                    free: 512 << 20,
+                },
+                None,
+                Some(Failure {
+                    reason: "NotEnoughSpace",
+                    message: "nvme: needs 1073741824 bytes, 536870912 free".into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+            ),
+            (
+                no_space,
+                Some(&grown),
+                Some(Failure {
+                    reason: "NotEnoughSpace",
+                    message: "nvme: needs 2147483648 bytes, 1073741824 free".into(),
+                    device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+                    size_bytes: Some(GIB),
+                }),
+            ),
+            (
+                VolumeError::NoGroup(MediaClass::Ssd),
+                None,
+                Some(Failure {
+                    reason: "NoVolumeGroup",
+                    message: "this node has no ssd volume group".into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+            ),
+            (
+                VolumeError::OtherMedia {
+                    id: "pvc-1".into(),
+                    existing: MediaClass::Hdd,
+                    wanted: MediaClass::Nvme,
+                },
+                None,
+                Some(Failure {
+                    reason: "OtherMedia",
+                    message: "volume pvc-1 already exists on hdd media, not nvme".into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+            ),
+            (
+                VolumeError::Lvm(LvmError::Report {
+                    command: "lvs".into(),
+                    reason: "no JSON".into(),
+                }),
+                Some(&grown),
+                None,
+            ),
+        ];
+        for (err, existing, want) in cases {
+            assert_eq!(Failure::of(&err, existing), want, "{err}");
+        }
+    }
+
+    #[test]
+    fn status_answers_the_current_generation_with_the_actual_size() {
+        let lv = object(GIB, 3);
+        let cases = [
+            (
+                Outcome::Ready(local("pvc-1", MediaClass::Nvme, GIB + EXTENT)),
+                LogicalVolumeStatus {
+                    phase: LogicalVolumePhase::Ready,
+                    device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+                    size_bytes: Some(GIB + EXTENT),
+                    message: None,
+                    observed_generation: Some(3),
+                },
+            ),
+            (
+                Outcome::Failed(Failure {
+                    reason: "NotEnoughSpace",
+                    message: "nvme: needs 1073741824 bytes, 0 free".into(),
+                    device_path: None,
+                    size_bytes: None,
+                }),
+                LogicalVolumeStatus {
+                    phase: LogicalVolumePhase::Failed,
+                    device_path: None,
+                    size_bytes: None,
+                    message: Some("nvme: needs 1073741824 bytes, 0 free".into()),
+                    observed_generation: Some(3),
+                },
+            ),
+            (
+                Outcome::Failed(Failure {
+                    reason: "NotEnoughSpace",
+                    message: "nvme: needs 536870912 bytes, 0 free".into(),
+                    device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+                    size_bytes: Some(GIB / 2),
+                }),
+                LogicalVolumeStatus {
+                    phase: LogicalVolumePhase::Failed,
+                    device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+                    size_bytes: Some(GIB / 2),
+                    message: Some("nvme: needs 536870912 bytes, 0 free".into()),
+                    observed_generation: Some(3),
+                },
+            ),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(status(&lv, &outcome), want, "{outcome:?}");
+        }
+    }
+
+    /// What the agent writes, read back the way the controller reads it.
+    #[test]
+    fn the_controller_reads_the_status_as_meant() {
+        let lv = object(GIB, 2);
+        let nvme = local("pvc-1", MediaClass::Nvme, GIB);
+        let read = |outcome: Outcome| {
+            let status = status(&lv, &outcome);
+            volume_of(&with_status(lv.clone(), status)).unwrap().state
+        };
+        assert_eq!(
+            read(Outcome::Ready(nvme.clone())),
+            VolumeState::Ready { size_bytes: GIB }
+        );
+        let no_space = VolumeError::NoSpace {
+            media: MediaClass::Nvme,
+            needed: GIB,
+            free: 0,
+        };
+        // Nothing was made: the controller forgets the object and retries elsewhere.
+        assert_eq!(
+            read(Outcome::Failed(Failure::of(&no_space, None).unwrap())),
+            VolumeState::Failed {
+                message: "nvme: needs 1073741824 bytes, 0 free".into(),
+                lv_exists: false
+            }
+        );
+        // A failed expansion or a lost LV: the object must stay.
+        for failure in [
+            Failure::of(&no_space, Some(&nvme)).unwrap(),
+            Failure::lost("/dev/lvmlocal-nvme/pvc-1".into()),
+        ] {
+            let state = read(Outcome::Failed(failure));
+            assert!(
+                matches!(
+                    state,
+                    VolumeState::Failed {
+                        lv_exists: true,
+                        ..
+                    }
+                ),
+                "{state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn finalizer_patches_keep_the_others() {
+        let mut lv = object(GIB, 1);
+        lv.metadata.finalizers = None;
+        assert_eq!(
+            add_finalizer(&lv),
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [LV_FINALIZER]},
+            ])
+        );
+        lv.metadata.finalizers = Some(vec![OTHER_FINALIZER.into()]);
+        assert_eq!(
+            add_finalizer(&lv),
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": [OTHER_FINALIZER]},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": LV_FINALIZER},
+            ])
+        );
+        assert_eq!(
+            drop_finalizer(1),
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": LV_FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
+    }
+
+    #[test]
+    fn orphans_are_the_lvs_no_object_names() {
+        let lvs = [
+            local("pvc-a", MediaClass::Nvme, GIB),
+            local("pvc-b", MediaClass::Hdd, GIB),
+            local("pvc-c", MediaClass::Ssd, GIB),
+        ];
+        let names = |names: &[&str]| -> HashSet<String> {
+            names.iter().map(|name| name.to_string()).collect()
+        };
+        let ids = |found: Vec<&LocalVolume>| -> Vec<String> {
+            found.into_iter().map(|volume| volume.id.clone()).collect()
+        };
+        assert_eq!(
+            ids(orphans(&lvs, &names(&["pvc-a", "pvc-c", "pvc-x"]))),
+            ["pvc-b"]
+        );
+        assert_eq!(ids(orphans(&lvs, &names(&[]))), ["pvc-a", "pvc-b", "pvc-c"]);
+        assert!(orphans(&lvs, &names(&["pvc-a", "pvc-b", "pvc-c"])).is_empty());
+        assert!(orphans(&[], &names(&["pvc-a"])).is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let secs: Vec<u64> = [0, 1, 2, 3, 4, 8, 9, 10, 100, u32::MAX]
+            .into_iter()
+            .map(|failures| backoff(failures).as_secs())
+            .collect();
+        assert_eq!(secs, [1, 1, 2, 4, 8, 128, 256, 300, 300, 300]);
+    }
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context(backend: FakeLvm) -> (Arc<Context<FakeLvm>>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Arc::new(Metrics::new(&RpcMetrics::default()));
+        let client = Client::new(service, "default");
+        (
+            Arc::new(Context::new(client, "node-a", Arc::new(backend), metrics)),
+            handle,
+        )
+    }
+
+    async fn body(request: Request<Body>) -> Value {
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn answer(send: tower_test::mock::SendResponse<Response<Body>>, object: &Value) {
+        send.send_response(Response::new(Body::from(
+            serde_json::to_vec(object).unwrap(),
+        )));
+    }
+
+    fn assert_status_apply(request: &Request<Body>) {
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(
+            request.uri().path(),
+            "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1/status"
+        );
+        let query = request.uri().query().unwrap();
+        assert!(
+            query.contains("fieldManager=lvmlocal-agent") && query.contains("force=true"),
+            "{query}"
+        );
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
+    }
+
+    /// A new object: the LV is made at the spec's size and the status says
+    /// so, once; a second reconcile of the answered object sends nothing.
+    #[tokio::test]
+    async fn a_new_object_gets_its_lv_and_a_ready_status() {
+        let (ctx, handle) = context(FakeLvm::new(10 * GIB));
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("status applied");
+            assert_status_apply(&request);
+            let applied = body(request).await;
+            assert_eq!(
+                applied,
+                json!({
+                    "apiVersion": "lvmlocal.io/v1alpha1",
+                    "kind": "LogicalVolume",
+                    "status": {
+                        "phase": "Ready",
+                        "devicePath": "/dev/lvmlocal-nvme/pvc-1",
+                        "sizeBytes": 1073741824u64,
+                        "observedGeneration": 1,
+                    },
+                })
+            );
+            let mut answered = object_json(GIB, 1);
+            answered["status"] = applied["status"].clone();
+            answer(send, &answered);
+            answered
+        });
+
+        let action = reconcile(Arc::new(object(GIB, 1)), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(RECHECK));
+        let answered = api_server.await.unwrap();
+        assert_eq!(
+            ctx.volumes.calls(),
+            ["get pvc-1", "ensure pvc-1 nvme 1073741824 ext4 db/data-0"]
+        );
+
+        // The mock answers no more: any request would fail this reconcile.
+        let answered: LogicalVolume = serde_json::from_value(answered).unwrap();
+        let action = reconcile(Arc::new(answered), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(RECHECK));
+        assert_eq!(ctx.volumes.calls().len(), 3, "only a look at the LV");
+        assert!(
+            ctx.metrics
+                .encode()
+                .contains("lvmlocal_agent_reconciles_total 2")
+        );
+    }
+
+    /// After a restart the LV is found by its tags and reported, not made again.
+    #[tokio::test]
+    async fn an_lv_made_before_a_restart_is_reported_not_made_again() {
+        let made = local("pvc-1", MediaClass::Nvme, GIB + EXTENT);
+        let (ctx, handle) = context(FakeLvm::new(0).with(made));
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("status applied");
+            assert_status_apply(&request);
+            let applied = body(request).await;
+            assert_eq!(applied["status"]["phase"], "Ready");
+            assert_eq!(applied["status"]["sizeBytes"], GIB + EXTENT);
+            answer(send, &object_json(GIB, 1));
+        });
+        reconcile(Arc::new(object(GIB, 1)), ctx.clone())
+            .await
+            .unwrap();
+        api_server.await.unwrap();
+        assert_eq!(ctx.volumes.calls(), ["get pvc-1"]);
+    }
+
+    /// Deleted with other finalizers beside ours: the LV goes, then only
+    /// our finalizer is dropped.
+    #[tokio::test]
+    async fn a_deleted_object_loses_its_lv_then_only_our_finalizer() {
+        let (ctx, handle) = context(FakeLvm::new(0).with(local("pvc-1", MediaClass::Nvme, GIB)));
+        let lv = deleting(
+            with_status(object(GIB, 1), ready(GIB, 1)),
+            &[OTHER_FINALIZER, LV_FINALIZER],
+        );
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("finalizer dropped");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/json-patch+json"
+            );
+            assert_eq!(request.uri().query(), Some("&fieldManager=lvmlocal-agent"));
+            assert_eq!(
+                body(request).await,
+                json!([
+                    {"op": "test", "path": "/metadata/finalizers/1", "value": LV_FINALIZER},
+                    {"op": "remove", "path": "/metadata/finalizers/1"},
+                ])
+            );
+            let mut left = object_json(GIB, 1);
+            left["metadata"]["finalizers"] = json!([OTHER_FINALIZER]);
+            left["metadata"]["deletionTimestamp"] = json!("2025-05-02T10:00:00Z");
+            answer(send, &left);
+        });
+        let action = reconcile(Arc::new(lv), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        api_server.await.unwrap();
+        assert_eq!(ctx.volumes.calls(), ["get pvc-1", "remove pvc-1"]);
+        assert!(ctx.volumes.ids().is_empty());
+    }
+
+    /// The controller sets the finalizer at creation; an object without
+    /// one gets it before any LV is made.
+    #[tokio::test]
+    async fn an_object_without_the_finalizer_gets_it_first() {
+        let (ctx, handle) = context(FakeLvm::new(10 * GIB));
+        let mut lv = object(GIB, 1);
+        lv.metadata.finalizers = None;
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("finalizer added");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1"
+            );
+            assert_eq!(
+                body(request).await,
+                json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": [LV_FINALIZER]},
+                ])
+            );
+            answer(send, &object_json(GIB, 1));
+        });
+        let action = reconcile(Arc::new(lv), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        api_server.await.unwrap();
+        assert_eq!(ctx.volumes.calls(), ["get pvc-1"]);
+    }
+
+    /// Not enough space: status Failed with LVM's numbers, a Warning event,
+    /// the failure counted, and nothing made.
+    #[tokio::test]
+    async fn no_space_fails_the_volume_and_makes_nothing() {
+        let (ctx, handle) = context(FakeLvm::new(512 << 20));
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("status applied");
+            assert_status_apply(&request);
+            let applied = body(request).await;
+            assert_eq!(
+                applied["status"],
+                json!({
+                    "phase": "Failed",
+                    "message": "nvme: needs 1073741824 bytes, 536870912 free",
+                    "observedGeneration": 1,
+                })
+            );
+            let mut answered = object_json(GIB, 1);
+            answered["status"] = applied["status"].clone();
+            answer(send, &answered);
+
+            let (request, send) = handle.next_request().await.expect("event recorded");
+            assert_eq!(request.method(), Method::POST);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/default/events"
+            );
+            let event = body(request).await;
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "NotEnoughSpace");
+            assert_eq!(event["action"], "Provision");
+            assert_eq!(
+                event["note"],
+                "nvme: needs 1073741824 bytes, 536870912 free"
+            );
+            assert_eq!(event["regarding"]["kind"], "LogicalVolume");
+            assert_eq!(event["regarding"]["name"], "pvc-1");
+            assert_eq!(event["reportingController"], "lvmlocal-agent");
+            assert_eq!(event["reportingInstance"], "node-a");
+            answer(send, &event);
+        });
+        let action = reconcile(Arc::new(object(GIB, 1)), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(RETRY_FAILED));
+        api_server.await.unwrap();
+        assert!(ctx.volumes.ids().is_empty(), "nothing was made");
+        assert!(
+            ctx.metrics
+                .encode()
+                .contains("lvmlocal_agent_reconcile_failures_total{error=\"NotEnoughSpace\"} 1"),
+            "{}",
+            ctx.metrics.encode()
+        );
+    }
+
+    /// LVM failing is not the volume's fate: no status is written, a
+    /// Warning event is, and the object is retried with a growing wait.
+    #[tokio::test]
+    async fn lvm_failing_is_retried_with_backoff() {
+        let broken = FakeLvm {
+            broken: true,
+            ..FakeLvm::new(10 * GIB)
+        };
+        let (ctx, handle) = context(broken);
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("event recorded");
+            assert_eq!(request.method(), Method::POST);
+            let event = body(request).await;
+            assert_eq!(event["reason"], "LvmFailed");
+            assert_eq!(event["action"], "Inspect");
+            assert_eq!(event["note"], "parsing the report of `lvs`: no JSON");
+            answer(send, &event);
+        });
+        let lv = Arc::new(object(GIB, 1));
+        let err = reconcile(lv.clone(), ctx.clone()).await.unwrap_err();
+        api_server.await.unwrap();
+        assert_eq!(err.reason(), "LvmFailed");
+        let waits: Vec<Action> = (0..3)
+            .map(|_| error_policy(lv.clone(), &err, ctx.clone()))
+            .collect();
+        assert_eq!(
+            waits,
+            [1, 2, 4].map(|secs| Action::requeue(Duration::from_secs(secs)))
+        );
+        assert!(
+            ctx.metrics
+                .encode()
+                .contains("lvmlocal_agent_reconcile_failures_total{error=\"LvmFailed\"} 1")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_orphan_check_counts_lvs_without_objects() {
+        let backend = Arc::new(
+            FakeLvm::new(0)
+                .with(local("pvc-1", MediaClass::Nvme, GIB))
+                .with(local("pvc-gone", MediaClass::Hdd, GIB)),
+        );
+        let (objects, mut writer) = reflector::store::<LogicalVolume>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(object(GIB, 1)));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let metrics = Arc::new(Metrics::new(&RpcMetrics::default()));
+        let mut check = OrphanCheck::new(backend.clone(), objects, metrics.clone());
+        check.check().await;
+        assert!(
+            metrics
+                .encode()
+                .contains("lvmlocal_agent_orphaned_volumes 1"),
+            "{}",
+            metrics.encode()
+        );
+        assert_eq!(check.reported, BTreeSet::from(["pvc-gone".to_owned()]));
+        assert_eq!(
+            backend.ids(),
+            ["pvc-1", "pvc-gone"],
+            "an orphan is never removed"
+        );
+
+        writer.apply_watcher_event(&watcher::Event::Apply({
+            let mut claimed = object(GIB, 1);
+            claimed.metadata.name = Some("pvc-gone".into());
+            claimed
+        }));
+        check.check().await;
+        assert!(
+            metrics
+                .encode()
+                .contains("lvmlocal_agent_orphaned_volumes 0")
+        );
+        assert!(check.reported.is_empty());
+    }
+}
