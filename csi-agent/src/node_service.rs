@@ -241,7 +241,13 @@ impl NodeService {
             }
         };
         if let Some(mount) = mounted_at(&target)? {
-            return if mount.devno == devno(device)? && mount.read_only() == req.readonly {
+            // A bound device file shows devtmpfs in the mount table: compare
+            // the device the target now is instead.
+            let mounted_device = match access {
+                Access::Filesystem(_) => mount.devno.clone(),
+                Access::Block => devno(&target)?,
+            };
+            return if mounted_device == devno(device)? && mount.read_only() == req.readonly {
                 Ok(NodePublishVolumeResponse {})
             } else {
                 Err(NodeError::TakenPath {
@@ -286,9 +292,11 @@ impl NodeService {
                 path.display()
             )));
         }
-        let mount = mounted_at(&path)?;
-        let on_device = match &mount {
-            Some(mount) => Some(mount.devno == devno(Path::new(&volume.device_path))?),
+        let device = devno(Path::new(&volume.device_path))?;
+        let on_device = match mounted_at(&path)? {
+            // A raw block volume is its device file, bound onto the path.
+            Some(_) if !path.is_dir() => Some(devno(&path)? == device),
+            Some(mount) => Some(mount.devno == device),
             None => None,
         };
         let (abnormal, message) = match (volume.healthy, on_device) {

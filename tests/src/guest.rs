@@ -84,15 +84,16 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
-/// A binary of this workspace, built beside the running test binary
-/// (`target/debug/deps/..`): `scripts/test.sh` builds them all first.
+/// A binary of this workspace, from the `target/<profile>` directory of the
+/// running binary (test binaries run from its `deps`): `scripts/test.sh`
+/// builds them all first.
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the running test binary");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary under target/<profile>/deps")
-        .join(name);
+    let exe = std::env::current_exe().expect("path of the running binary");
+    let mut dir = exe.parent().expect("binary in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps in target/<profile>");
+    }
+    let path = dir.join(name);
     assert!(
         path.is_file(),
         "{} is not built (cargo build --workspace)",

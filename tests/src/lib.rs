@@ -2,6 +2,7 @@
 //! SATA SSD and SATA HDD disks, runs one command in a guest that sees the
 //! host's root file system, and hands back the command's output and status.
 
+pub mod csi;
 pub mod guest;
 pub mod size;
 pub mod vm;
