@@ -146,38 +146,38 @@ pub fn fit(claims: &[ClaimNeed], capacity: Option<&NodeCapacity<'_>>) -> Verdict
     let Some(capacity) = capacity else {
         return Verdict::Refused(vec![Refusal::NoStorage]);
     };
+    // One pass over the claims, then one check per class: this runs for
+    // every candidate node of every call.
+    let mut needed = PerMedia::<Option<u64>>::default();
+    for claim in claims {
+        let allocation =
+            capacity[claim.media].map_or(claim.bytes, |group| group.allocation(claim.bytes));
+        let sum = needed[claim.media].get_or_insert(0);
+        *sum = sum.saturating_add(allocation);
+    }
     let mut left = PerMedia::<u64>::default();
     let mut refusals = Vec::new();
     for media in MediaClass::ALL {
-        let mut claims = claims
-            .iter()
-            .filter(|claim| claim.media == media)
-            .peekable();
-        if claims.peek().is_none() {
-            continue;
-        }
-        let Some(group) = capacity[media] else {
-            refusals.push(Refusal::NoVolumeGroup(media));
+        let Some(needed_bytes) = needed[media] else {
             continue;
         };
-        if group.degraded {
-            refusals.push(Refusal::Degraded {
+        match capacity[media] {
+            None => refusals.push(Refusal::NoVolumeGroup(media)),
+            Some(group) if group.degraded => refusals.push(Refusal::Degraded {
                 media,
                 vg_name: group.vg_name.to_owned(),
-            });
-            continue;
-        }
-        let needed_bytes = claims.fold(0u64, |sum, claim| {
-            sum.saturating_add(group.allocation(claim.bytes))
-        });
-        let free_bytes = group.free_bytes();
-        match free_bytes.checked_sub(needed_bytes) {
-            Some(rest) => left[media] = rest,
-            None => refusals.push(Refusal::Short {
-                media,
-                needed_bytes,
-                free_bytes,
             }),
+            Some(group) => {
+                let free_bytes = group.free_bytes();
+                match free_bytes.checked_sub(needed_bytes) {
+                    Some(rest) => left[media] = rest,
+                    None => refusals.push(Refusal::Short {
+                        media,
+                        needed_bytes,
+                        free_bytes,
+                    }),
+                }
+            }
         }
     }
     if refusals.is_empty() {

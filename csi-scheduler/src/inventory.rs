@@ -13,10 +13,10 @@
 //! whole objects would take several times the memory budget.
 
 use std::borrow::Borrow;
-use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use foldhash::{HashMap, HashSet};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
@@ -104,7 +104,7 @@ struct Table<K, V> {
 impl<K, V> Default for Table<K, V> {
     fn default() -> Self {
         Table {
-            rows: HashMap::new(),
+            rows: HashMap::default(),
             generation: 0,
             synced: false,
         }
@@ -416,20 +416,24 @@ impl Inventory {
 
     /// The node's volume groups with what is used of each, not counting
     /// `pod`'s own claims already sent to this node.
-    fn capacity(&self, id: NodeId, needs: &PodNeeds) -> Option<NodeCapacity<'_>> {
+    fn capacity(&self, id: NodeId, needs: &PodNeeds, pinned: bool) -> Option<NodeCapacity<'_>> {
         let node = &self.nodes[id as usize];
         let storage = node.storage.as_ref()?;
         let reserved = self.reservations.on(id);
-        Some(PerMedia(MediaClass::ALL.map(|media| {
+        let group = |media: MediaClass| {
             let group = storage[media].as_ref()?;
-            let own: u64 = needs
-                .claims
-                .iter()
-                .filter(|claim| {
-                    claim.media == media && claim.selected_node.as_deref() == Some(&*node.name)
-                })
-                .map(|claim| claim.bytes)
-                .sum();
+            let own: u64 = if pinned {
+                needs
+                    .claims
+                    .iter()
+                    .filter(|claim| {
+                        claim.media == media && claim.selected_node.as_deref() == Some(&*node.name)
+                    })
+                    .map(|claim| claim.bytes)
+                    .sum()
+            } else {
+                0
+            };
             let used = node.placed[media] + node.in_flight[media] + reserved[media];
             Some(MediaCapacity {
                 vg_name: &group.vg_name,
@@ -438,7 +442,12 @@ impl Inventory {
                 extent_bytes: group.extent_bytes,
                 degraded: group.degraded,
             })
-        })))
+        };
+        Some(PerMedia([
+            group(MediaClass::Nvme),
+            group(MediaClass::Ssd),
+            group(MediaClass::Hdd),
+        ]))
     }
 
     /// Judges each candidate node for `pod` and reserves space on every node
@@ -455,14 +464,21 @@ impl Inventory {
         self.reservations.expire(now);
         // The pod's earlier reservation must not count against itself.
         self.reservations.release(&pod.uid);
-        let mut approved = Vec::new();
-        let verdicts = candidates
+        let pinned = needs
+            .claims
             .iter()
-            .map(|name| {
-                let Some(id) = self.node_id(name) else {
+            .any(|claim| claim.selected_node.is_some());
+        // Resolving every name first, then judging every node, keeps each
+        // loop small enough for the processor to overlap their cache misses.
+        let ids: Vec<Option<NodeId>> = candidates.iter().map(|name| self.node_id(name)).collect();
+        let mut approved = Vec::new();
+        let verdicts = ids
+            .iter()
+            .map(|id| {
+                let Some(id) = *id else {
                     return Verdict::Refused(vec![Refusal::NoStorage]);
                 };
-                let verdict = fit(&needs.claims, self.capacity(id, needs).as_ref());
+                let verdict = fit(&needs.claims, self.capacity(id, needs, pinned).as_ref());
                 if verdict.fits() {
                     approved.push(id);
                 }

@@ -16,9 +16,9 @@
 //! narrows the rest of the pod's reservation to that node. A reservation
 //! whose pod never shows up is dropped after its time to live.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
+use foldhash::HashMap;
 use lvmlocal_proto::MediaClass;
 
 use crate::capacity::PerMedia;
