@@ -207,7 +207,12 @@ async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
 }
 
 async fn apply(args: &DiscoveryArgs) -> Result<(), AgentError> {
-    let mut rescanner = rescanner(args, Arc::new(Metrics::new(&RpcMetrics::default())), None)?;
+    let mut rescanner = rescanner(
+        args,
+        Arc::new(Metrics::new(&RpcMetrics::default())),
+        None,
+        None,
+    )?;
     let inventory = rescanner.rescan().await?;
     print!("{}", inventory.table());
     Ok(())
@@ -217,6 +222,7 @@ fn rescanner(
     args: &DiscoveryArgs,
     metrics: Arc<Metrics>,
     publisher: Option<Publisher>,
+    volumes: Option<Arc<Volumes>>,
 ) -> Result<Rescanner, AgentError> {
     let runner = Runner::default();
     Ok(Rescanner {
@@ -226,6 +232,7 @@ fn rescanner(
         runner,
         metrics,
         publisher,
+        volumes,
     })
 }
 
@@ -242,8 +249,15 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let publisher = client.clone().map(|client| Publisher::new(client, &node));
     let rpc = RpcMetrics::default();
     let metrics = Arc::new(Metrics::new(&rpc));
-    let rescanner = rescanner(&args.discovery, metrics.clone(), publisher)?;
-    let config = rescanner.config.clone();
+    let config = args.discovery.resolve()?;
+    let lvm = Lvm::new(Runner::default());
+    let volumes = Arc::new(Volumes::new(lvm, &config));
+    let rescanner = rescanner(
+        &args.discovery,
+        metrics.clone(),
+        publisher,
+        Some(volumes.clone()),
+    )?;
     let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Metrics {
@@ -260,8 +274,6 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     }
     let disks = tokio::spawn(rescanner.run(triggered));
 
-    let lvm = Lvm::new(Runner::default());
-    let volumes = Arc::new(Volumes::new(lvm.clone(), &config));
     let reconciler = client.map(|client| {
         tokio::spawn(reconciler::run(
             client,
@@ -287,12 +299,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         )))
         .add_service(NodeServer::new(node_service));
     if args.standalone {
-        let groups = config
-            .classes
-            .iter()
-            .map(|media| (*media, config.vg_name(*media)))
-            .collect();
-        let store = LvTagStore::new(&node, volumes, lvm, groups);
+        let store = LvTagStore::new(&node, volumes.clone());
         let controller = ControllerService::new(store, ControllerSettings::default(), rpc.clone());
         router = router.add_service(ControllerServer::new(controller));
     }

@@ -41,15 +41,19 @@ impl Lvm {
                 parse_pv,
             )
             .await?;
-        let vgs = self
-            .report(
-                "vgs",
-                "vg_name,vg_tags,vg_size,vg_free,vg_extent_size,vg_missing_pv_count",
-                "vg",
-                parse_vg,
-            )
-            .await?;
+        let vgs = self.vgs().await?;
         Ok(LvmState { pvs, vgs })
+    }
+
+    /// Every VG LVM knows on this node.
+    pub async fn vgs(&self) -> Result<Vec<Vg>, LvmError> {
+        self.report(
+            "vgs",
+            "vg_name,vg_tags,vg_size,vg_free,vg_extent_size,vg_missing_pv_count",
+            "vg",
+            parse_vg,
+        )
+        .await
     }
 
     async fn report<T>(

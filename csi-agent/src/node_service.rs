@@ -282,9 +282,14 @@ impl NodeService {
         &self,
         req: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, NodeError> {
-        validate::volume_id(&req.volume_id)?;
+        let id = validate::volume_id(&req.volume_id)?;
         let path = self.path("volume_path", &req.volume_path)?;
-        let volume = self.volume(&req.volume_id).await?;
+        // Health must be today's, not what the index remembers.
+        let volume = self
+            .volumes
+            .inspect(id.as_str())
+            .await?
+            .ok_or_else(|| NodeError::UnknownVolume(id.to_string()))?;
         if !path.exists() {
             return Err(NodeError::UnknownVolume(format!(
                 "{} at {}",

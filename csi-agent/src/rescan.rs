@@ -13,6 +13,7 @@ use crate::inventory::{self, Inventory, InventoryError, Sources};
 use crate::lvm::{Lvm, LvmError};
 use crate::metrics::Metrics;
 use crate::node_storage::{self, Publisher};
+use crate::volumes::Volumes;
 
 /// Block devices show up in bursts (a disk, then its partitions): wait for
 /// the burst to end before looking.
@@ -36,6 +37,8 @@ pub struct Rescanner {
     pub metrics: Arc<Metrics>,
     /// None in standalone mode: no Kubernetes API to report to.
     pub publisher: Option<Publisher>,
+    /// The volume index to refresh when the groups change under it.
+    pub volumes: Option<Arc<Volumes>>,
 }
 
 impl Rescanner {
@@ -55,6 +58,9 @@ impl Rescanner {
                 }
             }
             inventory = self.take().await?;
+            if let Some(volumes) = &self.volumes {
+                volumes.invalidate();
+            }
         }
         self.metrics.observe(&inventory, started.elapsed());
         if let Some(publisher) = &mut self.publisher {

@@ -10,28 +10,18 @@ use csi_controller::volume::{Access, FsType, NewVolume, Volume, VolumeId, Volume
 use lvmlocal_proto::MediaClass;
 use tokio::time::Instant;
 
-use crate::lvm::Lvm;
 use crate::volumes::{LocalVolume, VolumeError, VolumeRequest, Volumes};
 
 pub struct LvTagStore {
     node: String,
     volumes: Arc<Volumes>,
-    lvm: Lvm,
-    groups: Vec<(MediaClass, String)>,
 }
 
 impl LvTagStore {
-    pub fn new(
-        node: &str,
-        volumes: Arc<Volumes>,
-        lvm: Lvm,
-        groups: Vec<(MediaClass, String)>,
-    ) -> Self {
+    pub fn new(node: &str, volumes: Arc<Volumes>) -> Self {
         Self {
             node: node.to_owned(),
             volumes,
-            lvm,
-            groups,
         }
     }
 
@@ -154,23 +144,19 @@ impl Store for LvTagStore {
     }
 
     async fn capacities(&self, media: MediaClass) -> Result<Vec<NodeCapacity>, StoreError> {
-        let Some((_, vg)) = self.groups.iter().find(|(class, _)| *class == media) else {
-            return Ok(Vec::new());
-        };
-        let state = self
-            .lvm
-            .state()
+        let space = self
+            .volumes
+            .space(media)
             .await
-            .map_err(|err| StoreError::unavailable("reading volume groups", err))?;
-        Ok(state
-            .vg(vg)
-            .map(|group| NodeCapacity {
+            .map_err(unavailable("reading volume groups"))?;
+        Ok(space
+            .map(|space| NodeCapacity {
                 node: self.node.clone(),
-                total_bytes: group.size_bytes,
-                reported_free_bytes: group.free_bytes,
-                allocated_bytes: group.size_bytes - group.free_bytes,
-                extent_bytes: group.extent_bytes,
-                degraded: group.missing_pvs > 0,
+                total_bytes: space.size_bytes,
+                reported_free_bytes: space.free_bytes,
+                allocated_bytes: space.size_bytes - space.free_bytes,
+                extent_bytes: space.extent_bytes,
+                degraded: space.missing_pvs > 0,
             })
             .into_iter()
             .collect())

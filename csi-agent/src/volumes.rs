@@ -3,7 +3,7 @@
 //! never touched. Operations on one volume group are serialized; different
 //! groups proceed in parallel.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use lvmlocal_proto::MediaClass;
@@ -68,10 +68,30 @@ pub struct LocalVolume {
     pub healthy: bool,
 }
 
+/// Room in one volume group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSpace {
+    pub size_bytes: u64,
+    pub free_bytes: u64,
+    pub extent_bytes: u64,
+    pub missing_pvs: u32,
+}
+
+/// What LVM said, kept true by this agent's own changes: it is the only
+/// writer of its tagged LVs, so one `lvs` and one `vgs` after start (or after
+/// anything went wrong, or the groups grew) are enough, and a create costs
+/// one LVM command.
+#[derive(Debug, Default)]
+struct Index {
+    volumes: BTreeMap<String, LocalVolume>,
+    groups: HashMap<String, GroupSpace>,
+}
+
 pub struct Volumes {
     lvm: Lvm,
     groups: Vec<(MediaClass, String)>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    index: Mutex<Option<Index>>,
 }
 
 impl Volumes {
@@ -84,6 +104,7 @@ impl Volumes {
                 .map(|media| (*media, config.vg_name(*media)))
                 .collect(),
             locks: Mutex::default(),
+            index: Mutex::default(),
         }
     }
 
@@ -112,6 +133,52 @@ impl Volumes {
         lock.lock_owned().await
     }
 
+    /// Forgets what LVM said; the next call asks again. For when the volume
+    /// groups changed under the index (a disk joined) or a command failed.
+    pub fn invalidate(&self) {
+        *self.index.lock().expect("index poisoned") = None;
+    }
+
+    /// Runs `f` on the index, reading it from LVM first if needed.
+    async fn with_index<R>(&self, f: impl FnOnce(&mut Index) -> R) -> Result<R, VolumeError> {
+        if let Some(index) = self.index.lock().expect("index poisoned").as_mut() {
+            return Ok(f(index));
+        }
+        let lvs = self.lvm.lvs(None).await?;
+        let vgs = self.lvm.vgs().await?;
+        let mut index = Index {
+            volumes: lvs
+                .iter()
+                .filter_map(|lv| self.local(lv))
+                .map(|volume| (volume.id.clone(), volume))
+                .collect(),
+            groups: vgs
+                .into_iter()
+                .filter(|vg| self.media(&vg.name).is_some())
+                .map(|vg| {
+                    let space = GroupSpace {
+                        size_bytes: vg.size_bytes,
+                        free_bytes: vg.free_bytes,
+                        extent_bytes: vg.extent_bytes,
+                        missing_pvs: vg.missing_pvs,
+                    };
+                    (vg.name, space)
+                })
+                .collect(),
+        };
+        let result = f(&mut index);
+        *self.index.lock().expect("index poisoned") = Some(index);
+        Ok(result)
+    }
+
+    /// Room left in the volume group of `media`, if this node has one.
+    pub async fn space(&self, media: MediaClass) -> Result<Option<GroupSpace>, VolumeError> {
+        let Some(vg) = self.vg(media) else {
+            return Ok(None);
+        };
+        self.with_index(|index| index.groups.get(vg).copied()).await
+    }
+
     fn local(&self, lv: &Lv) -> Option<LocalVolume> {
         if !lv.tags.iter().any(|tag| tag == VOLUME_TAG) {
             return None;
@@ -137,27 +204,24 @@ impl Volumes {
 
     /// Every lvmlocal volume on this node, sorted by id.
     pub async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
-        let mut volumes: Vec<LocalVolume> = self
-            .lvm
-            .lvs(None)
-            .await?
-            .iter()
-            .filter_map(|lv| self.local(lv))
-            .collect();
-        volumes.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(volumes)
+        self.with_index(|index| index.volumes.values().cloned().collect())
+            .await
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .find(|volume| volume.id == id))
+        self.with_index(|index| index.volumes.get(id).cloned())
+            .await
+    }
+
+    /// The volume as LVM reports it right now, health included.
+    pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        self.invalidate();
+        self.get(id).await
     }
 
     /// Makes the volume exist with at least the requested size: creates it,
-    /// grows it, or finds it already so. Safe to repeat.
+    /// grows it, or finds it already so. Safe to repeat. Without room for it,
+    /// nothing is created.
     pub async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
         let vg = self
             .vg(request.media)
@@ -177,6 +241,18 @@ impl Volumes {
             }
             return self.grow(&existing, request.size_bytes).await;
         }
+        let space = self
+            .with_index(|index| index.groups.get(&vg).copied())
+            .await?
+            .ok_or(VolumeError::NoGroup(request.media))?;
+        let size_bytes = round_up(request.size_bytes, space.extent_bytes);
+        if space.free_bytes < size_bytes {
+            return Err(VolumeError::NoSpace {
+                media: request.media,
+                needed: size_bytes,
+                free: space.free_bytes,
+            });
+        }
         let mut tags = vec![
             VOLUME_TAG.to_owned(),
             format!("{REQUESTED_TAG}{}", request.size_bytes),
@@ -188,13 +264,34 @@ impl Volumes {
             .lvcreate(&vg, &request.id, request.size_bytes, &tags)
             .await
         {
-            return Err(self
-                .explain(err, &vg, request.media, request.size_bytes)
-                .await);
+            self.invalidate();
+            return Err(self.explain(err, &vg, request.media, size_bytes).await);
         }
-        self.get(&request.id)
-            .await?
-            .ok_or(VolumeError::NoGroup(request.media))
+        let volume = LocalVolume {
+            id: request.id.clone(),
+            media: request.media,
+            device_path: format!("/dev/{vg}/{}", request.id),
+            vg: vg.clone(),
+            size_bytes,
+            requested_bytes: request.size_bytes,
+            access: request.access.clone(),
+            pvc: request.pvc.clone(),
+            healthy: true,
+        };
+        self.record(&vg, &volume, size_bytes as i128).await?;
+        Ok(volume)
+    }
+
+    /// Puts `volume` in the index and takes `used` bytes (negative: gives
+    /// them back) from its group's free space.
+    async fn record(&self, vg: &str, volume: &LocalVolume, used: i128) -> Result<(), VolumeError> {
+        self.with_index(|index| {
+            index.volumes.insert(volume.id.clone(), volume.clone());
+            if let Some(space) = index.groups.get_mut(vg) {
+                space.free_bytes = (i128::from(space.free_bytes) - used).max(0) as u64;
+            }
+        })
+        .await
     }
 
     /// Grows the volume to at least `size_bytes`; never shrinks it.
@@ -207,6 +304,9 @@ impl Volumes {
             return Ok(None);
         };
         let _serial = self.lock(&existing.vg).await;
+        let Some(existing) = self.get(id).await? else {
+            return Ok(None);
+        };
         if existing.size_bytes >= size_bytes {
             return Ok(Some(existing));
         }
@@ -218,20 +318,38 @@ impl Volumes {
         volume: &LocalVolume,
         size_bytes: u64,
     ) -> Result<LocalVolume, VolumeError> {
+        let space = self
+            .with_index(|index| index.groups.get(&volume.vg).copied())
+            .await?
+            .ok_or(VolumeError::NoGroup(volume.media))?;
+        let new_size = round_up(size_bytes, space.extent_bytes);
+        let extra = new_size - volume.size_bytes;
+        if space.free_bytes < extra {
+            return Err(VolumeError::NoSpace {
+                media: volume.media,
+                needed: extra,
+                free: space.free_bytes,
+            });
+        }
         if let Err(err) = self.lvm.lvextend(&volume.vg, &volume.id, size_bytes).await {
-            let extra = size_bytes - volume.size_bytes;
+            self.invalidate();
             return Err(self.explain(err, &volume.vg, volume.media, extra).await);
         }
         let (old, new) = (
             format!("{REQUESTED_TAG}{}", volume.requested_bytes),
             format!("{REQUESTED_TAG}{size_bytes}"),
         );
-        self.lvm
-            .retag_lv(&volume.vg, &volume.id, &old, &new)
-            .await?;
-        self.get(&volume.id)
-            .await?
-            .ok_or(VolumeError::NoGroup(volume.media))
+        if let Err(err) = self.lvm.retag_lv(&volume.vg, &volume.id, &old, &new).await {
+            self.invalidate();
+            return Err(err.into());
+        }
+        let grown = LocalVolume {
+            size_bytes: new_size,
+            requested_bytes: size_bytes,
+            ..volume.clone()
+        };
+        self.record(&volume.vg, &grown, extra as i128).await?;
+        Ok(grown)
     }
 
     /// Removes the volume; an unknown id is already removed.
@@ -240,8 +358,18 @@ impl Volumes {
             return Ok(());
         };
         let _serial = self.lock(&existing.vg).await;
-        self.lvm.lvremove(&existing.vg, &existing.id).await?;
-        Ok(())
+        if let Err(err) = self.lvm.lvremove(&existing.vg, &existing.id).await {
+            self.invalidate();
+            return Err(err.into());
+        }
+        self.with_index(|index| {
+            if index.volumes.remove(id).is_some()
+                && let Some(space) = index.groups.get_mut(&existing.vg)
+            {
+                space.free_bytes += existing.size_bytes;
+            }
+        })
+        .await
     }
 
     /// Turns LVM's "insufficient free space" into an answer an operator
@@ -253,16 +381,38 @@ impl Volumes {
         media: MediaClass,
         needed: u64,
     ) -> VolumeError {
-        if let Ok(state) = self.lvm.state().await
-            && let Some(group) = state.vg(vg)
-            && group.free_bytes < needed
+        if let Ok(space) = self.with_index(|index| index.groups.get(vg).copied()).await
+            && let Some(space) = space
+            && space.free_bytes < needed
         {
             return VolumeError::NoSpace {
                 media,
                 needed,
-                free: group.free_bytes,
+                free: space.free_bytes,
             };
         }
         VolumeError::Lvm(err)
+    }
+}
+
+/// `bytes` rounded up to whole extents, as LVM allocates them.
+fn round_up(bytes: u64, extent: u64) -> u64 {
+    if extent == 0 {
+        return bytes;
+    }
+    bytes.div_ceil(extent) * extent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_whole_extents() {
+        let extent = 4 << 20;
+        assert_eq!(round_up(1, extent), extent);
+        assert_eq!(round_up(extent, extent), extent);
+        assert_eq!(round_up(extent + 1, extent), 2 * extent);
+        assert_eq!(round_up(1 << 30, extent), 1 << 30);
     }
 }

@@ -278,6 +278,7 @@ vm_test!(
                     "3600",
                 ])
                 .args(["--metrics-address", "127.0.0.1:9808"])
+                .args(["--csi-endpoint", "unix:///run/lvmlocal-agent.sock"])
                 .spawn()
                 .unwrap(),
         );
