@@ -6,6 +6,7 @@
 //! tags: `validate → place → store → wait`.
 
 pub mod controller;
+pub mod crdgen;
 pub mod error;
 pub mod gc;
 pub mod http;
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, Subcommand};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
@@ -48,6 +49,9 @@ use crate::store::BoxError;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Endpoint for the CSI Identity and Controller services.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub csi_endpoint: String,
@@ -98,6 +102,13 @@ pub struct Args {
     pub log: LogArgs,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions as YAML, generated from the
+    /// types, and exit: the source of `deploy/base/crds/`.
+    Crdgen,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -116,9 +127,15 @@ pub enum RunError {
     Serve(#[from] ServeError),
     #[error("lost leadership, stopping: {0}")]
     Leadership(#[from] LeaseError),
+    #[error("cannot write the CRDs as YAML: {0}")]
+    Crdgen(#[from] serde_norway::Error),
 }
 
 pub async fn run(args: Args) -> Result<(), RunError> {
+    if let Some(Command::Crdgen) = args.command {
+        print!("{}", crdgen::yaml()?);
+        return Ok(());
+    }
     args.log.init()?;
     let stop = StopSignals::install()?;
     let socket = server::socket_path(&args.csi_endpoint)?;
