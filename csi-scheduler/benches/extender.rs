@@ -117,7 +117,8 @@ fn storage(i: usize, rng: &mut Lcg) -> NodeLocalStorage {
         "metadata": {"name": node_name(i), "resourceVersion": "48211", "uid": format!("6b1f2c3d-0000-4000-8000-{i:012}")},
         "spec": {"nodeName": node_name(i)},
         "status": {
-            "nvme": group(MediaClass::Nvme, (2000 + rng.below(2000)) * GI),
+            // Some nodes are too full for the benchmark pod's 100Gi of NVMe.
+            "nvme": group(MediaClass::Nvme, (300 + rng.below(1200)) * GI),
             "ssd": group(MediaClass::Ssd, (4000 + rng.below(4000)) * GI),
             "hdd": group(MediaClass::Hdd, (32_000 + rng.below(32_000)) * GI),
             "disks": disks,

@@ -2,7 +2,7 @@
 //! what the pod asks for. Pure arithmetic over plain values; the inventory
 //! decides what counts as used.
 
-use std::fmt;
+use std::fmt::{self, Write};
 use std::ops::{Index, IndexMut};
 
 use lvmlocal_proto::MediaClass;
@@ -122,6 +122,18 @@ impl fmt::Display for Refusal {
             ),
         }
     }
+}
+
+/// All the reasons in one line, as kube-scheduler shows them per node.
+pub fn explain(refusals: &[Refusal]) -> String {
+    let mut line = String::with_capacity(40 * refusals.len());
+    for (i, refusal) in refusals.iter().enumerate() {
+        if i > 0 {
+            line.push_str("; ");
+        }
+        write!(line, "{refusal}").expect("writing to a String cannot fail");
+    }
+    line
 }
 
 /// The outcome of placing a pod's volumes on one node.
@@ -342,5 +354,10 @@ mod tests {
             "ssd: volume group lvmlocal-ssd is missing a disk"
         );
         assert!(!degraded.is_unresolvable());
+        assert_eq!(
+            explain(&[degraded, Refusal::NoVolumeGroup(MediaClass::Hdd)]),
+            "ssd: volume group lvmlocal-ssd is missing a disk; hdd: no volume group on this node"
+        );
+        assert_eq!(explain(&[short]), "nvme: needs 200Gi, 120Gi free");
     }
 }

@@ -13,7 +13,7 @@ use lvmlocal_proto::extender::{
     MIN_EXTENDER_PRIORITY,
 };
 
-use crate::capacity::{PerMedia, Refusal, Verdict};
+use crate::capacity::{PerMedia, Refusal, Verdict, explain};
 use crate::inventory::{Inventory, PodRef, Source};
 use crate::metrics::Metrics;
 use crate::needs::{NeedsError, PodNeeds};
@@ -95,11 +95,7 @@ impl Extender {
             for refusal in &refusals {
                 *reasons.entry(refusal.kind()).or_default() += 1;
             }
-            let message = refusals
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
+            let message = explain(&refusals);
             if refusals.iter().any(Refusal::is_unresolvable) {
                 unresolvable.insert(name, message);
             } else {

@@ -72,7 +72,7 @@ impl Metrics {
         let filtered = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "filtered_nodes",
-            "Nodes turned away by filter, by reason",
+            "Nodes turned away by filter, by reason; a node refused for two reasons counts under both",
             filtered.clone(),
         );
         let reservations = Gauge::default();
