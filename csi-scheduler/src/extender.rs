@@ -201,25 +201,6 @@ impl Extender {
     }
 }
 
-impl PodRef {
-    /// Pods always have a UID in the API; a request without one is keyed by
-    /// name so that repeated calls still replace each other's reservation.
-    pub fn of(pod: &Pod) -> Self {
-        let name = format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or("default"),
-            pod.metadata.name.as_deref().unwrap_or_default()
-        );
-        let uid = pod
-            .metadata
-            .uid
-            .clone()
-            .filter(|uid| !uid.is_empty())
-            .unwrap_or_else(|| name.clone());
-        PodRef { uid, name }
-    }
-}
-
 /// The nodes kube-scheduler sent, in the form it sent them.
 enum Candidates {
     Names(Vec<String>),

@@ -17,7 +17,7 @@ use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashSet};
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
@@ -34,6 +34,25 @@ pub struct PodRef {
     pub uid: String,
     /// `namespace/name`.
     pub name: String,
+}
+
+impl PodRef {
+    /// Pods always have a UID in the API; a request without one is keyed by
+    /// name so that repeated calls still replace each other's reservation.
+    pub fn of(pod: &Pod) -> Self {
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        let uid = pod
+            .metadata
+            .uid
+            .clone()
+            .filter(|uid| !uid.is_empty())
+            .unwrap_or_else(|| name.clone());
+        PodRef { uid, name }
+    }
 }
 
 /// The four kinds of object the inventory mirrors.
