@@ -5,6 +5,10 @@ use std::fmt;
 use std::process::Stdio;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use tokio::process::Command;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,6 +37,50 @@ impl CommandError {
             CommandError::Failed { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    program: String,
+    outcome: String,
+}
+
+/// Durations of external commands (lvcreate, mkfs.ext4, mount, ...) by
+/// program and outcome; the histogram's count is the number of runs.
+#[derive(Debug, Clone)]
+pub struct CommandMetrics {
+    seconds: Family<CommandLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for CommandMetrics {
+    fn default() -> Self {
+        Self {
+            // 5 ms .. ~80 s: a cached lvs up to a slow mkfs.
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 15))
+            }),
+        }
+    }
+}
+
+impl CommandMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "command_duration_seconds",
+            "External commands (lvm2, mkfs, mount, ...) by program and outcome",
+            self.seconds.clone(),
+        );
+    }
+
+    fn observe(&self, program: &str, outcome: String, took: Duration) {
+        let labels = CommandLabels {
+            program: program.to_owned(),
+            outcome,
+        };
+        self.seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 }
 
@@ -69,6 +117,7 @@ impl fmt::Display for Cmd {
 #[derive(Debug, Clone)]
 pub struct Runner {
     timeout: Duration,
+    metrics: Option<CommandMetrics>,
 }
 
 impl Default for Runner {
@@ -79,7 +128,16 @@ impl Default for Runner {
 
 impl Runner {
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout }
+        Self {
+            timeout,
+            metrics: None,
+        }
+    }
+
+    /// Counts and times every command by program and outcome.
+    pub fn with_metrics(mut self, metrics: CommandMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Runs `cmd` to completion and returns its stdout; a non-zero exit is an error.
@@ -98,6 +156,21 @@ impl Runner {
     /// Runs `cmd` and returns its exit status, stdout and stderr, for programs
     /// whose exit status is an answer rather than a failure (blkid).
     pub async fn status(&self, cmd: &Cmd) -> Result<(i32, String, String), CommandError> {
+        let started = std::time::Instant::now();
+        let result = self.execute(cmd).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok((0, _, _)) => "ok".to_owned(),
+                Ok((code, _, _)) => format!("exit-{code}"),
+                Err(CommandError::Timeout { .. }) => "timeout".to_owned(),
+                Err(_) => "not-started".to_owned(),
+            };
+            metrics.observe(&cmd.program, outcome, started.elapsed());
+        }
+        result
+    }
+
+    async fn execute(&self, cmd: &Cmd) -> Result<(i32, String, String), CommandError> {
         tracing::debug!(command = %cmd, "running");
         let child = Command::new(&cmd.program)
             .args(&cmd.args)
@@ -163,6 +236,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, "$HOME; rm -rf /\n");
+    }
+
+    #[tokio::test]
+    async fn commands_are_counted_by_program_and_outcome() {
+        let metrics = CommandMetrics::default();
+        let runner = Runner::default().with_metrics(metrics.clone());
+        runner
+            .run(&Cmd::new("true", Vec::<String>::new()))
+            .await
+            .unwrap();
+        runner
+            .run(&Cmd::new("false", Vec::<String>::new()))
+            .await
+            .unwrap_err();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"command_duration_seconds_count{program="true",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"command_duration_seconds_count{program="false",outcome="exit-1"} 1"#),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -224,7 +224,7 @@ fn rescanner(
     publisher: Option<Publisher>,
     volumes: Option<Arc<Volumes>>,
 ) -> Result<Rescanner, AgentError> {
-    let runner = Runner::default();
+    let runner = Runner::default().with_metrics(metrics.commands.clone());
     Ok(Rescanner {
         config: args.resolve()?,
         sources: args.sources(),
@@ -250,7 +250,8 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let rpc = RpcMetrics::default();
     let metrics = Arc::new(Metrics::new(&rpc));
     let config = args.discovery.resolve()?;
-    let lvm = Lvm::new(Runner::default());
+    let runner = Runner::default().with_metrics(metrics.commands.clone());
+    let lvm = Lvm::new(runner.clone());
     let volumes = Arc::new(Volumes::new(lvm, &config));
     let rescanner = rescanner(
         &args.discovery,
@@ -289,8 +290,9 @@ async fn serve(args: Args) -> Result<(), AgentError> {
             max_volumes: args.max_volumes,
         },
         volumes.clone(),
-        Mounter::new(Runner::default()),
+        Mounter::new(runner.clone()),
         rpc.clone(),
+        metrics.clone(),
     );
     let mut router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::command::CommandMetrics;
 use crate::discovery::Verdict;
 use crate::inventory::Inventory;
 
@@ -48,8 +49,17 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     reconcile_failures: Family<ErrorLabel, Counter>,
     orphaned_volumes: Gauge,
+    volume_used: Family<VolumeLabel, Gauge>,
+    volume_capacity: Family<VolumeLabel, Gauge>,
+    /// Every external command the agent runs.
+    pub commands: CommandMetrics,
     /// Unix time of the last rescan that completed, for `/healthz`.
     last_rescan: AtomicU64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabel {
+    pub volume: String,
 }
 
 impl Metrics {
@@ -68,6 +78,20 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let reconcile_failures = Family::default();
         let orphaned_volumes = Gauge::default();
+        let volume_used = Family::default();
+        let volume_capacity = Family::default();
+        let commands = CommandMetrics::default();
+        commands.register(&mut registry);
+        registry.register(
+            "volume_used_bytes",
+            "Bytes used in a volume's filesystem, as last asked by kubelet",
+            volume_used.clone(),
+        );
+        registry.register(
+            "volume_capacity_bytes",
+            "Size of a volume's filesystem, or of its LV for raw block",
+            volume_capacity.clone(),
+        );
         registry.register(
             "vg_size_bytes",
             "Size of the volume group of a media class",
@@ -132,6 +156,9 @@ impl Metrics {
             reconcile_seconds,
             reconcile_failures,
             orphaned_volumes,
+            volume_used,
+            volume_capacity,
+            commands,
             last_rescan: AtomicU64::new(0),
         }
     }
@@ -165,6 +192,23 @@ impl Metrics {
                 self.disks.get_or_create(&label).inc();
             }
         }
+    }
+
+    pub fn volume_usage(&self, volume: &str, used: i64, capacity: i64) {
+        let label = VolumeLabel {
+            volume: volume.to_owned(),
+        };
+        self.volume_used.get_or_create(&label).set(used);
+        self.volume_capacity.get_or_create(&label).set(capacity);
+    }
+
+    /// Drops a volume's gauges once it is no longer staged on this node.
+    pub fn forget_volume(&self, volume: &str) {
+        let label = VolumeLabel {
+            volume: volume.to_owned(),
+        };
+        self.volume_used.remove(&label);
+        self.volume_capacity.remove(&label);
     }
 
     pub fn rescan_failed(&self) {

@@ -25,6 +25,7 @@ use lvmlocal_proto::csi::v1::{
 };
 use tonic::{Code, Request, Response, Status};
 
+use crate::metrics::Metrics;
 use crate::mount::{MountError, Mounter, devno, mounted_at};
 use crate::volumes::{LocalVolume, VolumeError, Volumes};
 
@@ -102,6 +103,7 @@ pub struct NodeService {
     volumes: Arc<Volumes>,
     mounter: Mounter,
     metrics: RpcMetrics,
+    usage: Arc<Metrics>,
 }
 
 impl NodeService {
@@ -110,12 +112,14 @@ impl NodeService {
         volumes: Arc<Volumes>,
         mounter: Mounter,
         metrics: RpcMetrics,
+        usage: Arc<Metrics>,
     ) -> Self {
         Self {
             settings,
             volumes,
             mounter,
             metrics,
+            usage,
         }
     }
 
@@ -194,6 +198,7 @@ impl NodeService {
         validate::volume_id(&req.volume_id)?;
         let staging = self.path("staging_target_path", &req.staging_target_path)?;
         self.mounter.unmount(&staging).await?;
+        self.usage.forget_volume(&req.volume_id);
         Ok(NodeUnstageVolumeResponse {})
     }
 
@@ -346,6 +351,9 @@ impl NodeService {
                 ..VolumeUsage::default()
             }]
         };
+        if let Some(bytes) = usage.first() {
+            self.usage.volume_usage(&volume.id, bytes.used, bytes.total);
+        }
         Ok(NodeGetVolumeStatsResponse {
             usage,
             volume_condition: Some(VolumeCondition { abnormal, message }),
@@ -549,6 +557,7 @@ mod tests {
             )),
             Mounter::default(),
             RpcMetrics::default(),
+            Arc::new(Metrics::new(&RpcMetrics::default())),
         )
     }
 

@@ -123,3 +123,20 @@ pub fn disk_at(place: &str) -> String {
     assert_eq!(found.len(), 1, "disks at {place}: {found:?}");
     found[0].clone()
 }
+
+/// The whole HTTP/1.1 response to a GET of `path` from a server on `address`.
+pub fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)
+        .unwrap_or_else(|err| panic!("connecting to {address}: {err}"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    response
+}

@@ -2,12 +2,10 @@
 //! of their class, identity survives kernel renames, a second run changes
 //! nothing, hot-added disks join, and vanished ones degrade without harm.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use lvmlocal_tests::guest::{disk_at, run, workspace_binary};
+use lvmlocal_tests::guest::{disk_at, http_get, run, workspace_binary};
 use lvmlocal_tests::{GIB, MIB, Vm, vm_test};
 use serde_json::Value;
 
@@ -245,18 +243,6 @@ impl Drop for Running {
     }
 }
 
-fn http_get(path: &str) -> String {
-    let mut stream = TcpStream::connect("127.0.0.1:9808").unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 vm_test!(
     hot_added_disk_joins_and_a_vanished_one_degrades,
     Vm::new()
@@ -285,23 +271,23 @@ vm_test!(
         eventually("the first disk to join", || pv_count("lvmlocal-nvme") == 1);
 
         std::fs::write("/sys/bus/pci/rescan", "1").unwrap();
-        eventually("the hot-added disk to join", || {
-            pv_count("lvmlocal-nvme") == 2
+        // vgextend, then pvchange records the slot: wait for both.
+        let joined = "lvmlocal.io/slot=pci-0000:00:06.0-nvme-1";
+        eventually("the hot-added disk to join with its slot", || {
+            pvs()
+                .iter()
+                .any(|(_, vg, tags)| vg == "lvmlocal-nvme" && tags == joined)
         });
-        let tags: Vec<String> = pvs().into_iter().map(|(_, _, tags)| tags).collect();
-        assert!(
-            tags.contains(&"lvmlocal.io/slot=pci-0000:00:06.0-nvme-1".to_string()),
-            "{tags:?}"
-        );
+        assert_eq!(pv_count("lvmlocal-nvme"), 2);
 
         eventually("metrics of the grown group", || {
-            let metrics = http_get("/metrics");
+            let metrics = http_get("127.0.0.1:9808", "/metrics");
             metrics.contains(&format!(
                 "lvmlocal_agent_vg_size_bytes{{media=\"nvme\"}} {}",
                 4 * GIB - 8 * MIB
             ))
         });
-        assert!(http_get("/healthz").starts_with("HTTP/1.1 200"));
+        assert!(http_get("127.0.0.1:9808", "/healthz").starts_with("HTTP/1.1 200"));
 
         run(
             "lvcreate",

@@ -10,7 +10,7 @@ use lvmlocal_proto::csi::v1::{
     volume_capability::{AccessType, MountVolume},
 };
 use lvmlocal_tests::csi::{Agent, Csi, KUBELET_DIR, Walk, capability, create_request, walk};
-use lvmlocal_tests::guest::{run, workspace_binary};
+use lvmlocal_tests::guest::{http_get, run, workspace_binary};
 use lvmlocal_tests::{GIB, Vm, vm_test};
 use tonic::Code;
 
@@ -71,6 +71,15 @@ vm_test!(
                     .unwrap_or_else(|err| panic!("{name}: {err:#}"));
             }
             assert_eq!(lv_names().trim(), "", "volumes left behind");
+            let metrics = http_get("127.0.0.1:9808", "/metrics");
+            for counted in [
+                r#"lvmlocal_agent_csi_operations_total{method="CreateVolume",code="Ok"} 6"#,
+                r#"lvmlocal_agent_csi_operations_total{method="NodeStageVolume",code="Ok"} 6"#,
+                r#"lvmlocal_agent_command_duration_seconds_count{program="lvcreate",outcome="ok"} 3"#,
+                r#"lvmlocal_agent_command_duration_seconds_count{program="lvremove",outcome="ok"} 3"#,
+            ] {
+                assert!(metrics.contains(counted), "no {counted} in\n{metrics}");
+            }
         });
     }
 );
