@@ -1,6 +1,8 @@
 //! The per-node agent: discovers raw disks, builds one volume group per
 //! media class, and serves the CSI Identity and Node services.
 
+#[cfg(test)]
+mod api_mock;
 pub mod command;
 pub mod config;
 pub mod discovery;

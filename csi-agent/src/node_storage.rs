@@ -212,6 +212,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::api_mock::{assert_apply, body};
 
     fn disk(slot: &str, state: &str, reason: &str) -> DiskStatus {
         DiskStatus {
@@ -248,11 +249,6 @@ mod tests {
             "spec": {"nodeName": "node-a"},
             "status": status,
         })
-    }
-
-    async fn body(request: Request<Body>) -> Value {
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        serde_json::from_slice(&bytes).unwrap()
     }
 
     #[test]
@@ -304,19 +300,9 @@ mod tests {
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
             let (request, send) = handle.next_request().await.expect("object applied");
-            assert_eq!(request.method(), http::Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a"
-            );
-            let query = request.uri().query().unwrap().to_owned();
-            assert!(
-                query.contains("fieldManager=lvmlocal-agent") && query.contains("force=true"),
-                "{query}"
-            );
-            assert_eq!(
-                request.headers()["content-type"],
-                "application/apply-patch+yaml"
+            assert_apply(
+                &request,
+                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a",
             );
             let applied = body(request).await;
             assert_eq!(applied["spec"], json!({"nodeName": "node-a"}));

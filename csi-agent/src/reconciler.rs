@@ -588,6 +588,7 @@ mod tests {
     use lvmlocal_proto::MediaClass;
 
     use super::*;
+    use crate::api_mock::{answer, assert_apply, body};
     use crate::lvm::LvmError;
 
     const GIB: u64 = 1 << 30;
@@ -1196,31 +1197,10 @@ mod tests {
         )
     }
 
-    async fn body(request: Request<Body>) -> Value {
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    }
-
-    fn answer(send: tower_test::mock::SendResponse<Response<Body>>, object: &Value) {
-        send.send_response(Response::new(Body::from(
-            serde_json::to_vec(object).unwrap(),
-        )));
-    }
-
     fn assert_status_apply(request: &Request<Body>) {
-        assert_eq!(request.method(), Method::PATCH);
-        assert_eq!(
-            request.uri().path(),
-            "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1/status"
-        );
-        let query = request.uri().query().unwrap();
-        assert!(
-            query.contains("fieldManager=lvmlocal-agent") && query.contains("force=true"),
-            "{query}"
-        );
-        assert_eq!(
-            request.headers()["content-type"],
-            "application/apply-patch+yaml"
+        assert_apply(
+            request,
+            "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1/status",
         );
     }
 
