@@ -209,33 +209,15 @@ async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
 }
 
 async fn apply(args: &DiscoveryArgs) -> Result<(), AgentError> {
-    let mut rescanner = rescanner(
-        args,
+    let mut rescanner = Rescanner::new(
+        args.resolve()?,
+        args.sources(),
+        Runner::default(),
         Arc::new(Metrics::new(&RpcMetrics::default())),
-        None,
-        None,
-    )?;
+    );
     let inventory = rescanner.rescan().await?;
     print!("{}", inventory.table());
     Ok(())
-}
-
-fn rescanner(
-    args: &DiscoveryArgs,
-    metrics: Arc<Metrics>,
-    publisher: Option<Publisher>,
-    volumes: Option<Arc<Volumes>>,
-) -> Result<Rescanner, AgentError> {
-    let runner = Runner::default().with_metrics(metrics.commands.clone());
-    Ok(Rescanner {
-        config: args.resolve()?,
-        sources: args.sources(),
-        lvm: Lvm::new(runner.clone()),
-        runner,
-        metrics,
-        publisher,
-        volumes,
-    })
 }
 
 async fn serve(args: Args) -> Result<(), AgentError> {
@@ -255,12 +237,14 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let runner = Runner::default().with_metrics(metrics.commands.clone());
     let lvm = Lvm::new(runner.clone());
     let volumes = Arc::new(Volumes::new(lvm, &config));
-    let rescanner = rescanner(
-        &args.discovery,
+    let mut rescanner = Rescanner::new(
+        config.clone(),
+        args.discovery.sources(),
+        runner.clone(),
         metrics.clone(),
-        publisher,
-        Some(volumes.clone()),
-    )?;
+    );
+    rescanner.publisher = publisher;
+    rescanner.volumes = Some(volumes.clone());
     let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Metrics {

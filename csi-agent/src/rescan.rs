@@ -42,6 +42,24 @@ pub struct Rescanner {
 }
 
 impl Rescanner {
+    /// A rescanner that reports to no cluster and refreshes no volume index.
+    pub fn new(
+        config: DiscoveryConfig,
+        sources: Sources,
+        runner: Runner,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            config,
+            sources,
+            lvm: Lvm::new(runner.clone()),
+            runner,
+            metrics,
+            publisher: None,
+            volumes: None,
+        }
+    }
+
     /// One pass: takes the inventory, carries out the plan, and reports what
     /// the node looks like afterwards.
     pub async fn rescan(&mut self) -> Result<Inventory, RescanError> {
