@@ -24,7 +24,14 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-(cd "$work" && apt-get download "$pkg" >/dev/null 2>&1) || { echo "image.sh: apt-get download $pkg failed" >&2; exit 1; }
+# Package lists older than the archive name a kernel that is gone: refresh once.
+if ! (cd "$work" && apt-get download "$pkg" >/dev/null 2>&1); then
+    apt-get update -qq
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    kver=${pkg#linux-image-}
+    stamp="$kver $(cat "$here/image.sh" "$here/init" | sha256sum | cut -c1-16)"
+    (cd "$work" && apt-get download "$pkg" >/dev/null 2>&1) || { echo "image.sh: apt-get download $pkg failed" >&2; exit 1; }
+fi
 dpkg-deb -x "$work"/"$pkg"_*.deb "$work/kernel"
 depmod -b "$work/kernel" "$kver"
 
