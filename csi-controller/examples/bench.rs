@@ -19,8 +19,9 @@ use csi_controller::validate::MEDIA_PARAM;
 use csi_controller::{ControllerService, ControllerSettings, server};
 use fake_api::{
     ApiHandle, LV_PATH, client, logical_volume, node, node_storage, ready, respond, status,
+    watch_events,
 };
-use http::{Method, Response, StatusCode};
+use http::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use kube::client::Body;
 use lvmlocal_proto::TOPOLOGY_KEY;
@@ -34,7 +35,6 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tonic::transport::{Endpoint, Server};
 use tower::service_fn;
-use tower_test::mock::SendResponse;
 
 const VOLUMES: usize = 10_000;
 const NODES: usize = 100;
@@ -89,18 +89,7 @@ fn query(request: &http::Request<Body>, key: &str) -> Option<String> {
 /// Serves the caches: paged lists, and LogicalVolume watches that deliver
 /// the events sent on the returned channel.
 fn serve_watches(mut handle: ApiHandle) -> mpsc::UnboundedSender<Value> {
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Value>();
-    let (watches_tx, mut watches) = mpsc::unbounded_channel::<SendResponse<Response<Body>>>();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let Some(send) = watches.recv().await else {
-                return;
-            };
-            let mut line = serde_json::to_vec(&event).unwrap();
-            line.push(b'\n');
-            send.send_response(Response::builder().body(Body::from(line)).unwrap());
-        }
-    });
+    let (events_tx, watches_tx) = watch_events();
     tokio::spawn(async move {
         let mut quiet = Vec::new();
         while let Some((request, send)) = handle.next_request().await {

@@ -130,16 +130,12 @@ fn list(kind: &str, api_version: &str, items: &[Value]) -> Value {
     })
 }
 
-/// Serves the caches' list and watch requests: the given objects on
-/// listing, and on the `LogicalVolume` watch each event sent on the
-/// returned channel (`{"type": "MODIFIED", "object": ...}`). Other
-/// watches stay open and quiet.
-pub fn serve_watches(
-    mut handle: ApiHandle,
-    volumes: Vec<Value>,
-    storage: Vec<Value>,
-    nodes: Vec<Value>,
-) -> mpsc::UnboundedSender<Value> {
+/// Hands each event sent on the first channel to the next `LogicalVolume`
+/// watch request sent on the second, as one line of a watch stream.
+pub fn watch_events() -> (
+    mpsc::UnboundedSender<Value>,
+    mpsc::UnboundedSender<SendResponse<Response<Body>>>,
+) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<Value>();
     let (watches_tx, mut watches) = mpsc::unbounded_channel::<SendResponse<Response<Body>>>();
     tokio::spawn(async move {
@@ -152,6 +148,20 @@ pub fn serve_watches(
             send.send_response(Response::builder().body(Body::from(line)).unwrap());
         }
     });
+    (events_tx, watches_tx)
+}
+
+/// Serves the caches' list and watch requests: the given objects on
+/// listing, and on the `LogicalVolume` watch each event sent on the
+/// returned channel (`{"type": "MODIFIED", "object": ...}`). Other
+/// watches stay open and quiet.
+pub fn serve_watches(
+    mut handle: ApiHandle,
+    volumes: Vec<Value>,
+    storage: Vec<Value>,
+    nodes: Vec<Value>,
+) -> mpsc::UnboundedSender<Value> {
+    let (events_tx, watches_tx) = watch_events();
     tokio::spawn(async move {
         let mut quiet = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
