@@ -1197,6 +1197,20 @@ mod tests {
         )
     }
 
+    /// A JSON patch of the object's finalizers by the agent's field manager.
+    fn assert_finalizer_patch(request: &Request<Body>) {
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(
+            request.uri().path(),
+            "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1"
+        );
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/json-patch+json"
+        );
+        assert_eq!(request.uri().query(), Some("&fieldManager=lvmlocal-agent"));
+    }
+
     fn assert_status_apply(request: &Request<Body>) {
         assert_apply(
             request,
@@ -1288,16 +1302,7 @@ mod tests {
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
             let (request, send) = handle.next_request().await.expect("finalizer dropped");
-            assert_eq!(request.method(), Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1"
-            );
-            assert_eq!(
-                request.headers()["content-type"],
-                "application/json-patch+json"
-            );
-            assert_eq!(request.uri().query(), Some("&fieldManager=lvmlocal-agent"));
+            assert_finalizer_patch(&request);
             assert_eq!(
                 body(request).await,
                 json!([
@@ -1327,11 +1332,7 @@ mod tests {
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
             let (request, send) = handle.next_request().await.expect("finalizer added");
-            assert_eq!(request.method(), Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/lvmlocal.io/v1alpha1/logicalvolumes/pvc-1"
-            );
+            assert_finalizer_patch(&request);
             assert_eq!(
                 body(request).await,
                 json!([
