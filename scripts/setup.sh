@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # qemu runs the test bed; lvm2, e2fsprogs, xfsprogs and util-linux are the
-# host tools the guest borrows (fdisk makes partition tables in tests); busybox-static, cpio and kmod build its initramfs.
-packages=(qemu-system-x86 lvm2 e2fsprogs xfsprogs util-linux fdisk mount busybox-static cpio kmod)
+# host tools the guest borrows (fdisk makes partition tables in tests); busybox-static, cpio and kmod build its initramfs;
+# socat carries the guest's connections to the host's API server; openssl makes the test cluster's certificates.
+packages=(qemu-system-x86 lvm2 e2fsprogs xfsprogs util-linux fdisk mount busybox-static cpio kmod socat openssl)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -24,3 +25,4 @@ for component in clippy rustfmt; do
 done
 
 vm/image.sh
+scripts/components.sh

@@ -2,10 +2,12 @@
 //! SATA SSD and SATA HDD disks, runs one command in a guest that sees the
 //! host's root file system, and hands back the command's output and status.
 
+pub mod cluster;
 pub mod csi;
 pub mod guest;
+pub mod process;
 pub mod size;
 pub mod vm;
 
 pub use size::{GIB, MIB, parse_size};
-pub use vm::{DEFAULT_AHCI_SLOT, Disk, DiskBus, Vm, VmOutput};
+pub use vm::{DEFAULT_AHCI_SLOT, Disk, DiskBus, HOST_FROM_GUEST, RunningVm, Vm, VmOutput};

@@ -10,7 +10,7 @@ use anyhow::{Context, bail, ensure};
 
 use crate::guest::IN_VM_ENV;
 
-/// PCI slots the two virtio-9p shares sit at; disks may use 0x02..=0x1d.
+/// PCI slots the two virtio-9p shares sit at; disks may use 0x02..=0x1c.
 const HOSTROOT_SLOT: u8 = 0x1e;
 const CTL_SLOT: u8 = 0x1f;
 /// The AHCI controller that `Vm::ssd` and `Vm::hdd` attach to.
@@ -19,6 +19,12 @@ pub const DEFAULT_AHCI_SLOT: u8 = 0x10;
 const AHCI_PORTS: u8 = 6;
 /// Longest serial number NVMe and ATA identify data can carry.
 const SERIAL_MAX: usize = 20;
+/// PCI slot of the network card, present only when ports are forwarded.
+const NET_SLOT: u8 = 0x1d;
+/// The address at which the guest reaches the host's forwarded ports. The
+/// guest's user-mode network is restricted: nothing else is reachable, and
+/// on the host each connection is one to 127.0.0.1.
+pub const HOST_FROM_GUEST: &str = "10.0.2.100";
 
 /// Where a disk is attached: the place that gives it its slot identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +86,7 @@ pub struct Vm {
     timeout: Duration,
     env: BTreeMap<String, String>,
     stream: bool,
+    forwards: Vec<(u16, u16)>,
 }
 
 impl Default for Vm {
@@ -113,7 +120,15 @@ impl Vm {
             timeout: Duration::from_secs(600),
             env,
             stream: false,
+            forwards: Vec::new(),
         }
+    }
+
+    /// Lets the guest reach `127.0.0.1:host_port` of the host as
+    /// `HOST_FROM_GUEST:guest_port`, one new host connection per guest one.
+    pub fn forward(mut self, guest_port: u16, host_port: u16) -> Self {
+        self.forwards.push((guest_port, host_port));
+        self
     }
 
     /// An NVMe controller at PCI `slot` with namespace 1 of `size` bytes.
@@ -205,6 +220,18 @@ impl Vm {
     /// Boots the VM, runs `argv` as root in the host's current directory
     /// inside the guest, and powers the VM off when it exits.
     pub fn run<S: AsRef<str>>(&self, argv: &[S]) -> anyhow::Result<VmOutput> {
+        self.spawn(argv)?.wait()
+    }
+
+    /// Boots the VM with a guest that runs whatever `RunningVm::exec` hands
+    /// it, until the VM is powered off.
+    pub fn serve(&self) -> anyhow::Result<RunningVm> {
+        self.spawn(&["/bin/sh", "-c", SERVE_LOOP])
+    }
+
+    /// Boots the VM and starts `argv` in the guest as `run` does, returning
+    /// while it runs.
+    pub fn spawn<S: AsRef<str>>(&self, argv: &[S]) -> anyhow::Result<RunningVm> {
         ensure!(!argv.is_empty(), "no command to run in the guest");
         check_layout(&self.disks)?;
         let kernel = self.image_dir.join("vmlinuz");
@@ -227,6 +254,9 @@ impl Vm {
         let ctl = scratch.path().join("ctl");
         fs::create_dir(&ctl)?;
         fs::write(ctl.join("disks"), format!("{}\n", self.disks.len()))?;
+        if !self.forwards.is_empty() {
+            fs::write(ctl.join("net"), "")?;
+        }
         let cwd = std::env::current_dir()?;
         fs::write(ctl.join("job.sh"), job_script(&cwd, &self.env, argv))?;
         for name in ["stdout", "stderr"] {
@@ -260,6 +290,7 @@ impl Vm {
         args.extend(share_args("hostroot", Path::new("/"), HOSTROOT_SLOT, true));
         args.extend(share_args("ctl", &ctl, CTL_SLOT, false));
         args.extend(disk_args(&self.disks, &disk_dir)?);
+        args.extend(net_args(&self.forwards));
 
         let started = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
@@ -271,22 +302,115 @@ impl Vm {
             .context("starting qemu-system-x86_64 (is the qemu-system-x86 package installed?)")?;
         let console = collect(child.stdout.take().expect("piped stdout"));
         let qemu_stderr = collect(child.stderr.take().expect("piped stderr"));
+        Ok(RunningVm {
+            child,
+            console: Some(console),
+            qemu_stderr: Some(qemu_stderr),
+            ctl,
+            started,
+            deadline: started + self.timeout,
+            timeout: self.timeout,
+            stream: self.stream,
+            jobs: Default::default(),
+            _scratch: scratch,
+        })
+    }
+}
 
+/// The guest side of `exec`: runs each script the host drops in the control
+/// share, one at a time, and leaves its output and exit status beside it.
+const SERVE_LOOP: &str = r#"mkdir -p /run/vmbed/exec && cd /run/vmbed/exec || exit 125
+while :; do
+    for job in *.sh; do
+        [ -e "$job" ] || continue
+        n=${job%.sh}
+        /bin/sh "$job" > "$n.out" 2>&1 < /dev/null
+        echo $? > "$n.tmp" && mv "$n.tmp" "$n.rc"
+        rm -f "$job"
+    done
+    sleep 0.1
+done"#;
+
+/// A booted VM whose guest command is running.
+pub struct RunningVm {
+    child: Child,
+    console: Option<thread::JoinHandle<String>>,
+    qemu_stderr: Option<thread::JoinHandle<String>>,
+    ctl: PathBuf,
+    started: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    stream: bool,
+    jobs: std::sync::atomic::AtomicU32,
+    _scratch: tempfile::TempDir,
+}
+
+impl RunningVm {
+    /// What the guest command has printed so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(self.ctl.join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.ctl.join("stderr")).unwrap_or_default()
+    }
+
+    /// Runs `script` with /bin/sh in a guest booted by `Vm::serve` and returns
+    /// its exit status and output (stdout and stderr together).
+    pub fn exec(&self, script: &str, timeout: Duration) -> anyhow::Result<(i32, String)> {
+        let dir = self.ctl.join("exec");
+        fs::create_dir_all(&dir)?;
+        let n = self.jobs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let staged = dir.join(format!("{n}.new"));
+        fs::write(&staged, script)?;
+        fs::rename(&staged, dir.join(format!("{n}.sh")))?;
+        let rc = dir.join(format!("{n}.rc"));
+        let deadline = Instant::now() + timeout;
+        while !rc.exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "guest script did not finish within {timeout:?}: {script}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let status = fs::read_to_string(&rc)?.trim().parse()?;
+        let output = fs::read_to_string(dir.join(format!("{n}.out")))?;
+        Ok((status, output))
+    }
+
+    /// The directory the guest sees as /run/vmbed: a place for logs of
+    /// processes the guest starts.
+    pub fn ctl_dir(&self) -> &Path {
+        &self.ctl
+    }
+
+    /// Pulls the plug: qemu is killed, whatever the guest was doing.
+    pub fn power_off(self) {
+        drop(self);
+    }
+
+    /// Waits for the guest command to finish and the VM to power off.
+    pub fn wait(mut self) -> anyhow::Result<VmOutput> {
+        let stream = self.stream;
         let mut tails = [
-            Tail::new(ctl.join("stdout"), Box::new(std::io::stdout())),
-            Tail::new(ctl.join("stderr"), Box::new(std::io::stderr())),
+            Tail::new(self.ctl.join("stdout"), Box::new(std::io::stdout())),
+            Tail::new(self.ctl.join("stderr"), Box::new(std::io::stderr())),
         ];
-        let exit = wait(&mut child, self.timeout, || {
-            if self.stream {
+        let exit = wait(&mut self.child, self.deadline, || {
+            if stream {
                 tails.iter_mut().for_each(Tail::forward);
             }
         })?;
-        if self.stream {
+        if stream {
             tails.iter_mut().for_each(Tail::forward);
         }
-        let elapsed = started.elapsed();
-        let console = console.join().unwrap_or_default();
-        let qemu_stderr = qemu_stderr.join().unwrap_or_default();
+        let elapsed = self.started.elapsed();
+        let joined = |pipe: Option<thread::JoinHandle<String>>| {
+            pipe.and_then(|pipe| pipe.join().ok()).unwrap_or_default()
+        };
+        let console = joined(self.console.take());
+        let qemu_stderr = joined(self.qemu_stderr.take());
+        let ctl = &self.ctl;
 
         let Some(exit) = exit else {
             bail!(
@@ -308,6 +432,35 @@ impl Vm {
             elapsed,
         })
     }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// qemu arguments for a restricted user-mode network whose only way out is
+/// the forwarded ports (none: no network card at all).
+fn net_args(forwards: &[(u16, u16)]) -> Vec<String> {
+    if forwards.is_empty() {
+        return Vec::new();
+    }
+    let mut netdev = String::from("user,id=net0,restrict=on");
+    for (guest, host) in forwards {
+        netdev.push_str(&format!(
+            ",guestfwd=tcp:{HOST_FROM_GUEST}:{guest}-cmd:socat - TCP:127.0.0.1:{host}"
+        ));
+    }
+    vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        format!("virtio-net-pci,netdev=net0,addr={NET_SLOT:#x}"),
+    ]
 }
 
 /// `<workspace>/target/vm` unless `LVMLOCAL_VM_DIR` says otherwise.
@@ -363,8 +516,8 @@ fn check_layout(disks: &[Disk]) -> anyhow::Result<()> {
             }
         };
         ensure!(
-            (0x02..HOSTROOT_SLOT).contains(&slot),
-            "disk {}: PCI slot {slot:#x} is outside 0x02-0x1d",
+            (0x02..NET_SLOT).contains(&slot),
+            "disk {}: PCI slot {slot:#x} is outside 0x02-0x1c",
             disk.name
         );
         ensure!(
@@ -480,13 +633,12 @@ fn collect(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     })
 }
 
-/// Waits for qemu, calling `tick` while it runs; kills it after `timeout`.
+/// Waits for qemu, calling `tick` while it runs; kills it at `deadline`.
 fn wait(
     child: &mut Child,
-    timeout: Duration,
+    deadline: Instant,
     mut tick: impl FnMut(),
 ) -> anyhow::Result<Option<std::process::ExitStatus>> {
-    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));

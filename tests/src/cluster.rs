@@ -1,0 +1,885 @@
+//! A real Kubernetes control plane on 127.0.0.1 for the cluster tests: etcd,
+//! kube-apiserver, kube-controller-manager and kube-scheduler (pointed at the
+//! extender through deploy/'s KubeSchedulerConfiguration), what deploy/
+//! renders applied to it, and lvmlocal's cluster components with the CSI
+//! sidecars as host processes, each with its own ServiceAccount's token so
+//! deploy/'s RBAC is what they run under. Agents run in VMs (see `NodeVm`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+
+use crate::guest::workspace_binary;
+use crate::process::{Service, free_port, wait_for};
+use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
+
+pub const NAMESPACE: &str = "lvmlocal";
+pub const DRIVER: &str = "lvmlocal.io";
+pub const TOPOLOGY_KEY: &str = "lvmlocal.io/node";
+/// The port at which a node VM reaches the API server.
+const GUEST_API_PORT: u16 = 6443;
+const ADMIN_TOKEN: &str = "lvmlocal-test-admin";
+/// Kinds of deploy/ applied as they are. Workloads are not: their processes
+/// run on the host (or in a VM) instead, with the same arguments.
+const APPLIED_KINDS: &[&str] = &[
+    "Namespace",
+    "CustomResourceDefinition",
+    "CSIDriver",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "StorageClass",
+];
+
+/// `<workspace>/target/components/bin` (scripts/components.sh) unless
+/// `LVMLOCAL_COMPONENTS_DIR` says otherwise.
+pub fn component(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("LVMLOCAL_COMPONENTS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/components/bin"),
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: scripts/components.sh builds it",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// What the harness starts besides the control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// csi-scheduler's --default-placement.
+    pub placement: &'static str,
+    /// csi-controller's --volume-wait-seconds.
+    pub volume_wait_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            placement: "binpack",
+            volume_wait_secs: 20,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub api_port: u16,
+    pub extender_port: u16,
+    pub controller_metrics_port: u16,
+    options: Options,
+    etcd_port: u16,
+    services: BTreeMap<&'static str, Service>,
+    deploy: Vec<Value>,
+    tokens: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    /// Starts everything and returns once the API server answers, deploy/
+    /// is applied and lvmlocal's components are running.
+    pub fn start(options: Options) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("lvmlocal-cluster-")
+            .tempdir()?;
+        let mut cluster = Self {
+            api_port: free_port(),
+            extender_port: free_port(),
+            controller_metrics_port: free_port(),
+            etcd_port: free_port(),
+            dir,
+            options,
+            services: BTreeMap::new(),
+            deploy: render_deploy()?,
+            tokens: BTreeMap::new(),
+        };
+        fs::create_dir_all(cluster.logs())?;
+        cluster.make_pki()?;
+        cluster.start_etcd()?;
+        cluster.start_apiserver()?;
+        cluster.write_kubeconfig("admin", &cluster.local_api(), ADMIN_TOKEN)?;
+        cluster.start_kube_controller_manager()?;
+        cluster.apply_deploy()?;
+        cluster.start_kube_scheduler()?;
+        cluster.start_csi_scheduler()?;
+        cluster.start_csi_controller()?;
+        cluster.start_provisioner()?;
+        cluster.start_resizer()?;
+        Ok(cluster)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.path("logs")
+    }
+
+    fn local_api(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    fn spawn(&mut self, name: &'static str, command: Command) -> anyhow::Result<()> {
+        let log = self.logs().join(format!("{name}.log"));
+        let service = Service::start(name, command, &log)?;
+        self.services.insert(name, service);
+        Ok(())
+    }
+
+    pub fn service(&mut self, name: &str) -> &mut Service {
+        self.services
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// SIGKILLs a component's process group and starts it again.
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        self.service(name).kill();
+        match name {
+            "etcd" => self.start_etcd(),
+            "kube-apiserver" => self.start_apiserver(),
+            "kube-controller-manager" => self.start_kube_controller_manager(),
+            "kube-scheduler" => self.start_kube_scheduler(),
+            "csi-scheduler" => self.start_csi_scheduler(),
+            "csi-controller" => self.start_csi_controller(),
+            "csi-provisioner" => self.start_provisioner(),
+            "csi-resizer" => self.start_resizer(),
+            other => bail!("no component {other}"),
+        }
+    }
+
+    /// Every component's log, for a failure report.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for service in self.services.values() {
+            let log = service.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            out.push_str(&format!(
+                "--- {} (last {} lines of {}) ---\n",
+                service.name,
+                tail.len(),
+                service.log_path().display()
+            ));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn make_pki(&self) -> anyhow::Result<()> {
+        let pki = self.path("pki");
+        fs::create_dir_all(&pki)?;
+        let openssl = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&pki)
+                .output()
+                .context("running openssl (scripts/setup.sh installs it)")?;
+            ensure!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        openssl(
+            &[
+                &["req", "-x509", "-nodes", "-days", "2"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-subj",
+                    "/CN=lvmlocal-test-ca",
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(
+            &[
+                &["req", "-nodes"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "apiserver.key",
+                    "-out",
+                    "apiserver.csr",
+                    "-subj",
+                    "/CN=kube-apiserver",
+                ],
+            ]
+            .concat(),
+        )?;
+        // Valid for the host's loopback and for the address a node VM uses.
+        fs::write(
+            pki.join("san.ext"),
+            format!(
+                "subjectAltName=IP:127.0.0.1,IP:{HOST_FROM_GUEST},DNS:localhost,DNS:kubernetes.default.svc\n"
+            ),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "apiserver.crt",
+        ])?;
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sa.key",
+        ])?;
+        openssl(&["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        // The control plane's own components act as cluster admins; what is
+        // tested is lvmlocal's RBAC, whose components get ServiceAccount tokens.
+        fs::write(
+            pki.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )?;
+        Ok(())
+    }
+
+    fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.etcd_port);
+        let mut etcd = Command::new(component("etcd"));
+        etcd.args([
+            "--name=test",
+            &format!("--data-dir={}", self.path("etcd").display()),
+            &format!("--listen-client-urls={client}"),
+            &format!("--advertise-client-urls={client}"),
+            &format!("--listen-peer-urls=http://127.0.0.1:{}", free_port()),
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ]);
+        self.spawn("etcd", etcd)?;
+        let address = format!("127.0.0.1:{}", self.etcd_port);
+        wait_for("etcd answering", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&address)
+                .map(drop)
+                .map_err(|err| err.to_string())
+        })?;
+        Ok(())
+    }
+
+    fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        let pki = self.path("pki");
+        let pki = |name: &str| pki.join(name).display().to_string();
+        let mut apiserver = Command::new(component("kube-apiserver"));
+        apiserver.args([
+            format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.api_port),
+            format!("--tls-cert-file={}", pki("apiserver.crt")),
+            format!("--tls-private-key-file={}", pki("apiserver.key")),
+            format!("--client-ca-file={}", pki("ca.crt")),
+            format!("--token-auth-file={}", pki("tokens.csv")),
+            format!("--service-account-key-file={}", pki("sa.pub")),
+            format!("--service-account-signing-key-file={}", pki("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--watch-cache=true".into(),
+            "--v=1".into(),
+        ]);
+        self.spawn("kube-apiserver", apiserver)?;
+        wait_for("kube-apiserver ready", Duration::from_secs(90), || {
+            if let Some(status) = self.service("kube-apiserver").exited() {
+                return Ok(Err(format!("exited: {status}")));
+            }
+            self.raw_admin("/readyz")
+                .map(|_| Ok(()))
+                .map_err(|err| err.to_string())
+        })?
+        .map_err(|err| anyhow::anyhow!("kube-apiserver {err}\n{}", self.report()))
+    }
+
+    /// A GET with the admin token, before any kubeconfig exists.
+    fn raw_admin(&self, path: &str) -> anyhow::Result<String> {
+        let out = Command::new(component("kubectl"))
+            .args([
+                &format!("--server={}", self.local_api()),
+                &format!(
+                    "--certificate-authority={}",
+                    self.path("pki/ca.crt").display()
+                ),
+                &format!("--token={ADMIN_TOKEN}"),
+                "get",
+                "--raw",
+                path,
+            ])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `<name>.kubeconfig` for `server` with a bearer token.
+    fn write_kubeconfig(&self, name: &str, server: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.path(&format!("{name}.kubeconfig"));
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": server,
+                "certificate-authority": self.path("pki/ca.crt"),
+            }}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
+            "current-context": "test",
+        });
+        fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        Ok(path)
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.path("admin.kubeconfig")
+    }
+
+    fn start_kube_controller_manager(&mut self) -> anyhow::Result<()> {
+        let mut kcm = Command::new(component("kube-controller-manager"));
+        kcm.args([
+            format!("--kubeconfig={}", self.admin_kubeconfig().display()),
+            // Nodes here have no kubelet: the node-lifecycle controller would
+            // taint them all and evict their pods.
+            "--controllers=*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-service-lb-controller"
+                .into(),
+            "--leader-elect=false".into(),
+            "--secure-port=0".into(),
+            format!("--root-ca-file={}", self.path("pki/ca.crt").display()),
+            format!(
+                "--service-account-private-key-file={}",
+                self.path("pki/sa.key").display()
+            ),
+            "--v=1".into(),
+        ]);
+        self.spawn("kube-controller-manager", kcm)
+    }
+
+    fn start_kube_scheduler(&mut self) -> anyhow::Result<()> {
+        let config = self.path("kube-scheduler.yaml");
+        fs::write(&config, self.scheduler_config()?)?;
+        let mut scheduler = Command::new(component("kube-scheduler"));
+        scheduler.args([
+            format!("--config={}", config.display()),
+            "--secure-port=0".into(),
+            "--v=1".into(),
+        ]);
+        self.spawn("kube-scheduler", scheduler)
+    }
+
+    /// deploy/'s KubeSchedulerConfiguration with this cluster's kubeconfig
+    /// and extender address; everything else as shipped.
+    fn scheduler_config(&self) -> anyhow::Result<String> {
+        let path = workspace_root().join("deploy/scheduler/kube-scheduler-config.yaml");
+        let text = fs::read_to_string(&path)?;
+        let mut config: Value = serde_norway::from_str(&text)?;
+        config["clientConnection"]["kubeconfig"] =
+            self.admin_kubeconfig().display().to_string().into();
+        config["leaderElection"]["leaderElect"] = false.into();
+        let extenders = config["extenders"]
+            .as_array_mut()
+            .context("deploy's scheduler configuration has no extenders")?;
+        for extender in extenders {
+            let prefix = extender["urlPrefix"].as_str().unwrap_or_default();
+            let path = prefix
+                .splitn(4, '/')
+                .nth(3)
+                .context("extender urlPrefix without a path")?;
+            extender["urlPrefix"] =
+                format!("http://127.0.0.1:{}/{path}", self.extender_port).into();
+        }
+        Ok(serde_json::to_string_pretty(&config)?)
+    }
+
+    fn apply_deploy(&mut self) -> anyhow::Result<()> {
+        let applied: Vec<&Value> = self
+            .deploy
+            .iter()
+            .filter(|object| APPLIED_KINDS.contains(&object["kind"].as_str().unwrap_or_default()))
+            .collect();
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": applied});
+        self.kubectl_stdin(
+            &["apply", "--server-side", "-f", "-"],
+            &serde_json::to_string(&list)?,
+        )?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/logicalvolumes.lvmlocal.io",
+            "crd/nodelocalstorages.lvmlocal.io",
+        ])?;
+        Ok(())
+    }
+
+    /// A kubeconfig with a fresh token of ServiceAccount `account` of the
+    /// driver's namespace, for a process reaching the API server at `server`.
+    pub fn service_account_kubeconfig(
+        &mut self,
+        account: &str,
+        server: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let token = match self.tokens.get(account) {
+            Some(token) => token.clone(),
+            None => {
+                let token = self
+                    .kubectl(&["create", "token", account, "-n", NAMESPACE, "--duration=4h"])?
+                    .trim()
+                    .to_string();
+                self.tokens.insert(account.into(), token.clone());
+                token
+            }
+        };
+        self.write_kubeconfig(name, server, &token)
+    }
+
+    /// The kubeconfig an agent in a node VM uses.
+    pub fn agent_kubeconfig(&mut self) -> anyhow::Result<PathBuf> {
+        self.service_account_kubeconfig(
+            "lvmlocal-agent",
+            &format!("https://{HOST_FROM_GUEST}:{GUEST_API_PORT}"),
+            "agent",
+        )
+    }
+
+    /// The container `name` of deploy/'s workload `workload`.
+    fn container(&self, workload: &str, name: &str) -> anyhow::Result<Value> {
+        let object = self
+            .deploy
+            .iter()
+            .find(|object| object["metadata"]["name"] == workload)
+            .with_context(|| format!("deploy/ has no {workload}"))?;
+        object["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .and_then(|containers| containers.iter().find(|c| c["name"] == name))
+            .cloned()
+            .with_context(|| format!("{workload} has no container {name}"))
+    }
+
+    /// The container's arguments as deploy/ gives them, with `overrides`
+    /// (flag → value) replacing those flags' values.
+    fn deploy_args(
+        &self,
+        workload: &str,
+        container: &str,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Vec<String>> {
+        let container = self.container(workload, container)?;
+        let mut args: Vec<String> = container["args"]
+            .as_array()
+            .context("container without args")?
+            .iter()
+            .filter_map(|arg| arg.as_str().map(str::to_owned))
+            .collect();
+        for (flag, value) in overrides {
+            let set = format!("{flag}={value}");
+            match args
+                .iter_mut()
+                .find(|arg| arg.as_str() == *flag || arg.starts_with(&format!("{flag}=")))
+            {
+                Some(arg) => *arg = set,
+                None => args.push(set),
+            }
+        }
+        Ok(args)
+    }
+
+    fn controller_socket(&self) -> PathBuf {
+        self.path("controller.sock")
+    }
+
+    fn start_csi_scheduler(&mut self) -> anyhow::Result<()> {
+        let kubeconfig =
+            self.service_account_kubeconfig("lvmlocal-scheduler", &self.local_api(), "scheduler")?;
+        let args = self.deploy_args(
+            "lvmlocal-scheduler",
+            "scheduler",
+            &[
+                ("--listen", format!("127.0.0.1:{}", self.extender_port)),
+                ("--default-placement", self.options.placement.into()),
+            ],
+        )?;
+        let mut command = Command::new(workspace_binary("csi-scheduler"));
+        command
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info");
+        self.spawn("csi-scheduler", command)?;
+        let address = format!("127.0.0.1:{}", self.extender_port);
+        wait_for("csi-scheduler healthy", Duration::from_secs(60), || {
+            let response =
+                std::panic::catch_unwind(|| crate::guest::http_get(&address, "/healthz"))
+                    .map_err(|_| "not listening".to_string())?;
+            response
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+                .ok_or(response)
+        })
+    }
+
+    fn start_csi_controller(&mut self) -> anyhow::Result<()> {
+        let kubeconfig = self.service_account_kubeconfig(
+            "lvmlocal-controller",
+            &self.local_api(),
+            "controller",
+        )?;
+        let _ = fs::remove_file(self.controller_socket());
+        let args = self.deploy_args(
+            "lvmlocal-controller",
+            "controller",
+            &[
+                (
+                    "--csi-endpoint",
+                    format!("unix://{}", self.controller_socket().display()),
+                ),
+                (
+                    "--metrics-address",
+                    format!("127.0.0.1:{}", self.controller_metrics_port),
+                ),
+                (
+                    "--volume-wait-seconds",
+                    self.options.volume_wait_secs.to_string(),
+                ),
+            ],
+        )?;
+        let mut command = Command::new(workspace_binary("csi-controller"));
+        command
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAMESPACE", NAMESPACE)
+            .env("POD_NAME", "lvmlocal-controller-test")
+            .env("RUST_LOG", "info");
+        self.spawn("csi-controller", command)
+    }
+
+    fn sidecar_command(
+        &mut self,
+        name: &str,
+        container: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Command> {
+        let kubeconfig = self.service_account_kubeconfig(
+            "lvmlocal-controller",
+            &self.local_api(),
+            "controller",
+        )?;
+        let mut overrides = vec![
+            (
+                "--csi-address",
+                self.controller_socket().display().to_string(),
+            ),
+            ("--kubeconfig", kubeconfig.display().to_string()),
+            ("--http-endpoint", format!("127.0.0.1:{}", free_port())),
+            ("--leader-election-namespace", NAMESPACE.to_string()),
+        ];
+        overrides.extend(extra.iter().cloned());
+        let args = self.deploy_args("lvmlocal-controller", container, &overrides)?;
+        let mut command = Command::new(component(name));
+        command
+            .args(args)
+            .env("NAMESPACE", NAMESPACE)
+            .env("POD_NAME", "lvmlocal-controller-test");
+        Ok(command)
+    }
+
+    fn start_provisioner(&mut self) -> anyhow::Result<()> {
+        // No pod runs the provisioner here: its capacity objects get no owner.
+        let command = self.sidecar_command(
+            "csi-provisioner",
+            "csi-provisioner",
+            &[("--capacity-ownerref-level", "-1".into())],
+        )?;
+        self.spawn("csi-provisioner", command)
+    }
+
+    fn start_resizer(&mut self) -> anyhow::Result<()> {
+        let command = self.sidecar_command("csi-resizer", "csi-resizer", &[])?;
+        self.spawn("csi-resizer", command)
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.kubectl_stdin(args, "")
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        let mut child = Command::new(component("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl get <args> -o json`.
+    pub fn get(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut args = args.to_vec();
+        args.insert(0, "get");
+        args.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl(&args)?)?)
+    }
+
+    /// Items of `kubectl get <kind> -o json` (all namespaces for namespaced kinds).
+    pub fn list(&self, kind: &str) -> anyhow::Result<Vec<Value>> {
+        let list = self.get(&[kind, "-A"])?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn apply(&self, object: &Value) -> anyhow::Result<()> {
+        self.kubectl_stdin(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &serde_json::to_string(object)?,
+        )
+        .map(drop)
+    }
+
+    /// Merge-patches the status subresource of an object.
+    pub fn patch_status(&self, kind: &str, name: &str, status: &Value) -> anyhow::Result<()> {
+        let patch = serde_json::json!({ "status": status }).to_string();
+        self.kubectl(&[
+            "patch",
+            kind,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ])
+        .map(drop)
+    }
+
+    /// A Node without kubelet that the scheduler can place pods on, with the
+    /// driver's topology label and its CSINode.
+    pub fn add_node(&self, name: &str) -> anyhow::Result<()> {
+        self.apply(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                TOPOLOGY_KEY: name,
+            }},
+        }))?;
+        let resources = serde_json::json!({"cpu": "16", "memory": "64Gi", "pods": "110"});
+        self.patch_status(
+            "node",
+            name,
+            &serde_json::json!({
+                "capacity": resources,
+                "allocatable": resources,
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                    "message": "a test node without kubelet"}],
+            }),
+        )?;
+        self.apply(&serde_json::json!({
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "CSINode",
+            "metadata": {"name": name},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": name, "topologyKeys": [TOPOLOGY_KEY]}]},
+        }))
+    }
+
+    /// A node whose storage is only what this NodeLocalStorage says: no
+    /// agent carries out its volumes.
+    pub fn add_paper_node(&self, name: &str, media: &str, total: u64) -> anyhow::Result<()> {
+        self.add_node(name)?;
+        self.apply(&serde_json::json!({
+            "apiVersion": "lvmlocal.io/v1alpha1",
+            "kind": "NodeLocalStorage",
+            "metadata": {"name": name},
+            "spec": {"nodeName": name},
+        }))?;
+        self.patch_status(
+            "nodelocalstorage",
+            name,
+            &serde_json::json!({
+                media: {
+                    "vgName": format!("lvmlocal-{media}"),
+                    "totalBytes": total,
+                    "freeBytes": total,
+                    "allocatedBytes": 0,
+                    "extentBytes": 4 << 20,
+                    "free": format!("{}Mi", total >> 20),
+                },
+                "disks": [],
+            }),
+        )
+    }
+}
+
+/// Every object `kubectl kustomize deploy/` renders.
+fn render_deploy() -> anyhow::Result<Vec<Value>> {
+    let out = Command::new(component("kubectl"))
+        .args(["kustomize"])
+        .arg(workspace_root().join("deploy"))
+        .output()
+        .context("kubectl kustomize deploy/")?;
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let mut objects = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let object: Value = serde::Deserialize::deserialize(document)?;
+        if !object.is_null() {
+            objects.push(object);
+        }
+    }
+    Ok(objects)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.report());
+        }
+    }
+}
+
+/// A node of the cluster in a VM: real disks, real LVM, and the agent in
+/// Kubernetes mode reaching the API server through the VM's network.
+pub struct NodeVm {
+    pub name: String,
+    pub vm: RunningVm,
+    kubeconfig: PathBuf,
+}
+
+impl NodeVm {
+    /// Boots `vm` as node `name` of `cluster` and starts its agent.
+    pub fn start(cluster: &mut Cluster, name: &str, vm: Vm) -> anyhow::Result<Self> {
+        cluster.add_node(name)?;
+        let kubeconfig = cluster.agent_kubeconfig()?;
+        let vm = vm.forward(GUEST_API_PORT, cluster.api_port).serve()?;
+        let node = Self {
+            name: name.into(),
+            vm,
+            kubeconfig,
+        };
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    /// Starts the agent in the guest, in a session of its own.
+    pub fn start_agent(&self) -> anyhow::Result<()> {
+        let agent = workspace_binary("csi-agent");
+        let script = format!(
+            "mkdir -p /run/lvmlocal\n\
+             KUBECONFIG={} NODE_NAME={} RUST_LOG=info setsid {} \
+             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 \
+             >> /run/vmbed/agent.log 2>&1 &\n\
+             echo $! > /run/vmbed/agent.pid\n",
+            self.kubeconfig.display(),
+            self.name,
+            agent.display()
+        );
+        self.sh(&script).map(drop)
+    }
+
+    /// SIGKILLs the agent's whole session.
+    pub fn kill_agent(&self) -> anyhow::Result<()> {
+        self.sh("kill -KILL -- -$(cat /run/vmbed/agent.pid); sleep 0.2")
+            .map(drop)
+    }
+
+    /// Runs a shell script in the guest; fails unless it exits 0.
+    pub fn sh(&self, script: &str) -> anyhow::Result<String> {
+        let (status, output) = self.vm.exec(script, Duration::from_secs(120))?;
+        ensure!(
+            status == 0,
+            "guest script failed ({status}): {script}\n{output}"
+        );
+        Ok(output)
+    }
+
+    /// `vg/lv size` of every logical volume in the guest.
+    pub fn lvs(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let out = self.sh("lvs --noheadings --units b --nosuffix -o vg_name,lv_name,lv_size")?;
+        let mut lvs = BTreeMap::new();
+        for line in out.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let [vg, lv, size] = fields[..] {
+                lvs.insert(format!("{vg}/{lv}"), size.parse()?);
+            }
+        }
+        Ok(lvs)
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.vm.ctl_dir().join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeVm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.agent_log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- agent on {} ---", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
