@@ -166,9 +166,30 @@ impl Cluster {
         }
     }
 
-    /// Every component's log, for a failure report.
+    /// Every component's log and the objects lvmlocal deals in, for a
+    /// failure report.
     pub fn report(&self) -> String {
         let mut out = String::new();
+        for kind in [
+            "nodes",
+            "csinodes",
+            "nodelocalstorages",
+            "csistoragecapacities",
+            "logicalvolumes",
+            "pv",
+            "pvc",
+            "pods",
+            "events",
+        ] {
+            let listed = self
+                .kubectl(&["get", kind, "-A", "-o", "wide"])
+                .unwrap_or_else(|err| format!("{err:#}"));
+            out.push_str(&format!("--- kubectl get {kind} ---\n{listed}"));
+        }
+        let capacities = self
+            .kubectl(&["get", "csistoragecapacities", "-A", "-o", "yaml"])
+            .unwrap_or_default();
+        out.push_str(&format!("--- CSIStorageCapacity objects ---\n{capacities}"));
         for service in self.services.values() {
             let log = service.log();
             let tail: Vec<&str> = log.lines().rev().take(80).collect();
@@ -404,7 +425,7 @@ impl Cluster {
         scheduler.args([
             format!("--config={}", config.display()),
             "--secure-port=0".into(),
-            "--v=1".into(),
+            "--v=2".into(),
         ]);
         self.spawn("kube-scheduler", scheduler)
     }
@@ -490,7 +511,10 @@ impl Cluster {
         let object = self
             .deploy
             .iter()
-            .find(|object| object["metadata"]["name"] == workload)
+            .find(|object| {
+                object["metadata"]["name"] == workload
+                    && matches!(object["kind"].as_str(), Some("Deployment" | "DaemonSet"))
+            })
             .with_context(|| format!("deploy/ has no {workload}"))?;
         object["spec"]["template"]["spec"]["containers"]
             .as_array()
@@ -550,9 +574,8 @@ impl Cluster {
         self.spawn("csi-scheduler", command)?;
         let address = format!("127.0.0.1:{}", self.extender_port);
         wait_for("csi-scheduler healthy", Duration::from_secs(60), || {
-            let response =
-                std::panic::catch_unwind(|| crate::guest::http_get(&address, "/healthz"))
-                    .map_err(|_| "not listening".to_string())?;
+            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
+            let response = crate::guest::http_get(&address, "/healthz");
             response
                 .starts_with("HTTP/1.1 200")
                 .then_some(())
@@ -627,10 +650,15 @@ impl Cluster {
 
     fn start_provisioner(&mut self) -> anyhow::Result<()> {
         // No pod runs the provisioner here: its capacity objects get no owner.
+        // Capacity is polled every 5 s rather than every minute, so that a
+        // test sees a node's new figures without waiting that minute.
         let command = self.sidecar_command(
             "csi-provisioner",
             "csi-provisioner",
-            &[("--capacity-ownerref-level", "-1".into())],
+            &[
+                ("--capacity-ownerref-level", "-1".into()),
+                ("--capacity-poll-interval", "5s".into()),
+            ],
         )?;
         self.spawn("csi-provisioner", command)
     }
@@ -708,6 +736,19 @@ impl Cluster {
         .map(drop)
     }
 
+    /// The capacity the CSIStorageCapacity object of `node` and StorageClass
+    /// `class` states, if there is one.
+    pub fn storage_capacity(&self, node: &str, class: &str) -> anyhow::Result<Option<u64>> {
+        let list = self.get(&["csistoragecapacities", "-n", NAMESPACE])?;
+        let found = list["items"].as_array().into_iter().flatten().find(|item| {
+            item["storageClassName"] == class
+                && item["nodeTopology"]["matchLabels"][TOPOLOGY_KEY] == node
+        });
+        found
+            .map(|item| quantity(item["capacity"].as_str().unwrap_or_default()))
+            .transpose()
+    }
+
     /// A Node without kubelet that the scheduler can place pods on, with the
     /// driver's topology label and its CSINode.
     pub fn add_node(&self, name: &str) -> anyhow::Result<()> {
@@ -720,6 +761,16 @@ impl Cluster {
                 TOPOLOGY_KEY: name,
             }},
         }))?;
+        // Nodes are born tainted not-ready; with no kubelet and no node-lifecycle
+        // controller, nothing else would lift it.
+        self.kubectl(&[
+            "patch",
+            "node",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"taints":null}}"#,
+        ])?;
         let resources = serde_json::json!({"cpu": "16", "memory": "64Gi", "pods": "110"});
         self.patch_status(
             "node",
@@ -765,6 +816,15 @@ impl Cluster {
             }),
         )
     }
+}
+
+/// Bytes of a Kubernetes quantity as the sidecars write them (`8188Mi`, `123`).
+pub fn quantity(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(0);
+    }
+    crate::parse_size(text.strip_suffix('i').unwrap_or(text))
 }
 
 /// Every object `kubectl kustomize deploy/` renders.

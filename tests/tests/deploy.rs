@@ -63,13 +63,11 @@ fn documents(yaml: &str) -> Vec<Value> {
 
 /// `kubectl kustomize <dir>`, as JSON values.
 fn render(dir: &str) -> Vec<Value> {
-    let out = Command::new("kubectl")
+    let out = Command::new(lvmlocal_tests::cluster::component("kubectl"))
         .arg("kustomize")
         .arg(root().join(dir))
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run kubectl ({e}): these tests need kubectl with kustomize on the PATH")
-        });
+        .unwrap_or_else(|e| panic!("cannot run kubectl: {e}"));
     assert!(
         out.status.success(),
         "kubectl kustomize {dir} failed:\n{}",
@@ -641,8 +639,10 @@ fn controller_deployment_matches_the_controller() {
     ] {
         assert!(has_flag(provisioner, required), "--{required}");
     }
-    let gates = flag(provisioner, "feature-gates").unwrap();
-    assert!(gates.split(',').any(|g| g == "Topology=true"), "{gates}");
+    // Topology and VolumeAttributesClass are GA: the sidecars take no gates.
+    for sidecar in [provisioner, resizer] {
+        assert_eq!(flag(sidecar, "feature-gates"), None, "{}", sidecar.name);
+    }
     assert_eq!(
         flag(provisioner, "capacity-ownerref-level").as_deref(),
         Some("2")
@@ -672,6 +672,31 @@ fn controller_deployment_matches_the_controller() {
     assert_eq!(probe_port(controller, "liveness"), metrics);
     let deployment: Deployment = one(&objects, "Deployment", "lvmlocal-controller");
     assert!(deployment.spec.unwrap().replicas.unwrap() >= 1);
+}
+
+/// The sidecar releases deploy/ names are those the cluster tests run.
+#[test]
+fn sidecar_images_are_the_tested_releases() {
+    let versions = std::fs::read_to_string(root().join("scripts/versions.env")).unwrap();
+    let version = |key: &str| {
+        versions
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("scripts/versions.env has no {key}"))
+            .to_string()
+    };
+    let objects = render("deploy/base");
+    let pod = pod_spec_of_deployment(&objects, "lvmlocal-controller");
+    for (name, key) in [
+        ("csi-provisioner", "CSI_PROVISIONER"),
+        ("csi-resizer", "CSI_RESIZER"),
+    ] {
+        let image = container(&pod, name).image.clone().unwrap();
+        assert_eq!(
+            image,
+            format!("registry.k8s.io/sig-storage/{name}:{}", version(key))
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,287 @@
+//! lvmlocal on a real control plane: kube-apiserver, kube-controller-manager,
+//! kube-scheduler with the extender, csi-provisioner and csi-resizer on the
+//! host, the agent on real disks in a VM. Each test asserts what the cluster
+//! ends up holding: PVC phases, PVs, LogicalVolumes, LVs in the VM.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lvmlocal_tests::cluster::{Cluster, NodeVm, Options, TOPOLOGY_KEY};
+use lvmlocal_tests::process::wait_for;
+use lvmlocal_tests::{GIB, Vm};
+use serde_json::{Value, json};
+
+/// One cluster and VM at a time: the machine has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const NS: &str = "default";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn node_vm(cluster: &mut Cluster, name: &str) -> NodeVm {
+    let vm = Vm::new()
+        .nvme("nvme-a", 5, 8 * GIB)
+        .ssd("ssd-a", 0, 4 * GIB)
+        .hdd("hdd-a", 1, 4 * GIB);
+    let node = NodeVm::start(cluster, name, vm).expect("booting the node VM");
+    wait_for(
+        "the agent's NodeLocalStorage",
+        Duration::from_secs(180),
+        || {
+            let nls = cluster
+                .get(&["nodelocalstorage", name])
+                .map_err(|err| err.to_string())?;
+            let ready = ["nvme", "ssd", "hdd"]
+                .iter()
+                .all(|media| nls["status"][media]["totalBytes"].as_u64().unwrap_or(0) > 0);
+            ready.then_some(()).ok_or(nls.to_string())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    // The provisioner's CSIStorageCapacity for each class: what GetCapacity
+    // gives for the node, the free space of its volume group.
+    let nls = cluster.get(&["nodelocalstorage", name]).unwrap();
+    for media in ["nvme", "ssd", "hdd"] {
+        let free = nls["status"][media]["freeBytes"].as_u64().unwrap();
+        let class = format!("lvmlocal-{media}");
+        wait_for(
+            &format!("CSIStorageCapacity of {name} for {class} at {free} bytes"),
+            Duration::from_secs(60),
+            || match cluster.storage_capacity(name, &class) {
+                Ok(Some(capacity)) if capacity == free => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+    }
+    node
+}
+
+fn claim(name: &str, class: &str, size: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": class,
+            "resources": {"requests": {"storage": size}},
+        },
+    })
+}
+
+fn pod(name: &str, claims: &[&str]) -> Value {
+    let volumes: Vec<Value> = claims
+        .iter()
+        .map(|claim| json!({"name": claim, "persistentVolumeClaim": {"claimName": claim}}))
+        .collect();
+    let mounts: Vec<Value> = claims
+        .iter()
+        .map(|claim| json!({"name": claim, "mountPath": format!("/data/{claim}")}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "containers": [{"name": "app", "image": "busybox", "volumeMounts": mounts}],
+            "volumes": volumes,
+        },
+    })
+}
+
+fn wait_bound(cluster: &Cluster, name: &str, timeout: Duration) -> Value {
+    wait_for(&format!("PVC {name} Bound"), timeout, || {
+        let pvc = cluster
+            .get(&["pvc", name, "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (pvc["status"]["phase"] == "Bound")
+            .then(|| pvc.clone())
+            .ok_or_else(|| {
+                let pods = cluster.list("pods").unwrap_or_default();
+                let users: Vec<String> = pods
+                    .iter()
+                    .filter(|pod| {
+                        pod.to_string()
+                            .contains(&format!("\"claimName\":\"{name}\""))
+                    })
+                    .map(|pod| {
+                        let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+                        format!(
+                            "pod {pod_name}: {}\nevents: {}",
+                            pod["status"],
+                            events(cluster, pod_name)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{}\nevents: {}\n{}",
+                    pvc["status"],
+                    events(cluster, name),
+                    users.join("\n")
+                )
+            })
+    })
+    .unwrap_or_else(|err| panic!("{err:#}"))
+}
+
+/// The messages of the events about object `name` in the test namespace.
+fn events(cluster: &Cluster, name: &str) -> String {
+    let selector = format!("involvedObject.name={name}");
+    cluster
+        .get(&["events", "-n", NS, "--field-selector", &selector])
+        .map(|list| {
+            list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|event| format!("{}: {}", event["reason"], event["message"]))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+fn delete_pod(cluster: &Cluster, name: &str) {
+    // No kubelet confirms a graceful deletion here.
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            name,
+            "-n",
+            NS,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ])
+        .unwrap();
+}
+
+#[test]
+fn a_claim_of_each_class_binds_grows_and_goes() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = node_vm(&mut cluster, "vm-node");
+
+    let classes = [
+        ("nvme", "lvmlocal-nvme"),
+        ("ssd", "lvmlocal-ssd"),
+        ("hdd", "lvmlocal-hdd"),
+    ];
+    let started = Instant::now();
+    for (media, class) in classes {
+        cluster
+            .apply(&claim(&format!("data-{media}"), class, "1Gi"))
+            .unwrap();
+        cluster
+            .apply(&pod(&format!("app-{media}"), &[&format!("data-{media}")]))
+            .unwrap();
+    }
+    let mut volumes = Vec::new();
+    for (media, _) in classes {
+        let name = format!("data-{media}");
+        let bound = wait_bound(&cluster, &name, Duration::from_secs(180));
+        println!("{name} Bound after {:.1?}", started.elapsed());
+        assert_eq!(
+            bound["metadata"]["annotations"]["volume.kubernetes.io/selected-node"], "vm-node",
+            "{bound}"
+        );
+        let pod = cluster
+            .get(&["pod", &format!("app-{media}"), "-n", NS])
+            .unwrap();
+        assert_eq!(pod["spec"]["nodeName"], "vm-node");
+        let pv_name = bound["spec"]["volumeName"].as_str().unwrap().to_string();
+        let pv = cluster.get(&["pv", &pv_name]).unwrap();
+        assert_eq!(pv["spec"]["csi"]["driver"], "lvmlocal.io");
+        let handle = pv["spec"]["csi"]["volumeHandle"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let terms =
+            &pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+        assert_eq!(terms["key"], TOPOLOGY_KEY, "{pv}");
+        assert_eq!(terms["values"][0], "vm-node", "{pv}");
+        assert_eq!(pv["spec"]["capacity"]["storage"], "1Gi", "{pv}");
+        let llv = cluster.get(&["logicalvolume", &handle]).unwrap();
+        assert_eq!(llv["status"]["phase"], "Ready", "{llv}");
+        assert_eq!(llv["spec"]["media"], media, "{llv}");
+        assert_eq!(llv["spec"]["pvc"]["name"], name.as_str(), "{llv}");
+        let lvs = node.lvs().unwrap();
+        assert_eq!(
+            lvs.get(&format!("lvmlocal-{media}/{handle}")),
+            Some(&GIB),
+            "LVs in the VM: {lvs:?}"
+        );
+        volumes.push((media, name, pv_name, handle));
+    }
+
+    // The extender saw every pod: its metrics count the filter calls.
+    let metrics = lvmlocal_tests::guest::http_get(
+        &format!("127.0.0.1:{}", cluster.extender_port),
+        "/metrics",
+    );
+    assert!(metrics.contains("filter"), "{metrics}");
+
+    // Expansion through csi-resizer: the LV grows, the PV says so.
+    let (_, name, pv_name, handle) = &volumes[0];
+    cluster
+        .kubectl(&[
+            "patch",
+            "pvc",
+            name,
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#,
+        ])
+        .unwrap();
+    wait_for("PV capacity 2Gi", Duration::from_secs(120), || {
+        let pv = cluster
+            .get(&["pv", pv_name])
+            .map_err(|err| err.to_string())?;
+        (pv["spec"]["capacity"]["storage"] == "2Gi")
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", pv["spec"]["capacity"], events(&cluster, name)))
+    })
+    .unwrap();
+    let lvs = node.lvs().unwrap();
+    assert_eq!(
+        lvs.get(&format!("lvmlocal-nvme/{handle}")),
+        Some(&(2 * GIB)),
+        "{lvs:?}"
+    );
+
+    // Deletion: pod, then claim; the provisioner deletes the PV, the
+    // LogicalVolume and the LV go with it.
+    for (media, name, pv_name, handle) in &volumes {
+        delete_pod(&cluster, &format!("app-{media}"));
+        cluster
+            .kubectl(&["delete", "pvc", name, "-n", NS, "--wait=false"])
+            .unwrap();
+        wait_for(
+            &format!("{pv_name} and {handle} gone"),
+            Duration::from_secs(120),
+            || {
+                let pvs = cluster.list("pv").map_err(|err| err.to_string())?;
+                let llvs = cluster
+                    .list("logicalvolume")
+                    .map_err(|err| err.to_string())?;
+                let named = |items: &[Value], wanted: &str| {
+                    items.iter().any(|item| item["metadata"]["name"] == wanted)
+                };
+                (!named(&pvs, pv_name) && !named(&llvs, handle))
+                    .then_some(())
+                    .ok_or_else(|| format!("PVs {pvs:?}\nLogicalVolumes {llvs:?}"))
+            },
+        )
+        .unwrap();
+    }
+    let lvs = node.lvs().unwrap();
+    assert!(lvs.is_empty(), "LVs left in the VM: {lvs:?}");
+}
