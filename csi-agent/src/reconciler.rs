@@ -15,7 +15,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use csi_controller::volume::FsType;
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
@@ -24,6 +23,8 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus};
+use lvmlocal_proto::logical_volume::volume_of;
+use lvmlocal_proto::volume::FsType;
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
@@ -188,7 +189,7 @@ pub fn plan(lv: &LogicalVolume, local: Option<&LocalVolume>, node: &str) -> Plan
 
 /// The LV request `lv` stands for, checked as the controller checks it.
 fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
-    let volume = csi_controller::kube_store::volume_of(lv).map_err(|err| err.to_string())?;
+    let volume = volume_of(lv).map_err(|err| err.to_string())?;
     if volume.size_bytes == 0 {
         return Err(format!("LogicalVolume {}: spec.sizeBytes is 0", volume.id));
     }
@@ -579,13 +580,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::pin::pin;
 
-    use csi_controller::kube_store::volume_of;
-    use csi_controller::rpc::RpcMetrics;
-    use csi_controller::volume::VolumeState;
     use http::{Method, Request, Response};
     use kube::client::Body;
     use kube::runtime::reflector;
     use lvmlocal_proto::MediaClass;
+    use lvmlocal_proto::rpc::RpcMetrics;
+    use lvmlocal_proto::volume::VolumeState;
 
     use super::*;
     use crate::api_mock::{answer, assert_apply, body};

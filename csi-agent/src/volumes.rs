@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::extent::round_up;
 
 use crate::config::DiscoveryConfig;
 use crate::lvm::{Lv, Lvm, LvmError};
@@ -392,27 +393,5 @@ impl Volumes {
             };
         }
         VolumeError::Lvm(err)
-    }
-}
-
-/// `bytes` rounded up to whole extents, as LVM allocates them.
-fn round_up(bytes: u64, extent: u64) -> u64 {
-    if extent == 0 {
-        return bytes;
-    }
-    bytes.div_ceil(extent) * extent
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_round_up_to_whole_extents() {
-        let extent = 4 << 20;
-        assert_eq!(round_up(1, extent), extent);
-        assert_eq!(round_up(extent, extent), extent);
-        assert_eq!(round_up(extent + 1, extent), 2 * extent);
-        assert_eq!(round_up(1 << 30, extent), 1 << 30);
     }
 }
