@@ -6,12 +6,15 @@ mod api_mock;
 pub mod command;
 pub mod config;
 pub mod discovery;
+#[cfg(test)]
+mod fake_lvm;
 pub mod inventory;
 pub mod lvm;
 pub mod metrics;
 pub mod mount;
 pub mod node_service;
 pub mod node_storage;
+pub mod orphans;
 pub mod plan;
 pub mod probe;
 pub mod reconciler;

@@ -395,3 +395,36 @@ impl Volumes {
         VolumeError::Lvm(err)
     }
 }
+
+/// The LV operations the reconciler and the orphan audit need: [`Volumes`]
+/// on a node, or a fake in their tests.
+pub trait VolumeBackend: Send + Sync + 'static {
+    fn list(&self) -> impl Future<Output = Result<Vec<LocalVolume>, VolumeError>> + Send;
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<LocalVolume>, VolumeError>> + Send;
+    fn ensure(
+        &self,
+        request: &VolumeRequest,
+    ) -> impl Future<Output = Result<LocalVolume, VolumeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), VolumeError>> + Send;
+}
+
+impl VolumeBackend for Volumes {
+    async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
+        Volumes::list(self).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        Volumes::get(self, id).await
+    }
+
+    async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+        Volumes::ensure(self, request).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+        Volumes::remove(self, id).await
+    }
+}
