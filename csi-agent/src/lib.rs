@@ -6,12 +6,15 @@ mod api_mock;
 pub mod command;
 pub mod config;
 pub mod discovery;
+#[cfg(test)]
+mod fake_lvm;
 pub mod inventory;
 pub mod lvm;
 pub mod metrics;
 pub mod mount;
 pub mod node_service;
 pub mod node_storage;
+pub mod orphans;
 pub mod plan;
 pub mod probe;
 pub mod reconciler;
@@ -27,14 +30,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::server::{self, ServeError};
-use csi_controller::{ControllerService, ControllerSettings, IdentityService};
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::controller::{ControllerService, ControllerSettings};
 use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
 use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
 use lvmlocal_proto::csi::v1::node_server::NodeServer;
+use lvmlocal_proto::identity::IdentityService;
+use lvmlocal_proto::rpc::RpcMetrics;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+use lvmlocal_proto::server::{self, ServeError};
 
 use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};

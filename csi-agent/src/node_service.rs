@@ -6,9 +6,6 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::validate::{self, Invalid};
-use csi_controller::volume::Access;
 use lvmlocal_proto::TOPOLOGY_KEY;
 use lvmlocal_proto::csi::v1::node_server::Node;
 use lvmlocal_proto::csi::v1::node_service_capability::{Rpc, rpc};
@@ -23,6 +20,9 @@ use lvmlocal_proto::csi::v1::{
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCapability,
     VolumeCondition, VolumeUsage,
 };
+use lvmlocal_proto::rpc::RpcMetrics;
+use lvmlocal_proto::validate::{self, Invalid};
+use lvmlocal_proto::volume::Access;
 use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::Metrics;

@@ -8,69 +8,36 @@
 //! LV that no object claims is reported as orphaned and left alone.
 //!
 //! `look → plan → carry out → status`: [`plan`] and [`status`] are pure;
-//! [`reconcile`] only runs what they decide.
+//! [`reconcile`] only runs what they decide. The orphan audit is
+//! [`crate::orphans`].
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::future::Future;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use csi_controller::volume::FsType;
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus};
+use lvmlocal_proto::logical_volume::volume_of;
+use lvmlocal_proto::volume::FsType;
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
 use crate::node_storage::FIELD_MANAGER;
-use crate::volumes::{LocalVolume, VolumeError, VolumeRequest, Volumes};
+use crate::orphans::OrphanCheck;
+use crate::volumes::{LocalVolume, VolumeBackend, VolumeError, VolumeRequest};
 
 /// A ready volume is looked at again this often, so that an LV gone from
 /// under it shows in its status.
 const RECHECK: Duration = Duration::from_secs(300);
 /// A failed volume is tried again this often: space may have been freed.
 const RETRY_FAILED: Duration = Duration::from_secs(60);
-/// How often the LVs are compared with the objects to find orphans.
-const ORPHAN_CHECK: Duration = Duration::from_secs(60);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// The LV operations the reconciler needs: [`Volumes`] on a node.
-pub trait VolumeBackend: Send + Sync + 'static {
-    fn list(&self) -> impl Future<Output = Result<Vec<LocalVolume>, VolumeError>> + Send;
-    fn get(
-        &self,
-        id: &str,
-    ) -> impl Future<Output = Result<Option<LocalVolume>, VolumeError>> + Send;
-    fn ensure(
-        &self,
-        request: &VolumeRequest,
-    ) -> impl Future<Output = Result<LocalVolume, VolumeError>> + Send;
-    fn remove(&self, id: &str) -> impl Future<Output = Result<(), VolumeError>> + Send;
-}
-
-impl VolumeBackend for Volumes {
-    async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
-        Volumes::list(self).await
-    }
-
-    async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-        Volumes::get(self, id).await
-    }
-
-    async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
-        Volumes::ensure(self, request).await
-    }
-
-    async fn remove(&self, id: &str) -> Result<(), VolumeError> {
-        Volumes::remove(self, id).await
-    }
-}
 
 /// What to do about one `LogicalVolume`, given its LV on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +155,7 @@ pub fn plan(lv: &LogicalVolume, local: Option<&LocalVolume>, node: &str) -> Plan
 
 /// The LV request `lv` stands for, checked as the controller checks it.
 fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
-    let volume = csi_controller::kube_store::volume_of(lv).map_err(|err| err.to_string())?;
+    let volume = volume_of(lv).map_err(|err| err.to_string())?;
     if volume.size_bytes == 0 {
         return Err(format!("LogicalVolume {}: spec.sizeBytes is 0", volume.id));
     }
@@ -254,14 +221,6 @@ pub fn drop_finalizer(index: usize) -> Value {
         {"op": "test", "path": path, "value": LV_FINALIZER},
         {"op": "remove", "path": path},
     ])
-}
-
-/// The LVs no object claims.
-pub fn orphans<'a>(local: &'a [LocalVolume], objects: &HashSet<String>) -> Vec<&'a LocalVolume> {
-    local
-        .iter()
-        .filter(|volume| !objects.contains(&volume.id))
-        .collect()
 }
 
 /// Wait before the next try after `failures` failures in a row.
@@ -479,70 +438,6 @@ pub fn error_policy<B>(lv: Arc<LogicalVolume>, _err: &Error, ctx: Arc<Context<B>
     Action::requeue(backoff(*count))
 }
 
-/// Compares the LVs with the objects, so an LV no object claims is seen.
-struct OrphanCheck<B> {
-    volumes: Arc<B>,
-    objects: Store<LogicalVolume>,
-    metrics: Arc<Metrics>,
-    /// Orphans already logged, so each is logged when it appears.
-    reported: BTreeSet<String>,
-}
-
-impl<B: VolumeBackend> OrphanCheck<B> {
-    fn new(volumes: Arc<B>, objects: Store<LogicalVolume>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            volumes,
-            objects,
-            metrics,
-            reported: BTreeSet::new(),
-        }
-    }
-
-    async fn run(mut self) {
-        // Before the first full listing every LV would look orphaned.
-        if self.objects.wait_until_ready().await.is_err() {
-            return;
-        }
-        let mut tick = tokio::time::interval(ORPHAN_CHECK);
-        loop {
-            tick.tick().await;
-            self.check().await;
-        }
-    }
-
-    async fn check(&mut self) {
-        // LVs first: an LV is made only once its object is in the cache, so
-        // a volume being made now cannot pass for an orphan.
-        let local = match self.volumes.list().await {
-            Ok(local) => local,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list LVs to look for orphans");
-                return;
-            }
-        };
-        let objects: HashSet<String> = self
-            .objects
-            .state()
-            .iter()
-            .map(|lv| lv.name_any())
-            .collect();
-        let found = orphans(&local, &objects);
-        self.metrics.orphaned_volumes(found.len());
-        for volume in &found {
-            if !self.reported.contains(&volume.id) {
-                tracing::warn!(
-                    volume = %volume.id,
-                    vg = %volume.vg,
-                    bytes = volume.size_bytes,
-                    pvc = volume.pvc.as_deref().unwrap_or("-"),
-                    "orphaned LV: it carries lvmlocal's tag but no LogicalVolume names it; left in place"
-                );
-            }
-        }
-        self.reported = found.iter().map(|volume| volume.id.clone()).collect();
-    }
-}
-
 /// Reconciles the `LogicalVolume`s of `node` and watches for orphaned LVs;
 /// runs until the task is dropped.
 pub async fn run<B: VolumeBackend>(
@@ -576,166 +471,21 @@ pub async fn run<B: VolumeBackend>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::pin::pin;
 
-    use csi_controller::kube_store::volume_of;
-    use csi_controller::rpc::RpcMetrics;
-    use csi_controller::volume::VolumeState;
     use http::{Method, Request, Response};
     use kube::client::Body;
-    use kube::runtime::reflector;
     use lvmlocal_proto::MediaClass;
+    use lvmlocal_proto::rpc::RpcMetrics;
+    use lvmlocal_proto::volume::VolumeState;
 
     use super::*;
     use crate::api_mock::{answer, assert_apply, body};
+    use crate::fake_lvm::{EXTENT, FakeLvm, local, object, object_json};
     use crate::lvm::LvmError;
 
     const GIB: u64 = 1 << 30;
-    const EXTENT: u64 = 4 << 20;
     const OTHER_FINALIZER: &str = "backup.example.com/keep";
-
-    /// A stand-in for LVM in the Kubernetes-side tests only: it keeps LVs
-    /// in a map, rounds sizes to extents, runs out of space at `free`, and
-    /// records every call. LVM itself is tested in the VM.
-    struct FakeLvm {
-        volumes: Mutex<BTreeMap<String, LocalVolume>>,
-        free: Mutex<u64>,
-        /// Every LV command fails as LVM failing would.
-        broken: bool,
-        calls: Mutex<Vec<String>>,
-    }
-
-    impl FakeLvm {
-        fn new(free: u64) -> Self {
-            Self {
-                volumes: Mutex::default(),
-                free: Mutex::new(free),
-                broken: false,
-                calls: Mutex::default(),
-            }
-        }
-
-        fn with(self, volume: LocalVolume) -> Self {
-            self.volumes
-                .lock()
-                .unwrap()
-                .insert(volume.id.clone(), volume);
-            self
-        }
-
-        fn call(&self, call: String) -> Result<(), VolumeError> {
-            self.calls.lock().unwrap().push(call);
-            if self.broken {
-                return Err(VolumeError::Lvm(LvmError::Report {
-                    command: "lvs".into(),
-                    reason: "no JSON".into(),
-                }));
-            }
-            Ok(())
-        }
-
-        fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
-        }
-
-        fn ids(&self) -> Vec<String> {
-            self.volumes.lock().unwrap().keys().cloned().collect()
-        }
-    }
-
-    impl VolumeBackend for FakeLvm {
-        async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
-            self.call("list".into())?;
-            Ok(self.volumes.lock().unwrap().values().cloned().collect())
-        }
-
-        async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-            self.call(format!("get {id}"))?;
-            Ok(self.volumes.lock().unwrap().get(id).cloned())
-        }
-
-        async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
-            self.call(format!(
-                "ensure {} {} {} {} {}",
-                request.id,
-                request.media,
-                request.size_bytes,
-                request.access,
-                request.pvc.as_deref().unwrap_or("-")
-            ))?;
-            let mut volumes = self.volumes.lock().unwrap();
-            let mut free = self.free.lock().unwrap();
-            let mut volume = volumes
-                .get(&request.id)
-                .cloned()
-                .unwrap_or_else(|| local(&request.id, request.media, 0));
-            let size = request.size_bytes.div_ceil(EXTENT) * EXTENT;
-            if size > volume.size_bytes {
-                let needed = size - volume.size_bytes;
-                if needed > *free {
-                    return Err(VolumeError::NoSpace {
-                        media: request.media,
-                        needed,
-                        free: *free,
-                    });
-                }
-                *free -= needed;
-                volume.size_bytes = size;
-                volume.requested_bytes = request.size_bytes;
-            }
-            volumes.insert(request.id.clone(), volume.clone());
-            Ok(volume)
-        }
-
-        async fn remove(&self, id: &str) -> Result<(), VolumeError> {
-            self.call(format!("remove {id}"))?;
-            self.volumes.lock().unwrap().remove(id);
-            Ok(())
-        }
-    }
-
-    fn local(id: &str, media: MediaClass, size_bytes: u64) -> LocalVolume {
-        LocalVolume {
-            id: id.into(),
-            media,
-            vg: format!("lvmlocal-{media}"),
-            size_bytes,
-            requested_bytes: size_bytes,
-            access: "ext4".into(),
-            pvc: Some("db/data-0".into()),
-            device_path: format!("/dev/lvmlocal-{media}/{id}"),
-            healthy: true,
-        }
-    }
-
-    /// A `LogicalVolume` as the controller creates it, as the API server
-    /// returns it.
-    fn object_json(size: u64, generation: i64) -> Value {
-        json!({
-            "apiVersion": "lvmlocal.io/v1alpha1",
-            "kind": "LogicalVolume",
-            "metadata": {
-                "name": "pvc-1",
-                "uid": "0c3e5f2a-8d6b-4c1e-9f7a-2b4d6e8f0a1c",
-                "resourceVersion": "4711",
-                "generation": generation,
-                "creationTimestamp": "2025-05-01T10:00:00Z",
-                "finalizers": [LV_FINALIZER],
-            },
-            "spec": {
-                "nodeName": "node-a",
-                "media": "nvme",
-                "sizeBytes": size,
-                "fsType": "ext4",
-                "pvc": {"namespace": "db", "name": "data-0"},
-            },
-        })
-    }
-
-    fn object(size: u64, generation: i64) -> LogicalVolume {
-        serde_json::from_value(object_json(size, generation)).unwrap()
-    }
 
     fn deleting(mut lv: LogicalVolume, finalizers: &[&str]) -> LogicalVolume {
         lv.metadata.deletion_timestamp =
@@ -1155,28 +905,6 @@ mod tests {
     }
 
     #[test]
-    fn orphans_are_the_lvs_no_object_names() {
-        let lvs = [
-            local("pvc-a", MediaClass::Nvme, GIB),
-            local("pvc-b", MediaClass::Hdd, GIB),
-            local("pvc-c", MediaClass::Ssd, GIB),
-        ];
-        let names = |names: &[&str]| -> HashSet<String> {
-            names.iter().map(|name| name.to_string()).collect()
-        };
-        let ids = |found: Vec<&LocalVolume>| -> Vec<String> {
-            found.into_iter().map(|volume| volume.id.clone()).collect()
-        };
-        assert_eq!(
-            ids(orphans(&lvs, &names(&["pvc-a", "pvc-c", "pvc-x"]))),
-            ["pvc-b"]
-        );
-        assert_eq!(ids(orphans(&lvs, &names(&[]))), ["pvc-a", "pvc-b", "pvc-c"]);
-        assert!(orphans(&lvs, &names(&["pvc-a", "pvc-b", "pvc-c"])).is_empty());
-        assert!(orphans(&[], &names(&["pvc-a"])).is_empty());
-    }
-
-    #[test]
     fn backoff_doubles_up_to_five_minutes() {
         let secs: Vec<u64> = [0, 1, 2, 3, 4, 8, 9, 10, 100, u32::MAX]
             .into_iter()
@@ -1440,47 +1168,5 @@ mod tests {
                 .encode()
                 .contains("lvmlocal_agent_reconcile_failures_total{error=\"LvmFailed\"} 1")
         );
-    }
-
-    #[tokio::test]
-    async fn the_orphan_check_counts_lvs_without_objects() {
-        let backend = Arc::new(
-            FakeLvm::new(0)
-                .with(local("pvc-1", MediaClass::Nvme, GIB))
-                .with(local("pvc-gone", MediaClass::Hdd, GIB)),
-        );
-        let (objects, mut writer) = reflector::store::<LogicalVolume>();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitApply(object(GIB, 1)));
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        let metrics = Arc::new(Metrics::new(&RpcMetrics::default()));
-        let mut check = OrphanCheck::new(backend.clone(), objects, metrics.clone());
-        check.check().await;
-        assert!(
-            metrics
-                .encode()
-                .contains("lvmlocal_agent_orphaned_volumes 1"),
-            "{}",
-            metrics.encode()
-        );
-        assert_eq!(check.reported, BTreeSet::from(["pvc-gone".to_owned()]));
-        assert_eq!(
-            backend.ids(),
-            ["pvc-1", "pvc-gone"],
-            "an orphan is never removed"
-        );
-
-        writer.apply_watcher_event(&watcher::Event::Apply({
-            let mut claimed = object(GIB, 1);
-            claimed.metadata.name = Some("pvc-gone".into());
-            claimed
-        }));
-        check.check().await;
-        assert!(
-            metrics
-                .encode()
-                .contains("lvmlocal_agent_orphaned_volumes 0")
-        );
-        assert!(check.reported.is_empty());
     }
 }

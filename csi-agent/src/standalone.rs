@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use csi_controller::placement::NodeCapacity;
-use csi_controller::store::{Store, StoreError};
-use csi_controller::volume::{Access, FsType, NewVolume, Volume, VolumeId, VolumeState};
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::placement::NodeCapacity;
+use lvmlocal_proto::store::{Store, StoreError};
+use lvmlocal_proto::volume::{Access, FsType, NewVolume, Volume, VolumeId, VolumeState};
 use tokio::time::Instant;
 
 use crate::volumes::{LocalVolume, VolumeError, VolumeRequest, Volumes};

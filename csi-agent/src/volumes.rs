@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::extent::round_up;
 
 use crate::config::DiscoveryConfig;
 use crate::lvm::{Lv, Lvm, LvmError};
@@ -395,24 +396,35 @@ impl Volumes {
     }
 }
 
-/// `bytes` rounded up to whole extents, as LVM allocates them.
-fn round_up(bytes: u64, extent: u64) -> u64 {
-    if extent == 0 {
-        return bytes;
-    }
-    bytes.div_ceil(extent) * extent
+/// The LV operations the reconciler and the orphan audit need: [`Volumes`]
+/// on a node, or a fake in their tests.
+pub trait VolumeBackend: Send + Sync + 'static {
+    fn list(&self) -> impl Future<Output = Result<Vec<LocalVolume>, VolumeError>> + Send;
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<LocalVolume>, VolumeError>> + Send;
+    fn ensure(
+        &self,
+        request: &VolumeRequest,
+    ) -> impl Future<Output = Result<LocalVolume, VolumeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), VolumeError>> + Send;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl VolumeBackend for Volumes {
+    async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
+        Volumes::list(self).await
+    }
 
-    #[test]
-    fn sizes_round_up_to_whole_extents() {
-        let extent = 4 << 20;
-        assert_eq!(round_up(1, extent), extent);
-        assert_eq!(round_up(extent, extent), extent);
-        assert_eq!(round_up(extent + 1, extent), 2 * extent);
-        assert_eq!(round_up(1 << 30, extent), 1 << 30);
+    async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        Volumes::get(self, id).await
+    }
+
+    async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+        Volumes::ensure(self, request).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+        Volumes::remove(self, id).await
     }
 }

@@ -13,10 +13,8 @@ mod fake_api;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use csi_controller::kube_store::{self, KubeStore};
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::validate::MEDIA_PARAM;
-use csi_controller::{ControllerService, ControllerSettings, server};
+use csi_controller::caches;
+use csi_controller::kube_store::KubeStore;
 use fake_api::{
     ApiHandle, LV_PATH, client, logical_volume, node, node_storage, ready, respond, status,
     watch_events,
@@ -25,11 +23,15 @@ use http::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use kube::client::Body;
 use lvmlocal_proto::TOPOLOGY_KEY;
+use lvmlocal_proto::controller::{ControllerService, ControllerSettings};
 use lvmlocal_proto::csi::v1::controller_client::ControllerClient;
 use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
 use lvmlocal_proto::csi::v1::volume_capability::access_mode::Mode;
 use lvmlocal_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use lvmlocal_proto::csi::v1::*;
+use lvmlocal_proto::params::MEDIA_PARAM;
+use lvmlocal_proto::rpc::RpcMetrics;
+use lvmlocal_proto::server;
 use serde_json::{Value, json};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -196,7 +198,7 @@ async fn main() {
 
     let (watch_client, watch_handle) = client();
     let events = serve_watches(watch_handle);
-    let (caches, feed) = kube_store::caches();
+    let (caches, feed) = caches::caches();
     tokio::spawn(feed.run(watch_client));
     let started = Instant::now();
     caches.synced().await;

@@ -18,7 +18,8 @@ use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::kube_store::{Caches, FIELD_MANAGER};
+use crate::caches::Caches;
+use crate::kube_store::FIELD_MANAGER;
 
 /// Remembers since when each node has been missing.
 #[derive(Debug)]

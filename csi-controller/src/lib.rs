@@ -1,24 +1,16 @@
 //! The cluster-wide controller: serves the CSI Identity and Controller
-//! services and maps each volume to a `LogicalVolume` on its node.
-//!
-//! The Controller service is generic over a [`store::Store`], so the agent's
-//! standalone mode serves the same validation and error mapping over its LV
-//! tags: `validate → place → store → wait`.
+//! services over [`kube_store::KubeStore`], which maps each volume to a
+//! `LogicalVolume` on its node, under a Lease, with the garbage collection
+//! of volumes whose node is gone. The services themselves are
+//! `lvmlocal_proto`'s, shared with the agent's standalone mode.
 
-pub mod controller;
+pub mod caches;
+pub mod capacity;
 pub mod crdgen;
-pub mod error;
 pub mod gc;
 pub mod http;
-pub mod identity;
 pub mod kube_store;
 pub mod leader;
-pub mod placement;
-pub mod rpc;
-pub mod server;
-pub mod store;
-pub mod validate;
-pub mod volume;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,23 +20,20 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand};
 use kube::Client;
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use lvmlocal_proto::controller::{ControllerService, ControllerSettings};
 use lvmlocal_proto::csi::v1::controller_server::ControllerServer;
 use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
-use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+use lvmlocal_proto::identity::IdentityService;
+use lvmlocal_proto::rpc::RpcMetrics;
+use lvmlocal_proto::runtime::{KubeClientError, LogArgs, RuntimeError, StopSignals, kube_client};
+use lvmlocal_proto::server::{self, ServeError};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
 
-pub use controller::{ControllerService, ControllerSettings};
-pub use identity::IdentityService;
-
 use crate::kube_store::KubeStore;
 use crate::leader::{Leadership, LeaseError, LeaseSettings};
-use crate::rpc::RpcMetrics;
-use crate::server::ServeError;
-use crate::store::BoxError;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -113,11 +102,8 @@ pub enum Command {
 pub enum RunError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("{context}: {source}")]
-    Kube {
-        context: &'static str,
-        source: BoxError,
-    },
+    #[error(transparent)]
+    Kube(#[from] KubeClientError),
     #[error("cannot listen on {address}: {source}")]
     Http {
         address: SocketAddr,
@@ -199,7 +185,7 @@ async fn serve_when_leader(
         None
     };
 
-    let (caches, feed) = kube_store::caches();
+    let (caches, feed) = caches::caches();
     tokio::spawn(feed.run(client.clone()));
     if until_stopped(caches.synced(), &stopping).await.is_none() {
         return Ok(());
@@ -258,23 +244,6 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_else(|_| "csi-controller".to_owned())
-}
-
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, RunError> {
-    let kube = |context: &'static str| move |source: BoxError| RunError::Kube { context, source };
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .map_err(|e| kube("cannot read the kubeconfig")(e.into()))?;
-            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| kube("cannot use the kubeconfig")(e.into()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| kube("cannot find Kubernetes credentials")(e.into()))?,
-    };
-    Client::try_from(config).map_err(|e| kube("cannot build the Kubernetes client")(e.into()))
 }
 
 /// Resolves when the stop flag is raised.

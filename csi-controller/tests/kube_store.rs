@@ -9,20 +9,21 @@ mod fake_api;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use csi_controller::kube_store::{self, KubeStore};
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::validate::MEDIA_PARAM;
-use csi_controller::{ControllerService, ControllerSettings};
+use csi_controller::caches;
+use csi_controller::kube_store::KubeStore;
 use fake_api::{
     ApiHandle, LV_PATH, client, logical_volume, next, node, node_storage, ready, respond,
     serve_watches, status,
 };
 use http::{Method, StatusCode};
 use lvmlocal_proto::TOPOLOGY_KEY;
+use lvmlocal_proto::controller::{ControllerService, ControllerSettings};
 use lvmlocal_proto::csi::v1::controller_server::Controller;
 use lvmlocal_proto::csi::v1::volume_capability::access_mode::Mode;
 use lvmlocal_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use lvmlocal_proto::csi::v1::*;
+use lvmlocal_proto::params::MEDIA_PARAM;
+use lvmlocal_proto::rpc::RpcMetrics;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::{Code, Request};
@@ -46,7 +47,7 @@ async fn controller(volumes: Vec<Value>) -> Cluster {
         vec![node_storage("node-a", 100 * GIB)],
         vec![node("node-a")],
     );
-    let (caches, feed) = kube_store::caches();
+    let (caches, feed) = caches::caches();
     tokio::spawn(feed.run(watch_client));
     tokio::time::timeout(Duration::from_secs(5), caches.synced())
         .await
@@ -403,7 +404,7 @@ async fn slow_agent_is_deadline_exceeded() {
         vec![node_storage("node-a", 100 * GIB)],
         vec![node("node-a")],
     );
-    let (caches, feed) = kube_store::caches();
+    let (caches, feed) = caches::caches();
     tokio::spawn(feed.run(watch_client));
     caches.synced().await;
     let (crud_client, mut api) = client();

@@ -19,7 +19,6 @@ use axum::body::Bytes;
 use csi_scheduler::extender::{Extender, Policy};
 use csi_scheduler::http::router;
 use csi_scheduler::metrics::Metrics;
-use csi_scheduler::placement::Placement;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -29,6 +28,7 @@ use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
 use lvmlocal_proto::extender::ExtenderArgs;
+use lvmlocal_proto::params::Placement;
 use nix::time::{ClockId, clock_gettime};
 use serde_json::{Value, json};
 

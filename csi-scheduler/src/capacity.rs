@@ -5,7 +5,7 @@
 use std::fmt::{self, Write};
 use std::ops::{Index, IndexMut};
 
-use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::{MediaClass, extent};
 
 use crate::needs::ClaimNeed;
 use crate::quantity::Bytes;
@@ -57,10 +57,7 @@ impl MediaCapacity<'_> {
 
     /// What a volume of `bytes` takes once LVM rounds it up to whole extents.
     pub fn allocation(&self, bytes: u64) -> u64 {
-        match self.extent_bytes {
-            0 => bytes,
-            extent => bytes.div_ceil(extent).saturating_mul(extent),
-        }
+        extent::round_up(bytes, self.extent_bytes)
     }
 }
 

@@ -12,12 +12,13 @@ use lvmlocal_proto::extender::{
     ExtenderArgs, ExtenderFilterResult, FailedNodesMap, HostPriority, HostPriorityList,
     MIN_EXTENDER_PRIORITY,
 };
+use lvmlocal_proto::params::Placement;
 
 use crate::capacity::{PerMedia, Refusal, Verdict, explain};
 use crate::inventory::{Inventory, PodRef, Source};
 use crate::metrics::Metrics;
 use crate::needs::{NeedsError, PodNeeds};
-use crate::placement::{Placement, ScoreGroup, scores};
+use crate::placement::{ScoreGroup, scores};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {

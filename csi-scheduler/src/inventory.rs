@@ -267,13 +267,7 @@ impl Inventory {
                 let record = VolumeRecord {
                     node: self.intern(&lv.spec.node_name),
                     media: lv.spec.media,
-                    // Once made, the LV is its actual size, rounded up to
-                    // whole extents.
-                    bytes: lv
-                        .status
-                        .as_ref()
-                        .and_then(|status| status.size_bytes)
-                        .map_or(lv.spec.size_bytes, |actual| actual.max(lv.spec.size_bytes)),
+                    bytes: lv.charged_bytes(),
                     claim: lv
                         .spec
                         .pvc

@@ -23,12 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
-use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+use lvmlocal_proto::params::Placement;
+use lvmlocal_proto::runtime::{KubeClientError, LogArgs, RuntimeError, StopSignals, kube_client};
 
 use crate::extender::{Extender, Policy};
 use crate::metrics::Metrics;
-use crate::placement::Placement;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -74,15 +73,8 @@ fn parse_prefix(prefix: &str) -> Result<String, String> {
 pub enum StartError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("cannot read kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: PathBuf,
-        source: KubeconfigError,
-    },
-    #[error("cannot configure the Kubernetes client: {0}")]
-    KubeConfig(#[from] kube::config::InferConfigError),
-    #[error("cannot create the Kubernetes client: {0}")]
-    Client(#[from] kube::Error),
+    #[error(transparent)]
+    Kube(#[from] KubeClientError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -92,27 +84,10 @@ pub enum StartError {
     Serve(std::io::Error),
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, StartError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let failed = |source| StartError::Kubeconfig {
-                path: path.clone(),
-                source,
-            };
-            let file = Kubeconfig::read_from(path).map_err(failed)?;
-            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(failed)?
-        }
-        None => kube::Config::infer().await?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
 pub async fn run(args: Args) -> Result<(), StartError> {
     args.log.init()?;
     let stop = StopSignals::install()?;
-    let client = kube_client(args.kubeconfig.as_ref()).await?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
     let policy = Policy {
         default_placement: args.default_placement,
         reservation_ttl: Duration::from_secs(args.reservation_ttl_seconds),

@@ -7,15 +7,11 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
+use lvmlocal_proto::params::{MEDIA_PARAM, PLACEMENT_PARAM, Placement};
 use lvmlocal_proto::{DRIVER_NAME, MediaClass};
 
-use crate::placement::Placement;
 use crate::quantity::parse_bytes;
 
-/// StorageClass parameter naming the media class of its volumes.
-pub const MEDIA_PARAMETER: &str = "lvmlocal.io/media";
-/// StorageClass parameter overriding the extender's default placement.
-pub const PLACEMENT_PARAMETER: &str = "lvmlocal.io/placement";
 /// Set by kube-scheduler on a claim once it has picked the pod's node.
 pub const SELECTED_NODE_ANNOTATION: &str = "volume.kubernetes.io/selected-node";
 /// Marks the StorageClass used by claims that name none.
@@ -132,16 +128,16 @@ impl ClassRecord {
                     .as_ref()
                     .and_then(|parameters| parameters.get(key))
             };
-            let media = match parameter(MEDIA_PARAMETER) {
-                None => Err(format!("parameter {MEDIA_PARAMETER} is missing")),
+            let media = match parameter(MEDIA_PARAM) {
+                None => Err(format!("parameter {MEDIA_PARAM} is missing")),
                 Some(text) => text
                     .parse::<MediaClass>()
-                    .map_err(|err| format!("parameter {MEDIA_PARAMETER}: {err}")),
+                    .map_err(|err| format!("parameter {MEDIA_PARAM}: {err}")),
             };
-            let placement = parameter(PLACEMENT_PARAMETER)
+            let placement = parameter(PLACEMENT_PARAM)
                 .map(|text| text.parse::<Placement>())
                 .transpose()
-                .map_err(|err| format!("parameter {PLACEMENT_PARAMETER}: {err}"));
+                .map_err(|err| format!("parameter {PLACEMENT_PARAM}: {err}"));
             match (media, placement) {
                 (Ok(media), Ok(placement)) => ClassKind::Lvmlocal { media, placement },
                 (Err(reason), _) | (_, Err(reason)) => ClassKind::Invalid(reason),

@@ -19,53 +19,11 @@
 //! decisive whatever the clusters' disk sizes; an operator who wants it to
 //! weigh less lowers the extender's `weight` in the scheduler configuration.
 
-use std::fmt;
-use std::str::FromStr;
-
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::extender::{MAX_EXTENDER_PRIORITY, MIN_EXTENDER_PRIORITY};
+use lvmlocal_proto::params::Placement;
 
 use crate::capacity::PerMedia;
-
-/// Placement policy for the volumes of one StorageClass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum Placement {
-    /// Fill nodes up, keeping whole disks free elsewhere for large volumes.
-    Binpack,
-    /// Keep the most room on every node.
-    Spread,
-}
-
-impl Placement {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Placement::Binpack => "binpack",
-            Placement::Spread => "spread",
-        }
-    }
-}
-
-impl fmt::Display for Placement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown placement {0:?}; expected binpack or spread")]
-pub struct ParsePlacementError(String);
-
-impl FromStr for Placement {
-    type Err = ParsePlacementError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "binpack" => Ok(Placement::Binpack),
-            "spread" => Ok(Placement::Spread),
-            _ => Err(ParsePlacementError(s.to_owned())),
-        }
-    }
-}
 
 /// The pod's claims of one media class under one placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,15 +166,5 @@ mod tests {
         for (name, groups, left, expected) in cases {
             assert_eq!(scores(&groups, &left), expected, "{name}");
         }
-    }
-
-    #[test]
-    fn placement_parses_only_its_two_names() {
-        assert_eq!("binpack".parse(), Ok(Placement::Binpack));
-        assert_eq!("spread".parse(), Ok(Placement::Spread));
-        for bad in ["", "Binpack", "pack", "spread "] {
-            assert!(bad.parse::<Placement>().is_err(), "{bad:?}");
-        }
-        assert_eq!(Placement::Spread.to_string(), "spread");
     }
 }

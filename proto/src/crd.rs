@@ -136,6 +136,19 @@ pub struct LogicalVolumeSpec {
     pub pvc: Option<PvcRef>,
 }
 
+impl LogicalVolume {
+    /// What the volume takes from its volume group: the asked size, or once
+    /// made, the LV's actual size (rounded up to whole extents) if larger.
+    pub fn charged_bytes(&self) -> u64 {
+        self.status
+            .as_ref()
+            .and_then(|status| status.size_bytes)
+            .map_or(self.spec.size_bytes, |actual| {
+                actual.max(self.spec.size_bytes)
+            })
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PvcRef {

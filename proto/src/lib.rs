@@ -1,13 +1,36 @@
-//! Contracts shared by the lvmlocal components: the CSI gRPC bindings, the
-//! custom resources, the names every component must agree on, and the media
-//! classes.
+//! Contracts and shared rules of the lvmlocal components: the CSI gRPC
+//! bindings, the custom resources, the names every component must agree
+//! on, the volume model and the checks of CSI requests, StorageClass
+//! parameters, extent and capacity arithmetic, and (feature `service`) the
+//! CSI service edge the node plugin and the cluster controller both serve.
+//! Each rule lives here once, so the binaries cannot drift apart.
 
 pub mod crd;
 pub mod extender;
+pub mod extent;
 mod media;
 mod names;
+pub mod params;
+pub mod placement;
+pub mod validate;
+pub mod volume;
+
+#[cfg(feature = "service")]
+pub mod controller;
+#[cfg(feature = "service")]
+pub mod error;
+#[cfg(feature = "service")]
+pub mod identity;
+#[cfg(feature = "service")]
+pub mod logical_volume;
+#[cfg(feature = "service")]
+pub mod rpc;
 #[cfg(feature = "runtime")]
 pub mod runtime;
+#[cfg(feature = "service")]
+pub mod server;
+#[cfg(feature = "service")]
+pub mod store;
 
 pub use media::{MediaClass, ParseMediaClassError};
 pub use names::{DRIVER_NAME, TOPOLOGY_KEY};

@@ -1,9 +1,11 @@
-//! Process plumbing shared by the three lvmlocal binaries: log setup and
-//! waiting for the orchestrator's stop signal.
+//! Process plumbing shared by the three lvmlocal binaries: log setup,
+//! waiting for the orchestrator's stop signal, and the Kubernetes client.
 
 use std::fmt;
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
+use kube::config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -97,4 +99,36 @@ impl StopSignals {
             _ = self.interrupt.recv() => StopSignal::Interrupt,
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeClientError {
+    #[error("cannot read kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: KubeconfigError,
+    },
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Infer(#[from] InferConfigError),
+    #[error("cannot create the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client from `kubeconfig`, or without one from the pod's service
+/// account (or the environment's default kubeconfig).
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let failed = |source| KubeClientError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(failed)?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(failed)?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }

@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const KUBELET_DIR: &str = "/var/lib/kubelet";
-pub const MEDIA_PARAM: &str = "lvmlocal.io/media";
+pub use lvmlocal_proto::params::MEDIA_PARAM;
 
 /// The three CSI services behind one socket.
 #[derive(Clone)]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use csi_controller::validate::{FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM};
+use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
@@ -438,7 +438,7 @@ fn csi_driver_and_storage_classes_use_the_drivers_names() {
         }
         let media: MediaClass = parameters[MEDIA_PARAM].parse().unwrap();
         assert_eq!(name, format!("lvmlocal-{media}"));
-        let fs: csi_controller::volume::FsType = parameters[FS_TYPE_PARAM].parse().unwrap();
+        let fs: lvmlocal_proto::volume::FsType = parameters[FS_TYPE_PARAM].parse().unwrap();
         assert!(!fs.to_string().is_empty());
         media_seen.insert(media.to_string());
     }
@@ -483,7 +483,7 @@ fn agent_daemon_set_matches_the_agent() {
 
     // The socket: the agent's endpoint, the sidecars' address, and the host
     // directory kubelet is told about, all the same file.
-    let socket = csi_controller::server::socket_path(&parsed.csi_endpoint).unwrap();
+    let socket = lvmlocal_proto::server::socket_path(&parsed.csi_endpoint).unwrap();
     let socket_dir = socket.parent().unwrap();
     let plugin_dir = volume_at(agent, socket_dir);
     let host_dir = host_path(&pod, &plugin_dir);
@@ -606,7 +606,7 @@ fn controller_deployment_matches_the_controller() {
     let parsed = csi_controller::Args::try_parse_from(&line).unwrap();
     assert!(parsed.command.is_none());
 
-    let socket = csi_controller::server::socket_path(&parsed.csi_endpoint).unwrap();
+    let socket = lvmlocal_proto::server::socket_path(&parsed.csi_endpoint).unwrap();
     let socket_dir = volume_at(controller, socket.parent().unwrap());
     for sidecar in [provisioner, resizer] {
         assert_eq!(
@@ -1061,7 +1061,7 @@ fn sample_names(text: &str) -> BTreeSet<String> {
 /// Every sample name the three components export. A metric family shows
 /// up in the text only once it has a sample, so each gets one first.
 async fn metric_names_of_the_code() -> BTreeSet<String> {
-    let rpc = csi_controller::rpc::RpcMetrics::default();
+    let rpc = lvmlocal_proto::rpc::RpcMetrics::default();
     let answered = rpc
         .observe("Probe", async { Ok::<_, tonic::Status>(()) })
         .await;

@@ -51,7 +51,7 @@ fn cluster() -> Cluster {
             class(
                 "hdd-spread",
                 Hdd,
-                Some(csi_scheduler::placement::Placement::Spread),
+                Some(lvmlocal_proto::params::Placement::Spread),
             ),
         ],
     }

@@ -4,9 +4,10 @@ use std::collections::BTreeSet;
 
 use csi_scheduler::capacity::{MediaCapacity, NodeCapacity, PerMedia, Verdict, fit};
 use csi_scheduler::needs::{ClaimKey, ClaimNeed};
-use csi_scheduler::placement::{Placement, ScoreGroup, scores};
+use csi_scheduler::placement::{ScoreGroup, scores};
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::extender::ExtenderArgs;
+use lvmlocal_proto::params::Placement;
 use proptest::prelude::*;
 
 use crate::support::*;

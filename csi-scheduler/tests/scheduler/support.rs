@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use csi_scheduler::extender::{Extender, Policy};
 use csi_scheduler::inventory::Inventory;
 use csi_scheduler::metrics::Metrics;
-use csi_scheduler::placement::Placement;
+use lvmlocal_proto::params::Placement;
 
 pub const GI: u64 = 1 << 30;
 pub const EXTENT: u64 = 4 << 20;

@@ -1,11 +1,12 @@
 //! The CSI services answer over the unix socket, as the sidecars call them.
 
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::{IdentityService, server};
 use hyper_util::rt::TokioIo;
 use lvmlocal_proto::csi::v1::GetPluginInfoRequest;
 use lvmlocal_proto::csi::v1::identity_client::IdentityClient;
 use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
+use lvmlocal_proto::identity::IdentityService;
+use lvmlocal_proto::rpc::RpcMetrics;
+use lvmlocal_proto::server;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tonic::transport::{Endpoint, Server};

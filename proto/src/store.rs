@@ -6,7 +6,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::time::Duration;
 
-use lvmlocal_proto::MediaClass;
+use crate::MediaClass;
 use tokio::time::Instant;
 use tonic::Code;
 

@@ -5,35 +5,26 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use lvmlocal_proto::crd::PvcRef;
-use lvmlocal_proto::csi::v1::volume_capability::access_mode::Mode;
-use lvmlocal_proto::csi::v1::volume_capability::{AccessMode, AccessType};
-use lvmlocal_proto::csi::v1::{
+use crate::crd::PvcRef;
+use crate::csi::v1::volume_capability::access_mode::Mode;
+use crate::csi::v1::volume_capability::{AccessMode, AccessType};
+use crate::csi::v1::{
     CapacityRange, ControllerExpandVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
     GetCapacityRequest, ListVolumesRequest, Topology, ValidateVolumeCapabilitiesRequest,
     VolumeCapability,
 };
-use lvmlocal_proto::{MediaClass, ParseMediaClassError, TOPOLOGY_KEY};
+use crate::params::{
+    FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM, PV_NAME_PARAM, PVC_NAME_PARAM,
+    PVC_NAMESPACE_PARAM, Placement,
+};
+use crate::{MediaClass, ParseMediaClassError, TOPOLOGY_KEY};
 use tonic::Code;
 
 use crate::volume::{Access, FsType, InvalidVolumeId, UnsupportedFsType, VolumeId};
 
-/// StorageClass parameter naming the media class; required, because a
-/// volume silently landing on HDD when NVMe was meant is worse than an error.
-pub const MEDIA_PARAM: &str = "lvmlocal.io/media";
-/// StorageClass parameter with the filesystem (`ext4` or `xfs`).
-pub const FS_TYPE_PARAM: &str = "csi.storage.k8s.io/fstype";
-/// StorageClass parameter read by the scheduler extender; checked here so a
-/// typo fails at the first volume instead of being ignored.
-pub const PLACEMENT_PARAM: &str = "lvmlocal.io/placement";
-/// Added by csi-provisioner's `--extra-create-metadata`.
-pub const PVC_NAME_PARAM: &str = "csi.storage.k8s.io/pvc/name";
-pub const PVC_NAMESPACE_PARAM: &str = "csi.storage.k8s.io/pvc/namespace";
-pub const PV_NAME_PARAM: &str = "csi.storage.k8s.io/pv/name";
 /// The sidecars' own parameter namespace: keys under it that lvmlocal does
 /// not use are the sidecars' business and pass unchecked.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
-const PLACEMENTS: [&str; 2] = ["binpack", "spread"];
 
 /// ListVolumes tokens are `after:<last id of the previous page>`, so a page
 /// boundary survives volumes coming and going, and anything else is refused.
@@ -355,7 +346,7 @@ pub fn parameters(params: &HashMap<String, String>) -> Result<Parameters, Invali
         match key.as_str() {
             MEDIA_PARAM => parsed.media = Some(value.parse()?),
             FS_TYPE_PARAM => parsed.fs_type = Some(value.parse()?),
-            PLACEMENT_PARAM if PLACEMENTS.contains(&value.as_str()) => {}
+            PLACEMENT_PARAM if value.parse::<Placement>().is_ok() => {}
             PLACEMENT_PARAM => return Err(Invalid::Placement(value.clone())),
             PVC_NAME_PARAM => pvc_name = Some(value.clone()),
             PVC_NAMESPACE_PARAM => pvc_namespace = Some(value.clone()),
@@ -410,10 +401,8 @@ fn segment_node(topology: &Topology) -> Result<String, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lvmlocal_proto::csi::v1::volume_capability::{BlockVolume, MountVolume};
-    use lvmlocal_proto::csi::v1::{
-        TopologyRequirement, VolumeContentSource, volume_content_source,
-    };
+    use crate::csi::v1::volume_capability::{BlockVolume, MountVolume};
+    use crate::csi::v1::{TopologyRequirement, VolumeContentSource, volume_content_source};
 
     const PVC: &str = "pvc-0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10";
 

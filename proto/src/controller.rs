@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lvmlocal_proto::csi::v1::controller_server::Controller;
-use lvmlocal_proto::csi::v1::controller_service_capability::{Rpc, Type as CapabilityType, rpc};
-use lvmlocal_proto::csi::v1::list_volumes_response::Entry;
-use lvmlocal_proto::csi::v1::validate_volume_capabilities_response::Confirmed;
-use lvmlocal_proto::csi::v1::{
+use crate::csi::v1::controller_server::Controller;
+use crate::csi::v1::controller_service_capability::{Rpc, Type as CapabilityType, rpc};
+use crate::csi::v1::list_volumes_response::Entry;
+use crate::csi::v1::validate_volume_capabilities_response::Confirmed;
+use crate::csi::v1::{
     self as csi, ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
     ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
     ControllerGetVolumeRequest, ControllerGetVolumeResponse, ControllerModifyVolumeRequest,
@@ -20,16 +20,17 @@ use lvmlocal_proto::csi::v1::{
     ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse, Topology,
     ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
 };
-use lvmlocal_proto::{MediaClass, TOPOLOGY_KEY};
+use crate::{MediaClass, TOPOLOGY_KEY};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Span;
 
 use crate::error::CsiError;
+use crate::params::MEDIA_PARAM;
 use crate::placement::{self, NodeCapacity};
 use crate::rpc::RpcMetrics;
 use crate::store::{Store, StoreError};
-use crate::validate::{self, CreateRequest, MEDIA_PARAM, Wanted};
+use crate::validate::{self, CreateRequest, Wanted};
 use crate::volume::{Access, NewVolume, Volume, VolumeId, VolumeState};
 
 /// Behaviour an operator may tune.

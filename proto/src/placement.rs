@@ -2,13 +2,11 @@
 //! requirement, the capacity arithmetic, and the rounding to LVM extents.
 //! Pure functions over plain data.
 
-use lvmlocal_proto::MediaClass;
 use tonic::Code;
 
+use crate::MediaClass;
+use crate::extent::{self, DEFAULT_EXTENT_BYTES};
 use crate::validate::{NodeChoice, SizeRange};
-
-/// LVM's default extent, used while a node has not reported its own.
-pub const DEFAULT_EXTENT_BYTES: u64 = 4 << 20;
 
 /// The volume group of one media class on one node, as the store sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,10 +142,7 @@ pub fn size_for(
         range.limit.map_or(default, |limit| default.min(limit))
     };
     let no_fit = || PlacementError::NoFittingSize { range, extent };
-    let rounded = wanted
-        .div_ceil(extent)
-        .checked_mul(extent)
-        .ok_or_else(no_fit)?;
+    let rounded = extent::checked_round_up(wanted, extent).ok_or_else(no_fit)?;
     match range.limit {
         Some(limit) if rounded > limit => {
             let down = limit / extent * extent;

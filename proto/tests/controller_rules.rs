@@ -7,9 +7,7 @@ mod memory;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use csi_controller::rpc::RpcMetrics;
-use csi_controller::validate::{FS_TYPE_PARAM, MEDIA_PARAM};
-use csi_controller::{ControllerService, ControllerSettings, IdentityService};
+use lvmlocal_proto::controller::{ControllerService, ControllerSettings};
 use lvmlocal_proto::csi::v1::controller_server::Controller;
 use lvmlocal_proto::csi::v1::controller_service_capability::{self, rpc};
 use lvmlocal_proto::csi::v1::identity_server::Identity;
@@ -19,6 +17,9 @@ use lvmlocal_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume,
 };
 use lvmlocal_proto::csi::v1::*;
+use lvmlocal_proto::identity::IdentityService;
+use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM};
+use lvmlocal_proto::rpc::RpcMetrics;
 use lvmlocal_proto::{MediaClass, TOPOLOGY_KEY};
 use memory::{Agent, Group, MemoryStore};
 use tonic::{Code, Request, Status};

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use csi_controller::placement::NodeCapacity;
-use csi_controller::store::{Store, StoreError};
-use csi_controller::volume::{NewVolume, Volume, VolumeId, VolumeState};
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::placement::NodeCapacity;
+use lvmlocal_proto::store::{Store, StoreError};
+use lvmlocal_proto::volume::{NewVolume, Volume, VolumeId, VolumeState};
 use tokio::sync::watch;
 use tokio::time::Instant;
 

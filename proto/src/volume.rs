@@ -4,8 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::PvcRef;
+use crate::MediaClass;
+use crate::crd::PvcRef;
 use sha2::{Digest, Sha256};
 
 /// Longest volume id: a Kubernetes label-sized name, which is also a valid

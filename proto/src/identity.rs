@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
-use lvmlocal_proto::DRIVER_NAME;
-use lvmlocal_proto::csi::v1::identity_server::Identity;
-use lvmlocal_proto::csi::v1::plugin_capability::{self, Service, VolumeExpansion};
-use lvmlocal_proto::csi::v1::{
+use crate::DRIVER_NAME;
+use crate::csi::v1::identity_server::Identity;
+use crate::csi::v1::plugin_capability::{self, Service, VolumeExpansion};
+use crate::csi::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
