@@ -950,34 +950,122 @@ fn images(objects: &[Value]) -> Vec<String> {
     images
 }
 
+/// The workloads that run lvmlocal's own binaries: kind, name, and the
+/// component, which names the container, the Dockerfile stage, the image
+/// (`lvmlocal-<component>`) and the binary (`csi-<component>`).
+const COMPONENTS: [(&str, &str, &str); 3] = [
+    ("DaemonSet", "lvmlocal-agent", "agent"),
+    ("Deployment", "lvmlocal-controller", "controller"),
+    ("Deployment", "lvmlocal-scheduler", "scheduler"),
+];
+
+/// The tools the agent calls, as Debian packages.
+const AGENT_PACKAGES: [&str; 5] = ["lvm2", "util-linux", "mount", "e2fsprogs", "xfsprogs"];
+
+/// The container of a component in a render.
+fn component_container(objects: &[Value], kind: &str, name: &str, component: &str) -> Container {
+    let pod = match kind {
+        "DaemonSet" => pod_spec_of_daemon_set(objects, name),
+        _ => pod_spec_of_deployment(objects, name),
+    };
+    container(&pod, component).clone()
+}
+
+/// The named stages of a Dockerfile (`FROM <image> AS <name>`), each with
+/// the text of its instructions up to the next `FROM`; comments are left out.
+fn stages(dockerfile: &str) -> BTreeMap<String, String> {
+    let mut stages = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in dockerfile.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = trimmed.split_whitespace().collect();
+        if words
+            .first()
+            .is_some_and(|w| w.eq_ignore_ascii_case("FROM"))
+        {
+            current = words
+                .iter()
+                .position(|w| w.eq_ignore_ascii_case("AS"))
+                .and_then(|at| words.get(at + 1))
+                .map(|name| name.to_string());
+            if let Some(name) = &current {
+                assert!(
+                    stages.insert(name.clone(), String::new()).is_none(),
+                    "Dockerfile: stage {name} twice"
+                );
+            }
+            continue;
+        }
+        if let Some(name) = &current {
+            let text = stages.get_mut(name).unwrap();
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    stages
+}
+
 #[test]
 fn images_are_pinned_and_the_binaries_exist() {
+    let version = env!("CARGO_PKG_VERSION");
     let objects = render("deploy/base");
+
+    // Each component runs its own image, at the crate's version; the
+    // sidecars are pinned releases; nothing else is pulled.
+    let own: BTreeSet<String> = COMPONENTS
+        .iter()
+        .map(|(_, _, component)| format!("lvmlocal-{component}:{version}"))
+        .collect();
     for image in images(&objects) {
         let (_, tag) = image.rsplit_once(':').expect("a tag");
         assert_ne!(tag, "latest", "{image}");
         if image.starts_with("registry.k8s.io/sig-storage/") {
             assert!(tag.starts_with('v'), "{image}");
         } else {
-            assert_eq!(image, format!("lvmlocal:{}", env!("CARGO_PKG_VERSION")));
+            assert!(own.contains(&image), "{image} is none of {own:?}");
         }
     }
 
-    // The Dockerfile builds and installs every binary the manifests run, and
-    // the tools the agent calls.
+    // The Dockerfile builds every binary the manifests run, and has one
+    // stage per component that ships it; only the agent's carries the tools
+    // it calls.
     let dockerfile = read("Dockerfile");
-    for binary in ["csi-agent", "csi-controller", "csi-scheduler"] {
+    let stages = stages(&dockerfile);
+    for (kind, name, component) in COMPONENTS {
+        let container = component_container(&objects, kind, name, component);
+        assert_eq!(
+            container.image.as_deref(),
+            Some(format!("lvmlocal-{component}:{version}").as_str()),
+            "{kind} {name}"
+        );
+        let binary = format!("csi-{component}");
+        assert_eq!(command_line(&container)[0], binary, "{kind} {name}");
         assert!(dockerfile.contains(&format!("-p {binary}")), "{binary}");
         assert!(
             dockerfile.contains(&format!("target/release/{binary}")),
             "{binary}"
         );
-    }
-    for package in ["lvm2", "util-linux", "mount", "e2fsprogs", "xfsprogs"] {
+        let stage = stages.get(component).unwrap_or_else(|| {
+            panic!(
+                "the Dockerfile has no stage `FROM ... AS {component}` (its stages: {:?})",
+                stages.keys().collect::<Vec<_>>()
+            )
+        });
         assert!(
-            dockerfile.split_whitespace().any(|word| word == package),
-            "{package}"
+            stage.contains(&format!("/out/{binary}")),
+            "stage {component} does not copy {binary}:\n{stage}"
         );
+        for package in AGENT_PACKAGES {
+            let installed = stage.split_whitespace().any(|word| word == package);
+            assert_eq!(
+                installed,
+                component == "agent",
+                "stage {component} and package {package}"
+            );
+        }
     }
 }
 
@@ -1027,9 +1115,22 @@ fn overlays_make_their_one_change() {
     );
     assert_eq!(names(&moved).len(), names(&base).len());
 
-    // Images: every image comes from the other registry.
-    for image in images(&render("deploy/overlays/images")) {
+    // Images: every image comes from the other registry, each component's
+    // from its own repository there.
+    let elsewhere = render("deploy/overlays/images");
+    for image in images(&elsewhere) {
         assert!(image.starts_with("registry.example.com/"), "{image}");
+    }
+    for (kind, name, component) in COMPONENTS {
+        let container = component_container(&elsewhere, kind, name, component);
+        assert_eq!(
+            container.image,
+            Some(format!(
+                "registry.example.com/storage/lvmlocal-{component}:{}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{kind} {name}"
+        );
     }
 }
 
