@@ -88,11 +88,22 @@ struct Index {
     groups: HashMap<String, GroupSpace>,
 }
 
+/// The index and a count of the changes made to it or behind it, so a
+/// rebuild that read LVM before a change cannot install what it read.
+#[derive(Debug, Default)]
+struct Cache {
+    index: Option<Index>,
+    generation: u64,
+}
+
+/// Rebuilds of the index raced by changes before one result is used as it is.
+const REBUILD_ATTEMPTS: usize = 5;
+
 pub struct Volumes {
     lvm: Lvm,
     groups: Vec<(MediaClass, String)>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    index: Mutex<Option<Index>>,
+    cache: Mutex<Cache>,
 }
 
 impl Volumes {
@@ -105,7 +116,7 @@ impl Volumes {
                 .map(|media| (*media, config.vg_name(*media)))
                 .collect(),
             locks: Mutex::default(),
-            index: Mutex::default(),
+            cache: Mutex::default(),
         }
     }
 
@@ -137,17 +148,52 @@ impl Volumes {
     /// Forgets what LVM said; the next call asks again. For when the volume
     /// groups changed under the index (a disk joined) or a command failed.
     pub fn invalidate(&self) {
-        *self.index.lock().expect("index poisoned") = None;
+        let mut cache = self.cache.lock().expect("index poisoned");
+        cache.index = None;
+        cache.generation += 1;
+    }
+
+    /// Applies this agent's own change to the index. Without an index there
+    /// is nothing to change: the next rebuild reads the change from LVM, and
+    /// a rebuild already reading is told to read again.
+    fn apply(&self, change: impl FnOnce(&mut Index)) {
+        let mut cache = self.cache.lock().expect("index poisoned");
+        cache.generation += 1;
+        if let Some(index) = cache.index.as_mut() {
+            change(index);
+        }
     }
 
     /// Runs `f` on the index, reading it from LVM first if needed.
     async fn with_index<R>(&self, f: impl FnOnce(&mut Index) -> R) -> Result<R, VolumeError> {
-        if let Some(index) = self.index.lock().expect("index poisoned").as_mut() {
-            return Ok(f(index));
+        let mut attempt = 0;
+        loop {
+            let generation = {
+                let mut cache = self.cache.lock().expect("index poisoned");
+                if let Some(index) = cache.index.as_mut() {
+                    return Ok(f(index));
+                }
+                cache.generation
+            };
+            let mut fresh = self.read_index().await?;
+            attempt += 1;
+            let mut cache = self.cache.lock().expect("index poisoned");
+            if let Some(index) = cache.index.as_mut() {
+                return Ok(f(index));
+            }
+            if cache.generation == generation {
+                return Ok(f(cache.index.insert(fresh)));
+            }
+            if attempt == REBUILD_ATTEMPTS {
+                return Ok(f(&mut fresh));
+            }
         }
+    }
+
+    async fn read_index(&self) -> Result<Index, VolumeError> {
         let lvs = self.lvm.lvs(None).await?;
         let vgs = self.lvm.vgs().await?;
-        let mut index = Index {
+        Ok(Index {
             volumes: lvs
                 .iter()
                 .filter_map(|lv| self.local(lv))
@@ -166,10 +212,7 @@ impl Volumes {
                     (vg.name, space)
                 })
                 .collect(),
-        };
-        let result = f(&mut index);
-        *self.index.lock().expect("index poisoned") = Some(index);
-        Ok(result)
+        })
     }
 
     /// Room left in the volume group of `media`, if this node has one.
@@ -214,10 +257,17 @@ impl Volumes {
             .await
     }
 
-    /// The volume as LVM reports it right now, health included.
+    /// The volume as LVM reports it right now, health included: one `lvs` of
+    /// its group, leaving the index as it is.
     pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-        self.invalidate();
-        self.get(id).await
+        let Some(known) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let lvs = self.lvm.lvs(Some(&known.vg)).await?;
+        Ok(lvs
+            .iter()
+            .filter(|lv| lv.name == id)
+            .find_map(|lv| self.local(lv)))
     }
 
     /// Makes the volume exist with at least the requested size: creates it,
@@ -279,20 +329,19 @@ impl Volumes {
             pvc: request.pvc.clone(),
             healthy: true,
         };
-        self.record(&vg, &volume, size_bytes as i128).await?;
+        self.record(&vg, &volume, size_bytes as i128);
         Ok(volume)
     }
 
     /// Puts `volume` in the index and takes `used` bytes (negative: gives
     /// them back) from its group's free space.
-    async fn record(&self, vg: &str, volume: &LocalVolume, used: i128) -> Result<(), VolumeError> {
-        self.with_index(|index| {
+    fn record(&self, vg: &str, volume: &LocalVolume, used: i128) {
+        self.apply(|index| {
             index.volumes.insert(volume.id.clone(), volume.clone());
             if let Some(space) = index.groups.get_mut(vg) {
                 space.free_bytes = (i128::from(space.free_bytes) - used).max(0) as u64;
             }
-        })
-        .await
+        });
     }
 
     /// Grows the volume to at least `size_bytes`; never shrinks it.
@@ -349,7 +398,7 @@ impl Volumes {
             requested_bytes: size_bytes,
             ..volume.clone()
         };
-        self.record(&volume.vg, &grown, extra as i128).await?;
+        self.record(&volume.vg, &grown, extra as i128);
         Ok(grown)
     }
 
@@ -363,14 +412,14 @@ impl Volumes {
             self.invalidate();
             return Err(err.into());
         }
-        self.with_index(|index| {
+        self.apply(|index| {
             if index.volumes.remove(id).is_some()
                 && let Some(space) = index.groups.get_mut(&existing.vg)
             {
                 space.free_bytes += existing.size_bytes;
             }
-        })
-        .await
+        });
+        Ok(())
     }
 
     /// Turns LVM's "insufficient free space" into an answer an operator

@@ -122,6 +122,13 @@ impl Cluster {
         cluster.start_csi_controller()?;
         cluster.start_provisioner()?;
         cluster.start_resizer()?;
+        let socket = cluster.controller_socket();
+        wait_for("csi-controller serving", Duration::from_secs(60), || {
+            socket
+                .exists()
+                .then_some(())
+                .ok_or_else(|| cluster.report())
+        })?;
         Ok(cluster)
     }
 
@@ -376,9 +383,13 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Writes `<name>.kubeconfig` for `server` with a bearer token.
+    /// Writes `<name>.kubeconfig` for `server` with a bearer token, unless it
+    /// exists: processes already started may be reading it.
     fn write_kubeconfig(&self, name: &str, server: &str, token: &str) -> anyhow::Result<PathBuf> {
         let path = self.path(&format!("{name}.kubeconfig"));
+        if path.exists() {
+            return Ok(path);
+        }
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
@@ -390,7 +401,9 @@ impl Cluster {
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
             "current-context": "test",
         });
-        fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        let staged = path.with_extension("new");
+        fs::write(&staged, serde_json::to_string_pretty(&config)?)?;
+        fs::rename(&staged, &path)?;
         Ok(path)
     }
 
