@@ -285,3 +285,173 @@ fn a_claim_of_each_class_binds_grows_and_goes() {
     let lvs = node.lvs().unwrap();
     assert!(lvs.is_empty(), "LVs left in the VM: {lvs:?}");
 }
+
+/// The node kube-scheduler chose for the claim, once it has.
+fn selected_node(cluster: &Cluster, name: &str) -> String {
+    wait_for(
+        &format!("a node selected for {name}"),
+        Duration::from_secs(120),
+        || {
+            let pvc = cluster
+                .get(&["pvc", name, "-n", NS])
+                .map_err(|err| err.to_string())?;
+            pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| events(cluster, name))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}"))
+}
+
+/// Deletes the pod and its claims and waits until the claims are gone.
+fn delete_all(cluster: &Cluster, pod: &str, claims: &[&str]) {
+    delete_pod(cluster, pod);
+    for claim in claims {
+        cluster
+            .kubectl(&["delete", "pvc", claim, "-n", NS, "--wait=false"])
+            .unwrap();
+    }
+    wait_for(
+        &format!("claims of {pod} gone"),
+        Duration::from_secs(120),
+        || {
+            let left: Vec<String> = cluster
+                .list("pvc")
+                .map_err(|err| err.to_string())?
+                .iter()
+                .filter_map(|pvc| pvc["metadata"]["name"].as_str().map(str::to_owned))
+                .filter(|name| claims.contains(&name.as_str()))
+                .collect();
+            left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+        },
+    )
+    .unwrap();
+}
+
+fn llv_phases(cluster: &Cluster) -> Vec<(String, String, String)> {
+    cluster
+        .list("logicalvolume")
+        .unwrap()
+        .iter()
+        .map(|llv| {
+            (
+                llv["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                llv["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                llv["status"]["phase"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    // Nodes whose storage exists only in their NodeLocalStorage: placement
+    // choices, never carried out.
+    cluster.add_paper_node("paper-1g", "nvme", GIB).unwrap();
+    cluster.add_paper_node("paper-2g", "nvme", 2 * GIB).unwrap();
+    let node = node_vm(&mut cluster, "vm-node");
+    for (paper, bytes) in [("paper-1g", GIB), ("paper-2g", 2 * GIB)] {
+        wait_for(
+            &format!("capacity of {paper}"),
+            Duration::from_secs(60),
+            || match cluster.storage_capacity(paper, "lvmlocal-nvme") {
+                Ok(Some(capacity)) if capacity == bytes => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+    }
+
+    // binpack (the extender's default): the fullest node that fits.
+    cluster
+        .apply(&claim("packed", "lvmlocal-nvme", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("packed", &["packed"])).unwrap();
+    assert_eq!(selected_node(&cluster, "packed"), "paper-1g");
+    delete_all(&cluster, "packed", &["packed"]);
+
+    // spread, named by the StorageClass: the emptiest node.
+    let mut spread: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    spread["metadata"] = json!({"name": "lvmlocal-nvme-spread"});
+    spread["parameters"]["lvmlocal.io/placement"] = json!("spread");
+    cluster.apply(&spread).unwrap();
+    cluster
+        .apply(&claim("spread", "lvmlocal-nvme-spread", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("spread", &["spread"])).unwrap();
+    assert_eq!(selected_node(&cluster, "spread"), "vm-node");
+    wait_bound(&cluster, "spread", Duration::from_secs(120));
+    delete_all(&cluster, "spread", &["spread"]);
+
+    // Two claims of one pod, each fitting paper-2g alone but not together.
+    for name in ["left", "right"] {
+        cluster
+            .apply(&claim(name, "lvmlocal-nvme", "1536Mi"))
+            .unwrap();
+    }
+    cluster.apply(&pod("pair", &["left", "right"])).unwrap();
+    for name in ["left", "right"] {
+        assert_eq!(selected_node(&cluster, name), "vm-node", "{name}");
+        wait_bound(&cluster, name, Duration::from_secs(120));
+    }
+    delete_all(&cluster, "pair", &["left", "right"]);
+    wait_for("the pair's LVs removed", Duration::from_secs(120), || {
+        let lvs = node.lvs().map_err(|err| err.to_string())?;
+        lvs.is_empty().then_some(()).ok_or(format!("{lvs:?}"))
+    })
+    .unwrap();
+
+    // The race: six pods of 3 GiB for the 8 GiB only vm-node has.
+    let racers: Vec<String> = (0..6).map(|i| format!("racer-{i}")).collect();
+    for name in &racers {
+        cluster.apply(&claim(name, "lvmlocal-nvme", "3Gi")).unwrap();
+        cluster.apply(&pod(name, &[name])).unwrap();
+    }
+    let bound = |cluster: &Cluster| -> Vec<String> {
+        cluster
+            .list("pvc")
+            .unwrap()
+            .iter()
+            .filter(|pvc| pvc["status"]["phase"] == "Bound")
+            .filter_map(|pvc| pvc["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    wait_for("two racers bound", Duration::from_secs(180), || {
+        let bound = bound(&cluster);
+        (bound.len() >= 2).then_some(()).ok_or(format!("{bound:?}"))
+    })
+    .unwrap();
+    // Let the losers go round the scheduling queue a few more times.
+    std::thread::sleep(Duration::from_secs(20));
+    let winners = bound(&cluster);
+    assert_eq!(winners.len(), 2, "bound: {winners:?}");
+    for name in racers.iter().filter(|name| !winners.contains(name)) {
+        let pod = cluster.get(&["pod", name, "-n", NS]).unwrap();
+        assert!(pod["spec"]["nodeName"].is_null(), "{name} placed: {pod}");
+        let said = events(&cluster, name);
+        assert!(said.contains("nvme: needs 3Gi"), "{name}: {said}");
+    }
+    let phases = llv_phases(&cluster);
+    let racing: Vec<_> = phases
+        .iter()
+        .filter(|(_, node, _)| node == "vm-node")
+        .collect();
+    assert_eq!(racing.len(), 2, "{phases:?}");
+    assert!(
+        racing.iter().all(|(_, _, phase)| phase == "Ready"),
+        "{phases:?}"
+    );
+    assert!(
+        !phases.iter().any(|(_, _, phase)| phase == "Failed"),
+        "{phases:?}"
+    );
+}
