@@ -157,9 +157,16 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no service {name}"))
     }
 
-    /// SIGKILLs a component's process group and starts it again.
+    /// SIGKILLs a component's process group and starts it again. The CSI
+    /// sidecars exit when their connection to csi-controller drops, and
+    /// kubelet would start them again: so does this, after csi-controller.
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         self.service(name).kill();
+        if name == "csi-controller" {
+            self.start_csi_controller()?;
+            self.restart("csi-provisioner")?;
+            return self.restart("csi-resizer");
+        }
         match name {
             "etcd" => self.start_etcd(),
             "kube-apiserver" => self.start_apiserver(),

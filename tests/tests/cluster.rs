@@ -455,3 +455,107 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
         "{phases:?}"
     );
 }
+
+fn lv_of(cluster: &Cluster, claim: &str) -> String {
+    let pvc = cluster.get(&["pvc", claim, "-n", NS]).unwrap();
+    let pv = cluster
+        .get(&["pv", pvc["spec"]["volumeName"].as_str().unwrap()])
+        .unwrap();
+    pv["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn crashes_and_restarts_lose_nothing_and_leak_nothing() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = node_vm(&mut cluster, "vm-node");
+
+    // csi-controller SIGKILLed while CreateVolume waits for the agent.
+    cluster
+        .apply(&claim("survivor", "lvmlocal-nvme", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("survivor", &["survivor"])).unwrap();
+    wait_for(
+        "a LogicalVolume for survivor",
+        Duration::from_secs(120),
+        || {
+            let phases = llv_phases(&cluster);
+            (!phases.is_empty())
+                .then_some(())
+                .ok_or(format!("{phases:?}"))
+        },
+    )
+    .unwrap();
+    cluster.restart("csi-controller").unwrap();
+    wait_bound(&cluster, "survivor", Duration::from_secs(180));
+    let survivor = lv_of(&cluster, "survivor");
+    let lvs = node.lvs().unwrap();
+    assert_eq!(lvs.len(), 1, "{lvs:?}");
+    assert!(
+        lvs.contains_key(&format!("lvmlocal-nvme/{survivor}")),
+        "{lvs:?}"
+    );
+    assert_eq!(llv_phases(&cluster).len(), 1);
+
+    // The agent SIGKILLed: a claim made meanwhile waits, and binds once it
+    // is back; the volume it already had is untouched.
+    node.kill_agent().unwrap();
+    cluster
+        .apply(&claim("patient", "lvmlocal-ssd", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("patient", &["patient"])).unwrap();
+    selected_node(&cluster, "patient");
+    node.start_agent().unwrap();
+    wait_bound(&cluster, "patient", Duration::from_secs(180));
+    let lvs = node.lvs().unwrap();
+    assert_eq!(lvs.len(), 2, "{lvs:?}");
+    assert!(
+        lvs.contains_key(&format!("lvmlocal-nvme/{survivor}")),
+        "{lvs:?}"
+    );
+    assert!(
+        llv_phases(&cluster)
+            .iter()
+            .all(|(_, _, phase)| phase == "Ready"),
+        "{:?}",
+        llv_phases(&cluster)
+    );
+
+    // The API server restarted: every watch breaks, and those resuming from
+    // a version older than its new watch cache are told 410 Gone. A claim
+    // made afterwards needs all three binaries' caches.
+    cluster.restart("kube-apiserver").unwrap();
+    let restarted = Instant::now();
+    cluster
+        .apply(&claim("after", "lvmlocal-hdd", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("after", &["after"])).unwrap();
+    wait_bound(&cluster, "after", Duration::from_secs(180));
+    println!(
+        "a claim made after the API server restart Bound in {:.1?}",
+        restarted.elapsed()
+    );
+    let lvs = node.lvs().unwrap();
+    assert_eq!(lvs.len(), 3, "{lvs:?}");
+
+    // Everything goes away cleanly, nothing leaks.
+    for name in ["survivor", "patient", "after"] {
+        delete_all(&cluster, name, &[name]);
+    }
+    wait_for(
+        "no LogicalVolume, PV or LV left",
+        Duration::from_secs(180),
+        || {
+            let phases = llv_phases(&cluster);
+            let pvs = cluster.list("pv").map_err(|err| err.to_string())?;
+            let lvs = node.lvs().map_err(|err| err.to_string())?;
+            (phases.is_empty() && pvs.is_empty() && lvs.is_empty())
+                .then_some(())
+                .ok_or(format!("{phases:?} {} PVs {lvs:?}", pvs.len()))
+        },
+    )
+    .unwrap();
+}
