@@ -21,8 +21,8 @@ use lvmlocal_proto::csi::v1::{
     VolumeCondition, VolumeUsage,
 };
 use lvmlocal_proto::rpc::RpcMetrics;
-use lvmlocal_proto::validate::{self, Invalid};
-use lvmlocal_proto::volume::Access;
+use lvmlocal_proto::validate::{self, Invalid, Wanted};
+use lvmlocal_proto::volume::{Access, FsType};
 use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::Metrics;
@@ -45,6 +45,8 @@ pub enum NodeError {
     MountOption(String),
     #[error("volume {0} does not exist on this node")]
     UnknownVolume(String),
+    #[error("volume {id} is not at {path}")]
+    NotAtPath { id: String, path: String },
     #[error("{0} is not staged: NodeStageVolume first")]
     NotStaged(String),
     #[error("{path} is already mounted from another device")]
@@ -80,7 +82,7 @@ impl From<NodeError> for Status {
             NodeError::Missing(_)
             | NodeError::OutsideKubelet { .. }
             | NodeError::MountOption(_) => Code::InvalidArgument,
-            NodeError::UnknownVolume(_) => Code::NotFound,
+            NodeError::UnknownVolume(_) | NodeError::NotAtPath { .. } => Code::NotFound,
             NodeError::NotStaged(_) | NodeError::Precondition(_) => Code::FailedPrecondition,
             NodeError::TakenPath { .. } | NodeError::WrongAccess { .. } => Code::AlreadyExists,
             NodeError::Mount(_) | NodeError::Volume(_) => Code::Internal,
@@ -147,6 +149,24 @@ impl NodeService {
         Ok(candidate.to_owned())
     }
 
+    /// Where a stats call looks for volume `id`: a relative path, or one that
+    /// does not exist, cannot be where the volume is (NOT_FOUND, as the spec
+    /// says); a path outside the kubelet directory is still refused.
+    fn volume_path(&self, id: &str, path: &str) -> Result<PathBuf, NodeError> {
+        let not_here = || NodeError::NotAtPath {
+            id: id.to_owned(),
+            path: path.to_owned(),
+        };
+        if Path::new(path).is_relative() {
+            return Err(not_here());
+        }
+        let path = self.path("volume_path", path)?;
+        if !path.exists() {
+            return Err(not_here());
+        }
+        Ok(path)
+    }
+
     async fn volume(&self, id: &str) -> Result<LocalVolume, NodeError> {
         let id = validate::volume_id(id)?;
         tracing::Span::current().record("volume", id.as_str());
@@ -165,10 +185,10 @@ impl NodeService {
         let capability = req
             .volume_capability
             .ok_or(NodeError::Missing("volume_capability"))?;
-        let access = validate::access(std::slice::from_ref(&capability), None)?;
+        let wanted = validate::wanted(&capability)?;
         let options = mount_options(&capability)?;
         let volume = self.volume(&req.volume_id).await?;
-        check_access(&volume, access)?;
+        let access = access_for(&volume, wanted)?;
         let Access::Filesystem(fs) = access else {
             // Raw block needs nothing staged: publish exposes the device itself.
             return Ok(NodeStageVolumeResponse {});
@@ -211,15 +231,13 @@ impl NodeService {
         let capability = req
             .volume_capability
             .ok_or(NodeError::Missing("volume_capability"))?;
-        let access = validate::access(std::slice::from_ref(&capability), None)?;
-        let staging = match access {
-            Access::Filesystem(_) => {
-                Some(self.path("staging_target_path", &req.staging_target_path)?)
-            }
-            Access::Block => None,
+        let wanted = validate::wanted(&capability)?;
+        let staging = match wanted {
+            Wanted::Mount(_) => Some(self.path("staging_target_path", &req.staging_target_path)?),
+            Wanted::Block => None,
         };
         let volume = self.volume(&req.volume_id).await?;
-        check_access(&volume, access)?;
+        let access = access_for(&volume, wanted)?;
         let device = Path::new(&volume.device_path);
         let source = match &staging {
             Some(staging) => {
@@ -288,20 +306,16 @@ impl NodeService {
         req: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, NodeError> {
         let id = validate::volume_id(&req.volume_id)?;
-        let path = self.path("volume_path", &req.volume_path)?;
+        if req.volume_path.is_empty() {
+            return Err(NodeError::Missing("volume_path"));
+        }
         // Health must be today's, not what the index remembers.
         let volume = self
             .volumes
             .inspect(id.as_str())
             .await?
             .ok_or_else(|| NodeError::UnknownVolume(id.to_string()))?;
-        if !path.exists() {
-            return Err(NodeError::UnknownVolume(format!(
-                "{} at {}",
-                volume.id,
-                path.display()
-            )));
-        }
+        let path = self.volume_path(&volume.id, &req.volume_path)?;
         let device = devno(Path::new(&volume.device_path))?;
         let on_device = match mounted_at(&path)? {
             // A raw block volume is its device file, bound onto the path.
@@ -365,8 +379,11 @@ impl NodeService {
         req: NodeExpandVolumeRequest,
     ) -> Result<NodeExpandVolumeResponse, NodeError> {
         validate::volume_id(&req.volume_id)?;
-        let path = self.path("volume_path", &req.volume_path)?;
+        if req.volume_path.is_empty() {
+            return Err(NodeError::Missing("volume_path"));
+        }
         let volume = self.volume(&req.volume_id).await?;
+        let path = self.path("volume_path", &req.volume_path)?;
         let block = match &req.volume_capability {
             Some(capability) => {
                 validate::access(std::slice::from_ref(capability), None)? == Access::Block
@@ -389,20 +406,33 @@ impl NodeService {
     }
 }
 
-/// An LV made for one access cannot be used for another.
-fn check_access(volume: &LocalVolume, access: Access) -> Result<(), NodeError> {
+/// The access a capability asks of `volume`. A mount that names no
+/// filesystem means the one the volume was made with; an LV made for one
+/// access cannot be used for another.
+fn access_for(volume: &LocalVolume, wanted: Wanted) -> Result<Access, NodeError> {
+    let wrong = |asked: &str| NodeError::WrongAccess {
+        id: volume.id.clone(),
+        existing: volume.access.clone(),
+        asked: asked.to_owned(),
+    };
+    let access = match wanted {
+        Wanted::Block => Access::Block,
+        Wanted::Mount(Some(fs)) => Access::Filesystem(fs),
+        Wanted::Mount(None) => Access::Filesystem(
+            volume
+                .access
+                .parse::<FsType>()
+                .map_err(|_| wrong("a filesystem"))?,
+        ),
+    };
     let asked = match access {
         Access::Block => "block".to_owned(),
         Access::Filesystem(fs) => fs.to_string(),
     };
     if volume.access == asked {
-        Ok(())
+        Ok(access)
     } else {
-        Err(NodeError::WrongAccess {
-            id: volume.id.clone(),
-            existing: volume.access.clone(),
-            asked,
-        })
+        Err(wrong(&asked))
     }
 }
 
@@ -584,6 +614,62 @@ mod tests {
             let err = node.path("target_path", bad).unwrap_err();
             assert_eq!(Status::from(err).code(), Code::InvalidArgument, "{bad}");
         }
+    }
+
+    #[test]
+    fn stats_paths_that_cannot_hold_the_volume_are_not_found() {
+        let node = service();
+        for (path, want) in [
+            ("some/path", Code::NotFound),
+            ("/var/lib/kubelet/pods/none/volumes/x/mount", Code::NotFound),
+            ("/etc", Code::InvalidArgument),
+            ("/var/lib/kubelet/../../etc", Code::InvalidArgument),
+        ] {
+            let err = node.volume_path("v", path).unwrap_err();
+            assert_eq!(Status::from(err).code(), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_mount_without_a_filesystem_means_the_volumes_own() {
+        let volume = |access: &str| LocalVolume {
+            id: "v".into(),
+            media: lvmlocal_proto::MediaClass::Nvme,
+            vg: "lvmlocal-nvme".into(),
+            size_bytes: 1 << 30,
+            requested_bytes: 1 << 30,
+            access: access.into(),
+            pvc: None,
+            device_path: "/dev/lvmlocal-nvme/v".into(),
+            healthy: true,
+        };
+        let xfs = volume("xfs");
+        assert_eq!(
+            access_for(&xfs, Wanted::Mount(None)).unwrap(),
+            Access::Filesystem(FsType::Xfs)
+        );
+        assert_eq!(
+            access_for(&xfs, Wanted::Mount(Some(FsType::Xfs))).unwrap(),
+            Access::Filesystem(FsType::Xfs)
+        );
+        // Never formatted over, nor used as another kind of volume.
+        for (access, wanted) in [
+            ("xfs", Wanted::Mount(Some(FsType::Ext4))),
+            ("xfs", Wanted::Block),
+            ("block", Wanted::Mount(None)),
+            ("block", Wanted::Mount(Some(FsType::Ext4))),
+        ] {
+            let err = access_for(&volume(access), wanted).unwrap_err();
+            assert_eq!(
+                Status::from(err).code(),
+                Code::AlreadyExists,
+                "{access} {wanted:?}"
+            );
+        }
+        assert_eq!(
+            access_for(&volume("block"), Wanted::Block).unwrap(),
+            Access::Block
+        );
     }
 
     #[test]
