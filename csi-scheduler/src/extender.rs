@@ -40,6 +40,19 @@ pub enum ExtenderError {
     Needs(#[from] NeedsError),
 }
 
+impl ExtenderError {
+    /// A bounded label for metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            ExtenderError::NoPod | ExtenderError::NoCandidates => "bad_request",
+            ExtenderError::NotSynced(_) => "not_synced",
+            ExtenderError::Needs(NeedsError::ClaimNotCached(_)) => "claim_not_cached",
+            ExtenderError::Needs(NeedsError::NoSize(_)) => "claim_without_size",
+            ExtenderError::Needs(NeedsError::InvalidClass { .. }) => "invalid_storage_class",
+        }
+    }
+}
+
 pub struct Extender {
     inventory: Mutex<Inventory>,
     policy: Policy,
@@ -74,8 +87,10 @@ impl Extender {
         self.metrics.reservations(live);
     }
 
-    /// Answers `filter`. Failures of the call as a whole go in `Error`, which
-    /// makes kube-scheduler retry the pod later.
+    /// Answers `filter`. Only a malformed request is answered in `Error`:
+    /// kube-scheduler skips an ignorable extender that answers there, and
+    /// would place the pod unchecked. A state the extender cannot judge the
+    /// pod in fails every node with the reason instead.
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         self.try_filter(args)
             .unwrap_or_else(|err| ExtenderFilterResult {
@@ -86,7 +101,19 @@ impl Extender {
 
     fn try_filter(&self, args: ExtenderArgs) -> Result<ExtenderFilterResult, ExtenderError> {
         let (pod, candidates) = unpack(args)?;
-        let Some((verdicts, _)) = self.assess(&pod, &candidates)? else {
+        let assessed = match self.assess(&pod, &candidates) {
+            Ok(assessed) => assessed,
+            Err(err) => {
+                let unresolvable = matches!(
+                    err,
+                    ExtenderError::Needs(NeedsError::NoSize(_) | NeedsError::InvalidClass { .. })
+                );
+                self.metrics
+                    .filtered(err.kind(), candidates.names().len() as u64);
+                return Ok(candidates.fail_all(&err.to_string(), unresolvable));
+            }
+        };
+        let Some((verdicts, _)) = assessed else {
             return Ok(candidates.pass_all());
         };
         let mut reasons = BTreeMap::<&'static str, u64>::new();
@@ -234,6 +261,38 @@ impl Candidates {
                 .into_iter()
                 .map(|node| node.metadata.name.unwrap_or_default())
                 .collect(),
+        }
+    }
+
+    /// Every node fails with `message`; `unresolvable` when retrying the pod
+    /// cannot help until something outside the scheduler changes.
+    fn fail_all(self, message: &str, unresolvable: bool) -> ExtenderFilterResult {
+        let failed: FailedNodesMap = self
+            .names()
+            .into_iter()
+            .map(|name| (name.to_owned(), message.to_owned()))
+            .collect();
+        let (nodes, node_names) = match self {
+            Candidates::Names(_) => (None, Some(Vec::new())),
+            Candidates::Nodes(nodes) => (
+                Some(List {
+                    items: Vec::new(),
+                    ..nodes
+                }),
+                None,
+            ),
+        };
+        let (failed, unresolvable) = if unresolvable {
+            (FailedNodesMap::new(), failed)
+        } else {
+            (failed, FailedNodesMap::new())
+        };
+        ExtenderFilterResult {
+            nodes,
+            node_names,
+            failed_nodes: Some(failed),
+            failed_and_unresolvable_nodes: Some(unresolvable),
+            error: String::new(),
         }
     }
 

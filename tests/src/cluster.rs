@@ -31,6 +31,8 @@ const APPLIED_KINDS: &[&str] = &[
     "Namespace",
     "CustomResourceDefinition",
     "CSIDriver",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
     "ServiceAccount",
     "ClusterRole",
     "ClusterRoleBinding",

@@ -371,6 +371,24 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
         .unwrap();
     }
 
+    // A misspelt StorageClass parameter is refused by the API server,
+    // naming it; so is a media class that does not exist.
+    let mut typo: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    typo["metadata"] = json!({"name": "lvmlocal-typo"});
+    typo["parameters"] = json!({"lvmlocal.io/medai": "nvme"});
+    let refused = cluster.apply(&typo).expect_err("a misspelt parameter");
+    assert!(
+        format!("{refused:#}").contains("unknown StorageClass parameter lvmlocal.io/medai"),
+        "{refused:#}"
+    );
+    typo["parameters"] = json!({"lvmlocal.io/media": "floppy"});
+    let refused = cluster.apply(&typo).expect_err("an unknown media class");
+    assert!(
+        format!("{refused:#}").contains("lvmlocal.io/media must be nvme, ssd or hdd"),
+        "{refused:#}"
+    );
+    assert!(cluster.get(&["storageclass", "lvmlocal-typo"]).is_err());
+
     // binpack (the extender's default): the fullest node that fits.
     cluster
         .apply(&claim("packed", "lvmlocal-nvme", "1Gi"))
@@ -438,7 +456,12 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
         let pod = cluster.get(&["pod", name, "-n", NS]).unwrap();
         assert!(pod["spec"]["nodeName"].is_null(), "{name} placed: {pod}");
         let said = events(&cluster, name);
-        assert!(said.contains("nvme: needs 3Gi"), "{name}: {said}");
+        // The extender's reason, or kube-scheduler's own once the new
+        // CSIStorageCapacity reached it first.
+        assert!(
+            said.contains("nvme: needs 3Gi") || said.contains("did not have enough free storage"),
+            "{name}: {said}"
+        );
     }
     let phases = llv_phases(&cluster);
     let racing: Vec<_> = phases

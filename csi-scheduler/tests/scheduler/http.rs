@@ -201,7 +201,7 @@ async fn a_pod_without_claims_passes_untouched_even_before_the_caches_are_listed
 }
 
 #[tokio::test]
-async fn before_the_caches_are_listed_the_extender_asks_to_retry() {
+async fn before_the_caches_are_listed_every_node_fails_with_the_reason() {
     let (app, extender) = app_with("", false);
     let (status, text) = call(&app, "GET", "/healthz", String::new()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -209,12 +209,16 @@ async fn before_the_caches_are_listed_the_extender_asks_to_retry() {
         text,
         "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses\n"
     );
+    // Not in Error: kube-scheduler would skip an ignorable extender and
+    // place the pod unchecked. A failed node is retried later.
     let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
-    assert_eq!(result["NodeNames"], Value::Null);
+    assert_eq!(result["NodeNames"], json!([]));
+    assert_eq!(result["Error"], "");
     assert_eq!(
-        result["Error"],
-        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses"
+        result["FailedNodes"],
+        json!({"node-a": "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses"})
     );
+    assert_eq!(result["FailedAndUnresolvableNodes"], json!({}));
     let (status, _) = call(&app, "POST", "/prioritize", with_names(POD, &["node-a"])).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
 
@@ -344,7 +348,7 @@ async fn malformed_requests() {
 }
 
 #[tokio::test]
-async fn a_claim_the_cache_has_not_seen_fails_the_call() {
+async fn a_claim_the_cache_has_not_seen_fails_the_nodes_for_now() {
     let (app, extender) = app_with("", true);
     extender
         .inventory()
@@ -354,10 +358,13 @@ async fn a_claim_the_cache_has_not_seen_fails_the_call() {
             "hdd-spread",
             1024 * GI,
         )));
-    let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
+    let result = post_json(&app, "/filter", with_names(POD, &["node-a", "node-b"])).await;
+    assert_eq!(result["Error"], "");
+    assert_eq!(result["NodeNames"], json!([]));
+    let reason = "claim analytics/logs-clickhouse-0 is not in the extender's cache yet";
     assert_eq!(
-        result["Error"],
-        "claim analytics/logs-clickhouse-0 is not in the extender's cache yet"
+        result["FailedNodes"],
+        json!({"node-a": reason, "node-b": reason})
     );
 }
 
