@@ -14,6 +14,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, PodSpec, Service, ServiceAccount,
@@ -119,6 +122,12 @@ fn check_typed(object: &Value) {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(object),
         ("storage.k8s.io/v1", "StorageClass") => round_trip::<StorageClass>(object),
         ("storage.k8s.io/v1", "CSIDriver") => round_trip::<CSIDriver>(object),
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+            round_trip::<ValidatingAdmissionPolicy>(object)
+        }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+            round_trip::<ValidatingAdmissionPolicyBinding>(object)
+        }
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             round_trip::<CustomResourceDefinition>(object)
         }
@@ -1381,4 +1390,41 @@ fn example_stateful_set_spreads_nvme_volumes_over_nodes() {
     let claim: PersistentVolumeClaim = one(&first, "PersistentVolumeClaim", "first");
     let class_name = claim.spec.unwrap().storage_class_name.unwrap();
     let _: StorageClass = one(&base, "StorageClass", &class_name);
+}
+
+/// The admission policy checks StorageClasses with the names the driver
+/// reads: every parameter, media class, filesystem and placement.
+#[test]
+fn storage_class_policy_knows_the_drivers_names() {
+    let objects = render("deploy/base");
+    let policy = objects
+        .iter()
+        .find(|object| object["kind"] == "ValidatingAdmissionPolicy")
+        .expect("deploy/base has the StorageClass policy");
+    let text = policy.to_string();
+    assert!(
+        text.contains(&format!("object.provisioner == \\\"{DRIVER_NAME}\\\"")),
+        "{text}"
+    );
+    for name in [
+        MEDIA_PARAM,
+        PLACEMENT_PARAM,
+        FS_TYPE_PARAM,
+        "csi.storage.k8s.io/",
+    ]
+    .into_iter()
+    .chain(MediaClass::ALL.iter().map(|media| media.as_str()))
+    .chain(["ext4", "xfs", "binpack", "spread"])
+    {
+        assert!(
+            text.contains(&format!("\\\"{name}\\\"")),
+            "{name} not in {text}"
+        );
+    }
+    let binding = objects
+        .iter()
+        .find(|object| object["kind"] == "ValidatingAdmissionPolicyBinding")
+        .expect("and its binding");
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"][0], "Deny");
 }
