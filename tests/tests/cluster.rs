@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lvmlocal_tests::cluster::{Cluster, NodeVm, Options, TOPOLOGY_KEY};
 use lvmlocal_tests::process::wait_for;
-use lvmlocal_tests::{GIB, Vm};
+use lvmlocal_tests::{GIB, HOST_FROM_GUEST, Vm};
 use serde_json::{Value, json};
 
 /// One cluster and VM at a time: the machine has two cores.
@@ -578,6 +578,80 @@ fn crashes_and_restarts_lose_nothing_and_leak_nothing() {
             (phases.is_empty() && pvs.is_empty() && lvs.is_empty())
                 .then_some(())
                 .ok_or(format!("{phases:?} {} PVs {lvs:?}", pvs.len()))
+        },
+    )
+    .unwrap();
+}
+
+/// csi-sanity against the cluster-mode pair: csi-controller's socket as the
+/// controller endpoint, the agent's as the node endpoint, every volume a
+/// LogicalVolume on the real API server. Both run in the VM, where the
+/// node socket is; the host's csi-controller is stopped so one serves.
+#[test]
+fn csi_sanity_against_the_cluster_mode_pair() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = node_vm(&mut cluster, "vm-node");
+    cluster.service("csi-controller").kill();
+    let kubeconfig = cluster
+        .service_account_kubeconfig(
+            "lvmlocal-controller",
+            &format!("https://{HOST_FROM_GUEST}:6443"),
+            "controller-in-vm",
+        )
+        .unwrap();
+    let controller = lvmlocal_tests::guest::workspace_binary("csi-controller");
+    node.sh(&format!(
+        "KUBECONFIG={} POD_NAMESPACE=lvmlocal POD_NAME=sanity RUST_LOG=info setsid {} \
+         --csi-endpoint unix:///run/lvmlocal/controller.sock --leader-election=false \
+         --metrics-address 127.0.0.1:9809 >> /run/vmbed/controller.log 2>&1 &\n\
+         for i in $(seq 1 100); do [ -S /run/lvmlocal/controller.sock ] && exit 0; sleep 0.2; done\n\
+         cat /run/vmbed/controller.log; exit 1",
+        kubeconfig.display(),
+        controller.display()
+    ))
+    .unwrap();
+    let sanity = lvmlocal_tests::cluster::component("csi-sanity");
+    let script = format!(
+        "mkdir -p /var/lib/kubelet/sanity /tmp/sanity-cluster\n\
+         printf 'lvmlocal.io/media: nvme\\n' > /tmp/sanity-cluster/parameters.yaml\n\
+         {} --csi.endpoint=unix:///run/lvmlocal/csi.sock \
+         --csi.controllerendpoint=unix:///run/lvmlocal/controller.sock \
+         --csi.stagingdir=/var/lib/kubelet/sanity/staging --csi.mountdir=/var/lib/kubelet/sanity/mount \
+         --csi.testvolumeparameters=/tmp/sanity-cluster/parameters.yaml \
+         --csi.testvolumesize=536870912 --ginkgo.no-color 2>&1",
+        sanity.display()
+    );
+    let (status, output) = node.vm.exec(&script, Duration::from_secs(900)).unwrap();
+    let summary = output
+        .lines()
+        .find(|line| line.contains(" Passed | "))
+        .unwrap_or_default()
+        .to_string();
+    let controller_log =
+        std::fs::read_to_string(node.vm.ctl_dir().join("controller.log")).unwrap_or_default();
+    assert!(
+        status == 0 && summary.contains("| 0 Failed |"),
+        "csi-sanity exited {status}: {summary}\n{output}\n--- csi-controller in the VM ---\n{controller_log}"
+    );
+    let passed: usize = summary
+        .split_whitespace()
+        .take_while(|word| *word != "Passed")
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    println!("csi-sanity, cluster mode: {summary}");
+    assert!(passed >= 40, "{summary}");
+    // csi-sanity deletes what it made: nothing is left in the cluster or VM.
+    wait_for(
+        "no LogicalVolume or LV left",
+        Duration::from_secs(60),
+        || {
+            let phases = llv_phases(&cluster);
+            let lvs = node.lvs().map_err(|err| err.to_string())?;
+            (phases.is_empty() && lvs.is_empty())
+                .then_some(())
+                .ok_or(format!("{phases:?} {lvs:?}"))
         },
     )
     .unwrap();
