@@ -5,10 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::vm::Vm;
-
-/// Set in the guest's environment, so a test binary knows where it runs.
-pub const IN_VM_ENV: &str = "LVMLOCAL_IN_VM";
+use crate::vm::{IN_VM_ENV, Vm};
 
 pub fn inside() -> bool {
     std::env::var_os(IN_VM_ENV).is_some()

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::guest::IN_VM_ENV;
+/// Set in the guest's environment, so a test binary knows where it runs.
+pub const IN_VM_ENV: &str = "LVMLOCAL_IN_VM";
 
 /// PCI slots the two virtio-9p shares sit at; disks may use 0x02..=0x1c.
 const HOSTROOT_SLOT: u8 = 0x1e;
