@@ -87,10 +87,13 @@ impl Extender {
         self.metrics.reservations(live);
     }
 
-    /// Answers `filter`. Only a malformed request is answered in `Error`:
-    /// kube-scheduler skips an ignorable extender that answers there, and
-    /// would place the pod unchecked. A state the extender cannot judge the
-    /// pod in fails every node with the reason instead.
+    /// Answers `filter`. A claim or class that cannot be read fails every
+    /// node with the reason, unresolvable: kube-scheduler skips an ignorable
+    /// extender that answers in `Error`, and would place the pod unchecked.
+    /// Transient states (caches not listed yet, a claim not cached yet) and
+    /// malformed requests still go in `Error`: kube-scheduler retries a pod
+    /// whose nodes an extender failed only on a later cluster event, which
+    /// on a quiet cluster can be minutes away.
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         self.try_filter(args)
             .unwrap_or_else(|err| ExtenderFilterResult {
@@ -103,15 +106,14 @@ impl Extender {
         let (pod, candidates) = unpack(args)?;
         let assessed = match self.assess(&pod, &candidates) {
             Ok(assessed) => assessed,
-            Err(err) => {
-                let unresolvable = matches!(
-                    err,
-                    ExtenderError::Needs(NeedsError::NoSize(_) | NeedsError::InvalidClass { .. })
-                );
+            Err(
+                err @ ExtenderError::Needs(NeedsError::NoSize(_) | NeedsError::InvalidClass { .. }),
+            ) => {
                 self.metrics
                     .filtered(err.kind(), candidates.names().len() as u64);
-                return Ok(candidates.fail_all(&err.to_string(), unresolvable));
+                return Ok(candidates.fail_all(&err.to_string()));
             }
+            Err(err) => return Err(err),
         };
         let Some((verdicts, _)) = assessed else {
             return Ok(candidates.pass_all());
@@ -264,9 +266,9 @@ impl Candidates {
         }
     }
 
-    /// Every node fails with `message`; `unresolvable` when retrying the pod
-    /// cannot help until something outside the scheduler changes.
-    fn fail_all(self, message: &str, unresolvable: bool) -> ExtenderFilterResult {
+    /// Every node fails with `message`, unresolvable: retrying the pod cannot
+    /// help until something outside the scheduler changes.
+    fn fail_all(self, message: &str) -> ExtenderFilterResult {
         let failed: FailedNodesMap = self
             .names()
             .into_iter()
@@ -282,16 +284,11 @@ impl Candidates {
                 None,
             ),
         };
-        let (failed, unresolvable) = if unresolvable {
-            (FailedNodesMap::new(), failed)
-        } else {
-            (failed, FailedNodesMap::new())
-        };
         ExtenderFilterResult {
             nodes,
             node_names,
-            failed_nodes: Some(failed),
-            failed_and_unresolvable_nodes: Some(unresolvable),
+            failed_nodes: Some(FailedNodesMap::new()),
+            failed_and_unresolvable_nodes: Some(failed),
             error: String::new(),
         }
     }

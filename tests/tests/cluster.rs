@@ -191,10 +191,21 @@ fn a_claim_of_each_class_binds_grows_and_goes() {
             bound["metadata"]["annotations"]["volume.kubernetes.io/selected-node"], "vm-node",
             "{bound}"
         );
-        let pod = cluster
-            .get(&["pod", &format!("app-{media}"), "-n", NS])
-            .unwrap();
-        assert_eq!(pod["spec"]["nodeName"], "vm-node");
+        // kube-scheduler binds the pod once its claims are bound.
+        let pod_name = format!("app-{media}");
+        wait_for(
+            &format!("{pod_name} bound to vm-node"),
+            Duration::from_secs(60),
+            || {
+                let pod = cluster
+                    .get(&["pod", &pod_name, "-n", NS])
+                    .map_err(|err| err.to_string())?;
+                (pod["spec"]["nodeName"] == "vm-node")
+                    .then_some(())
+                    .ok_or(pod["spec"]["nodeName"].to_string())
+            },
+        )
+        .unwrap();
         let pv_name = bound["spec"]["volumeName"].as_str().unwrap().to_string();
         let pv = cluster.get(&["pv", &pv_name]).unwrap();
         assert_eq!(pv["spec"]["csi"]["driver"], "lvmlocal.io");

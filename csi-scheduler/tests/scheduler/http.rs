@@ -201,7 +201,7 @@ async fn a_pod_without_claims_passes_untouched_even_before_the_caches_are_listed
 }
 
 #[tokio::test]
-async fn before_the_caches_are_listed_every_node_fails_with_the_reason() {
+async fn before_the_caches_are_listed_the_extender_asks_to_retry() {
     let (app, extender) = app_with("", false);
     let (status, text) = call(&app, "GET", "/healthz", String::new()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -209,16 +209,12 @@ async fn before_the_caches_are_listed_every_node_fails_with_the_reason() {
         text,
         "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses\n"
     );
-    // Not in Error: kube-scheduler would skip an ignorable extender and
-    // place the pod unchecked. A failed node is retried later.
     let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
-    assert_eq!(result["NodeNames"], json!([]));
-    assert_eq!(result["Error"], "");
+    assert_eq!(result["NodeNames"], Value::Null);
     assert_eq!(
-        result["FailedNodes"],
-        json!({"node-a": "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses"})
+        result["Error"],
+        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses"
     );
-    assert_eq!(result["FailedAndUnresolvableNodes"], json!({}));
     let (status, _) = call(&app, "POST", "/prioritize", with_names(POD, &["node-a"])).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
 
@@ -348,7 +344,7 @@ async fn malformed_requests() {
 }
 
 #[tokio::test]
-async fn a_claim_the_cache_has_not_seen_fails_the_nodes_for_now() {
+async fn a_claim_the_cache_has_not_seen_fails_the_call() {
     let (app, extender) = app_with("", true);
     extender
         .inventory()
@@ -358,13 +354,10 @@ async fn a_claim_the_cache_has_not_seen_fails_the_nodes_for_now() {
             "hdd-spread",
             1024 * GI,
         )));
-    let result = post_json(&app, "/filter", with_names(POD, &["node-a", "node-b"])).await;
-    assert_eq!(result["Error"], "");
-    assert_eq!(result["NodeNames"], json!([]));
-    let reason = "claim analytics/logs-clickhouse-0 is not in the extender's cache yet";
+    let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
     assert_eq!(
-        result["FailedNodes"],
-        json!({"node-a": reason, "node-b": reason})
+        result["Error"],
+        "claim analytics/logs-clickhouse-0 is not in the extender's cache yet"
     );
 }
 
@@ -393,4 +386,26 @@ async fn metrics_count_calls_and_reasons() {
     ] {
         assert!(text.contains(line), "no {line:?} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn an_unusable_class_fails_every_node_for_good_with_its_reason() {
+    let (app, extender) = app_with("", true);
+    let mut typo = class("nvme", Nvme, None);
+    let parameters = typo.parameters.get_or_insert_default();
+    parameters.remove("lvmlocal.io/media");
+    parameters.insert("lvmlocal.io/medai".into(), "nvme".into());
+    extender
+        .inventory()
+        .apply_class(kube::runtime::watcher::Event::Apply(typo));
+    let result = post_json(&app, "/filter", with_names(POD, &["node-a", "node-b"])).await;
+    // Not in Error, which would make kube-scheduler skip the extender.
+    assert_eq!(result["Error"], "");
+    assert_eq!(result["NodeNames"], json!([]));
+    assert_eq!(result["FailedNodes"], json!({}));
+    let failed = result["FailedAndUnresolvableNodes"].as_object().unwrap();
+    assert_eq!(failed.len(), 2, "{result}");
+    let reason = failed["node-a"].as_str().unwrap();
+    assert!(reason.contains("storage class nvme"), "{reason}");
+    assert_eq!(failed["node-b"], failed["node-a"]);
 }
