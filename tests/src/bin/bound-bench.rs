@@ -19,13 +19,13 @@ fn main() -> anyhow::Result<()> {
     let node = NodeVm::start(
         &mut cluster,
         "vm-node",
-        Vm::new().nvme("bench-a", 5, 32 * GIB).memory_mib(2048),
+        Vm::new().nvme("bench-a", 5, 64 * GIB).memory_mib(2048),
     )?;
     wait_for(
         "the node's capacity published",
         Duration::from_secs(180),
         || match cluster.storage_capacity("vm-node", "lvmlocal-nvme") {
-            Ok(Some(bytes)) if bytes > 30 * GIB => Ok(()),
+            Ok(Some(bytes)) if bytes > 60 * GIB => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )?;
