@@ -39,10 +39,6 @@ impl Service {
         })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Whether the process has exited; its status if so.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -52,20 +48,6 @@ impl Service {
     pub fn kill(&mut self) {
         let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
         let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then SIGKILL if the group has not gone within `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        let group = Pid::from_raw(self.child.id() as i32);
-        let _ = killpg(group, Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.exited().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
     }
 
     pub fn log(&self) -> String {

@@ -347,15 +347,6 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// What the guest command has printed so far.
-    pub fn stdout(&self) -> String {
-        fs::read_to_string(self.ctl.join("stdout")).unwrap_or_default()
-    }
-
-    pub fn stderr(&self) -> String {
-        fs::read_to_string(self.ctl.join("stderr")).unwrap_or_default()
-    }
-
     /// Runs `script` with /bin/sh in a guest booted by `Vm::serve` and returns
     /// its exit status and output (stdout and stderr together).
     pub fn exec(&self, script: &str, timeout: Duration) -> anyhow::Result<(i32, String)> {
@@ -383,11 +374,6 @@ impl RunningVm {
     /// processes the guest starts.
     pub fn ctl_dir(&self) -> &Path {
         &self.ctl
-    }
-
-    /// Pulls the plug: qemu is killed, whatever the guest was doing.
-    pub fn power_off(self) {
-        drop(self);
     }
 
     /// Waits for the guest command to finish and the VM to power off.
@@ -435,6 +421,7 @@ impl RunningVm {
     }
 }
 
+/// Dropping a VM that still runs pulls its plug, whatever the guest is doing.
 impl Drop for RunningVm {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
