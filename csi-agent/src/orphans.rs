@@ -1,20 +1,33 @@
 //! The orphan audit: LVs that carry lvmlocal's tag but that no
-//! `LogicalVolume` of this node names. They are counted and logged, never
+//! `LogicalVolume` of this node names. They are counted, listed in the
+//! node's `NodeLocalStorage` status and announced by an event, never
 //! removed: destroying data needs a recorded deletion intent.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use lvmlocal_proto::crd::LogicalVolume;
+use kube::{Api, Client, Resource, ResourceExt};
+use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage, OrphanedVolume};
+use serde_json::json;
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
+use crate::node_storage::FIELD_MANAGER;
 use crate::volumes::{LocalVolume, VolumeBackend};
 
 /// How often the LVs are compared with the objects to find orphans.
 const ORPHAN_CHECK: Duration = Duration::from_secs(60);
+/// After a volume is let go, the watch cache needs a moment to drop its
+/// object; an audit sooner would not see the orphan yet.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Owns `status.orphanedVolumes` alone, so the disk report (another field
+/// manager) and this audit never overwrite each other's fields.
+const ORPHANS_MANAGER: &str = "lvmlocal-agent-orphans";
 
 /// The LVs no object claims.
 pub fn orphans<'a>(local: &'a [LocalVolume], objects: &HashSet<String>) -> Vec<&'a LocalVolume> {
@@ -24,22 +37,55 @@ pub fn orphans<'a>(local: &'a [LocalVolume], objects: &HashSet<String>) -> Vec<&
         .collect()
 }
 
+/// How an orphan is listed in the node's status.
+pub fn listed(volume: &LocalVolume) -> OrphanedVolume {
+    OrphanedVolume {
+        id: volume.id.clone(),
+        media: volume.media,
+        device_path: volume.device_path.clone(),
+        size_bytes: volume.size_bytes,
+        pvc: volume.pvc.clone(),
+    }
+}
+
 /// Compares the LVs with the objects, so an LV no object claims is seen.
 pub struct OrphanCheck<B> {
     volumes: Arc<B>,
     objects: Store<LogicalVolume>,
     metrics: Arc<Metrics>,
-    /// Orphans already logged, so each is logged when it appears.
+    wake: Arc<Notify>,
+    api: Api<NodeLocalStorage>,
+    recorder: Recorder,
+    node: String,
+    /// Orphans already announced, so each is announced when it appears.
     reported: BTreeSet<String>,
+    /// The list last written to the status; None until a write succeeds.
+    published: Option<Vec<OrphanedVolume>>,
 }
 
 impl<B: VolumeBackend> OrphanCheck<B> {
-    pub fn new(volumes: Arc<B>, objects: Store<LogicalVolume>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        node: &str,
+        volumes: Arc<B>,
+        objects: Store<LogicalVolume>,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(node.to_owned()),
+        };
         Self {
             volumes,
             objects,
             metrics,
+            wake,
+            api: Api::all(client.clone()),
+            recorder: Recorder::new(client, reporter),
+            node: node.to_owned(),
             reported: BTreeSet::new(),
+            published: None,
         }
     }
 
@@ -50,19 +96,81 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         }
         let mut tick = tokio::time::interval(ORPHAN_CHECK);
         loop {
-            tick.tick().await;
-            self.check().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.wake.notified() => tokio::time::sleep(SETTLE).await,
+            }
+            if let Some(found) = self.audit().await {
+                self.publish(found).await;
+            }
         }
     }
 
-    async fn check(&mut self) {
+    /// Writes the orphans into the node's status when they changed, and
+    /// announces each new one with an event on the node's object.
+    async fn publish(&mut self, found: Vec<LocalVolume>) {
+        let list: Vec<OrphanedVolume> = found.iter().map(listed).collect();
+        if self.published.as_ref() != Some(&list) {
+            let patch = json!({
+                "apiVersion": NodeLocalStorage::api_version(&()),
+                "kind": NodeLocalStorage::kind(&()),
+                "status": if list.is_empty() { json!({}) } else { json!({ "orphanedVolumes": list }) },
+            });
+            let params = PatchParams::apply(ORPHANS_MANAGER).force();
+            match self
+                .api
+                .patch_status(&self.node, &params, &Patch::Apply(patch))
+                .await
+            {
+                Ok(_) => self.published = Some(list),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot list the orphaned LVs in NodeLocalStorage");
+                    self.published = None;
+                }
+            }
+        }
+        let reference = ObjectReference {
+            api_version: Some(NodeLocalStorage::api_version(&()).into_owned()),
+            kind: Some(NodeLocalStorage::kind(&()).into_owned()),
+            name: Some(self.node.clone()),
+            ..ObjectReference::default()
+        };
+        for volume in found.iter().filter(|v| !self.reported.contains(&v.id)) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "OrphanedVolume".into(),
+                note: Some(format!(
+                    "LV {} ({} bytes{}) carries lvmlocal's tags but no LogicalVolume names it; \
+                     it is kept. A LogicalVolume named {} adopts it",
+                    volume.device_path,
+                    volume.size_bytes,
+                    volume
+                        .pvc
+                        .as_deref()
+                        .map(|pvc| format!(", made for PVC {pvc}"))
+                        .unwrap_or_default(),
+                    volume.id,
+                )),
+                action: "Audit".into(),
+                secondary: None,
+            };
+            if let Err(err) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %err, volume = %volume.id, "cannot record event");
+            }
+        }
+        self.reported = found.into_iter().map(|volume| volume.id).collect();
+    }
+
+    /// The LVs no object names now, counted and logged; None when the LVs
+    /// cannot be listed.
+    async fn audit(&mut self) -> Option<Vec<LocalVolume>> {
         // LVs first: an LV is made only once its object is in the cache, so
         // a volume being made now cannot pass for an orphan.
         let local = match self.volumes.list().await {
             Ok(local) => local,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot list LVs to look for orphans");
-                return;
+                return None;
             }
         };
         let objects: HashSet<String> = self
@@ -73,28 +181,31 @@ impl<B: VolumeBackend> OrphanCheck<B> {
             .collect();
         let found = orphans(&local, &objects);
         self.metrics.orphaned_volumes(found.len());
-        for volume in &found {
-            if !self.reported.contains(&volume.id) {
-                tracing::warn!(
-                    volume = %volume.id,
-                    vg = %volume.vg,
-                    bytes = volume.size_bytes,
-                    pvc = volume.pvc.as_deref().unwrap_or("-"),
-                    "orphaned LV: it carries lvmlocal's tag but no LogicalVolume names it; left in place"
-                );
-            }
+        for volume in found.iter().filter(|v| !self.reported.contains(&v.id)) {
+            tracing::warn!(
+                volume = %volume.id,
+                vg = %volume.vg,
+                bytes = volume.size_bytes,
+                pvc = volume.pvc.as_deref().unwrap_or("-"),
+                "orphaned LV: it carries lvmlocal's tag but no LogicalVolume names it; left in place"
+            );
         }
-        self.reported = found.iter().map(|volume| volume.id.clone()).collect();
+        Some(found.into_iter().cloned().collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
+
+    use http::{Request, Response};
+    use kube::client::Body;
     use kube::runtime::{reflector, watcher};
     use lvmlocal_proto::MediaClass;
     use lvmlocal_proto::rpc::RpcMetrics;
 
     use super::*;
+    use crate::api_mock::{answer, body};
     use crate::fake_lvm::{FakeLvm, local, object};
 
     const GIB: u64 = 1 << 30;
@@ -122,7 +233,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_orphan_check_counts_lvs_without_objects() {
+    async fn the_orphan_check_counts_lists_and_announces_lvs_without_objects() {
         let backend = Arc::new(
             FakeLvm::new(0)
                 .with(local("pvc-1", MediaClass::Nvme, GIB))
@@ -133,8 +244,54 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::InitApply(object(GIB, 1)));
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let metrics = Arc::new(Metrics::new(&RpcMetrics::default()));
-        let mut check = OrphanCheck::new(backend.clone(), objects, metrics.clone());
-        check.check().await;
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut check = OrphanCheck::new(
+            Client::new(service, "default"),
+            "node-a",
+            backend.clone(),
+            objects,
+            metrics.clone(),
+            Arc::default(),
+        );
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("status applied");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a/status"
+            );
+            let query = request.uri().query().unwrap().to_owned();
+            assert!(
+                query.contains("fieldManager=lvmlocal-agent-orphans"),
+                "{query}"
+            );
+            let applied = body(request).await;
+            assert_eq!(
+                applied["status"],
+                json!({"orphanedVolumes": [{
+                    "id": "pvc-gone",
+                    "media": "hdd",
+                    "devicePath": "/dev/lvmlocal-hdd/pvc-gone",
+                    "sizeBytes": GIB,
+                    "pvc": "db/data-0",
+                }]})
+            );
+            answer(
+                send,
+                &json!({"apiVersion": "lvmlocal.io/v1alpha1", "kind": "NodeLocalStorage",
+                "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-a"}}),
+            );
+            let (request, send) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), http::Method::POST);
+            let event = body(request).await;
+            assert_eq!(event["reason"], "OrphanedVolume");
+            assert_eq!(event["regarding"]["name"], "node-a");
+            let note = event["note"].as_str().unwrap();
+            assert!(note.contains("/dev/lvmlocal-hdd/pvc-gone"), "{note}");
+            answer(send, &event);
+        });
+        let found = check.audit().await.unwrap();
         assert!(
             metrics
                 .encode()
@@ -142,24 +299,31 @@ mod tests {
             "{}",
             metrics.encode()
         );
+        check.publish(found).await;
+        api_server.await.unwrap();
         assert_eq!(check.reported, BTreeSet::from(["pvc-gone".to_owned()]));
         assert_eq!(
             backend.ids(),
             ["pvc-1", "pvc-gone"],
             "an orphan is never removed"
         );
+        // Nothing changed: nothing is written or announced again (the mock
+        // is gone, so any request would fail the publish and reset it).
+        let found = check.audit().await.unwrap();
+        check.publish(found).await;
+        assert!(check.published.is_some());
 
         writer.apply_watcher_event(&watcher::Event::Apply({
             let mut claimed = object(GIB, 1);
             claimed.metadata.name = Some("pvc-gone".into());
             claimed
         }));
-        check.check().await;
+        let found = check.audit().await.unwrap();
+        assert!(found.is_empty());
         assert!(
             metrics
                 .encode()
                 .contains("lvmlocal_agent_orphaned_volumes 0")
         );
-        assert!(check.reported.is_empty());
     }
 }

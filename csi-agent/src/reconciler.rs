@@ -1,7 +1,9 @@
 //! The node's `LogicalVolume`s carried out on its LVM: each object of this
-//! node becomes an LV of its media class and at least its size, grows when
-//! its spec grows, and is removed when the object is deleted, before the
-//! finalizer lets the object go.
+//! node becomes an LV of its media class and at least its size, and grows
+//! when its spec grows. A deleted object's LV is removed only on recorded
+//! intent: the object carries [`DELETE_INTENT`] and no PersistentVolume
+//! names the volume any more. Any other deletion lets the object go and
+//! keeps the LV, which the orphan audit then reports.
 //!
 //! The LV list is the truth. Every reconcile starts from what `lvs` shows, so
 //! after a restart each object's status is rebuilt from the LV tags; a tagged
@@ -11,18 +13,23 @@
 //! [`reconcile`] only runs what they decide. The orphan audit is
 //! [`crate::orphans`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus};
-use lvmlocal_proto::logical_volume::volume_of;
+use lvmlocal_proto::crd::{
+    DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus,
+};
+use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::volume::FsType;
 use serde_json::{Value, json};
 
@@ -36,6 +43,9 @@ use crate::volumes::{LocalVolume, VolumeBackend, VolumeError, VolumeRequest};
 const RECHECK: Duration = Duration::from_secs(300);
 /// A failed volume is tried again this often: space may have been freed.
 const RETRY_FAILED: Duration = Duration::from_secs(60);
+/// A deletion waiting for its PersistentVolume to go is looked at again
+/// this often: the provisioner deletes the PV right after DeleteVolume.
+const WAIT_FOR_PV: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -54,8 +64,12 @@ pub enum Plan {
     Report(LocalVolume),
     /// The spec cannot be carried out; the status says why, nothing is touched.
     Refuse(Failure),
-    /// Being deleted: remove the LV, then drop the finalizer at this index.
+    /// Being deleted on recorded intent: remove the LV once no
+    /// PersistentVolume names it, then drop the finalizer at this index.
     Remove { finalizer: usize },
+    /// Being deleted without a recorded intent: keep the LV, drop the
+    /// finalizer at this index; the LV is an orphan from now on.
+    Keep { finalizer: usize },
     /// Being deleted and the LV is already gone: drop the finalizer.
     Release { finalizer: usize },
 }
@@ -124,7 +138,8 @@ pub fn plan(lv: &LogicalVolume, local: Option<&LocalVolume>, node: &str) -> Plan
     if lv.metadata.deletion_timestamp.is_some() {
         return match (finalizer, local) {
             (None, _) => Plan::Leave,
-            (Some(finalizer), Some(_)) => Plan::Remove { finalizer },
+            (Some(finalizer), Some(_)) if delete_intent(lv).is_some() => Plan::Remove { finalizer },
+            (Some(finalizer), Some(_)) => Plan::Keep { finalizer },
             (Some(finalizer), None) => Plan::Release { finalizer },
         };
     }
@@ -259,8 +274,13 @@ pub struct Context<B> {
     pub recorder: Recorder,
     pub node: String,
     pub metrics: Arc<Metrics>,
+    pvs: Api<PersistentVolume>,
+    /// Woken when an LV becomes an orphan, so that it is reported now.
+    pub orphan_audit: Arc<Notify>,
     /// Failures in a row per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Deletions already reported as waiting for their PersistentVolume.
+    waiting: Mutex<HashSet<String>>,
 }
 
 impl<B: VolumeBackend> Context<B> {
@@ -272,11 +292,46 @@ impl<B: VolumeBackend> Context<B> {
         Self {
             volumes,
             api: Api::all(client.clone()),
+            pvs: Api::all(client.clone()),
             recorder: Recorder::new(client, reporter),
             node: node.to_owned(),
             metrics,
+            orphan_audit: Arc::default(),
             failures: Mutex::default(),
+            waiting: Mutex::default(),
         }
+    }
+
+    /// The PersistentVolumes that still name volume `name`; the first time
+    /// a deletion has to wait for one, an event says so.
+    async fn blocking_pvs(&self, lv: &LogicalVolume) -> Result<Vec<String>, Error> {
+        let name = lv.name_any();
+        let pvs = persistent_volumes_naming(&self.pvs, &name).await?;
+        let first = {
+            let mut waiting = self.waiting.lock().expect("waiting set poisoned");
+            if pvs.is_empty() {
+                waiting.remove(&name);
+                false
+            } else {
+                waiting.insert(name)
+            }
+        };
+        if first {
+            let note = format!(
+                "PersistentVolume {} still names this volume; its LV is removed once no PersistentVolume does",
+                pvs.join(", ")
+            );
+            tracing::info!(pvs = ?pvs, "deletion waits for the PersistentVolume");
+            self.event(
+                lv,
+                EventType::Normal,
+                "WaitingForPersistentVolume",
+                "Delete",
+                note,
+            )
+            .await;
+        }
+        Ok(pvs)
     }
 
     async fn patch_finalizers(&self, name: &str, ops: Value) -> Result<(), Error> {
@@ -332,8 +387,20 @@ impl<B: VolumeBackend> Context<B> {
 
     /// Records a Warning event on `lv`; an event lost is only logged.
     async fn warn(&self, lv: &LogicalVolume, reason: &str, action: &str, note: String) {
+        self.event(lv, EventType::Warning, reason, action, note)
+            .await;
+    }
+
+    async fn event(
+        &self,
+        lv: &LogicalVolume,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
@@ -409,6 +476,10 @@ async fn carry_out<B: VolumeBackend>(
         Plan::Report(volume) => ctx.report(lv, Outcome::Ready(volume)).await,
         Plan::Refuse(failure) => ctx.report(lv, Outcome::Failed(failure)).await,
         Plan::Remove { finalizer } => {
+            if !ctx.blocking_pvs(lv).await?.is_empty() {
+                return Ok(Action::requeue(WAIT_FOR_PV));
+            }
+            tracing::info!(intent = delete_intent(lv), "removing the volume");
             ctx.volumes
                 .remove(&name)
                 .await
@@ -419,6 +490,19 @@ async fn carry_out<B: VolumeBackend>(
             tracing::info!("volume removed");
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
+            Ok(Action::await_change())
+        }
+        Plan::Keep { finalizer } => {
+            let device = local.map(|volume| volume.device_path).unwrap_or_default();
+            let note = format!(
+                "deleted without the {DELETE_INTENT} annotation: the LV {device} and its data are \
+                 kept as an orphan; a LogicalVolume re-created with this name adopts it"
+            );
+            tracing::warn!(%device, "LogicalVolume deleted without intent; keeping its LV");
+            ctx.warn(lv, "DeletedWithoutIntent", "Delete", note).await;
+            ctx.patch_finalizers(&name, drop_finalizer(finalizer))
+                .await?;
+            ctx.orphan_audit.notify_one();
             Ok(Action::await_change())
         }
         Plan::Release { finalizer } => {
@@ -448,8 +532,20 @@ pub async fn run<B: VolumeBackend>(
 ) {
     let objects = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let controller = Controller::new(Api::<LogicalVolume>::all(client.clone()), objects);
-    let orphans = OrphanCheck::new(volumes.clone(), controller.store(), metrics.clone());
-    let context = Arc::new(Context::new(client, &node, volumes, metrics));
+    let context = Arc::new(Context::new(
+        client.clone(),
+        &node,
+        volumes.clone(),
+        metrics.clone(),
+    ));
+    let orphans = OrphanCheck::new(
+        client,
+        &node,
+        volumes,
+        controller.store(),
+        metrics,
+        context.orphan_audit.clone(),
+    );
     let reconciles = controller
         .run(reconcile, error_policy, context)
         .for_each(|result| {
@@ -493,6 +589,14 @@ mod tests {
                 "2025-05-02T10:00:00Z".parse().unwrap(),
             ));
         lv.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        lv
+    }
+
+    fn with_intent(mut lv: LogicalVolume) -> LogicalVolume {
+        lv.annotations_mut().insert(
+            DELETE_INTENT.into(),
+            "DeleteVolume through lvmlocal-controller; PersistentVolume pvc-1".into(),
+        );
         lv
     }
 
@@ -581,16 +685,39 @@ mod tests {
                 Plan::Leave,
             ),
             (
-                "deleted with its LV",
-                deleting(lv(), &[LV_FINALIZER]),
+                "deleted with its LV, on recorded intent",
+                with_intent(deleting(lv(), &[LV_FINALIZER])),
                 Some(&nvme),
                 Plan::Remove { finalizer: 0 },
             ),
             (
+                "deleted with its LV, without intent",
+                deleting(lv(), &[LV_FINALIZER]),
+                Some(&nvme),
+                Plan::Keep { finalizer: 0 },
+            ),
+            (
+                "deleted with a blank intent",
+                {
+                    let mut lv = deleting(lv(), &[LV_FINALIZER]);
+                    lv.annotations_mut()
+                        .insert(DELETE_INTENT.into(), "  ".into());
+                    lv
+                },
+                Some(&nvme),
+                Plan::Keep { finalizer: 0 },
+            ),
+            (
                 "deleted, finalizer behind another",
-                deleting(lv(), &[OTHER_FINALIZER, LV_FINALIZER]),
+                with_intent(deleting(lv(), &[OTHER_FINALIZER, LV_FINALIZER])),
                 Some(&nvme),
                 Plan::Remove { finalizer: 1 },
+            ),
+            (
+                "deleted without intent, finalizer behind another",
+                deleting(lv(), &[OTHER_FINALIZER, LV_FINALIZER]),
+                Some(&nvme),
+                Plan::Keep { finalizer: 1 },
             ),
             (
                 "deleted, LV already removed",
@@ -1018,17 +1145,41 @@ mod tests {
         assert_eq!(ctx.volumes.calls(), ["get pvc-1"]);
     }
 
-    /// Deleted with other finalizers beside ours: the LV goes, then only
-    /// our finalizer is dropped.
+    /// A list of PersistentVolumes; `handles` are the volume handles of
+    /// lvmlocal PVs in it.
+    fn pv_list(handles: &[&str]) -> Value {
+        let items: Vec<Value> = handles
+            .iter()
+            .map(|handle| {
+                json!({
+                    "metadata": {"name": format!("pv-of-{handle}")},
+                    "spec": {"csi": {"driver": "lvmlocal.io", "volumeHandle": handle}},
+                })
+            })
+            .collect();
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeList", "metadata": {}, "items": items})
+    }
+
+    fn assert_pv_list(request: &Request<Body>) {
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri().path(), "/api/v1/persistentvolumes");
+    }
+
+    /// Deleted on recorded intent with other finalizers beside ours, and no
+    /// PV left: the LV goes, then only our finalizer is dropped.
     #[tokio::test]
     async fn a_deleted_object_loses_its_lv_then_only_our_finalizer() {
         let (ctx, handle) = context(FakeLvm::new(0).with(local("pvc-1", MediaClass::Nvme, GIB)));
-        let lv = deleting(
+        let lv = with_intent(deleting(
             with_status(object(GIB, 1), ready(GIB, 1)),
             &[OTHER_FINALIZER, LV_FINALIZER],
-        );
+        ));
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("PVs listed");
+            assert_pv_list(&request);
+            // Another volume's PV does not hold this one back.
+            answer(send, &pv_list(&["pvc-2"]));
             let (request, send) = handle.next_request().await.expect("finalizer dropped");
             assert_finalizer_patch(&request);
             assert_eq!(
@@ -1048,6 +1199,83 @@ mod tests {
         api_server.await.unwrap();
         assert_eq!(ctx.volumes.calls(), ["get pvc-1", "remove pvc-1"]);
         assert!(ctx.volumes.ids().is_empty());
+    }
+
+    /// Deleted on intent while its PV still exists: nothing is removed, the
+    /// wait is announced once and the object looked at again soon.
+    #[tokio::test]
+    async fn a_deletion_waits_while_a_pv_names_the_volume() {
+        let (ctx, handle) = context(FakeLvm::new(0).with(local("pvc-1", MediaClass::Nvme, GIB)));
+        let lv = Arc::new(with_intent(deleting(
+            with_status(object(GIB, 1), ready(GIB, 1)),
+            &[LV_FINALIZER],
+        )));
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("PVs listed");
+            assert_pv_list(&request);
+            answer(send, &pv_list(&["pvc-1"]));
+            let (request, send) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), Method::POST);
+            let event = body(request).await;
+            assert_eq!(event["reason"], "WaitingForPersistentVolume");
+            assert!(event["note"].as_str().unwrap().contains("pv-of-pvc-1"));
+            answer(send, &event);
+            // The second look: still there, and no second event.
+            let (request, send) = handle.next_request().await.expect("PVs listed again");
+            assert_pv_list(&request);
+            answer(send, &pv_list(&["pvc-1"]));
+        });
+        for _ in 0..2 {
+            let action = reconcile(lv.clone(), ctx.clone()).await.unwrap();
+            assert_eq!(action, Action::requeue(WAIT_FOR_PV));
+        }
+        api_server.await.unwrap();
+        assert_eq!(ctx.volumes.calls(), ["get pvc-1", "get pvc-1"]);
+        assert_eq!(ctx.volumes.ids(), ["pvc-1"]);
+    }
+
+    /// Deleted without a recorded intent (a bare `kubectl delete`, a prune,
+    /// the CRD removed): the LV and its data stay, the object is let go,
+    /// a warning says so and the orphan audit is woken.
+    #[tokio::test]
+    async fn a_deletion_without_intent_keeps_the_lv() {
+        let (ctx, handle) = context(FakeLvm::new(0).with(local("pvc-1", MediaClass::Nvme, GIB)));
+        let lv = deleting(with_status(object(GIB, 1), ready(GIB, 1)), &[LV_FINALIZER]);
+        let woken = ctx.orphan_audit.clone();
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), Method::POST);
+            let event = body(request).await;
+            assert_eq!(event["reason"], "DeletedWithoutIntent");
+            assert_eq!(event["type"], "Warning");
+            assert!(
+                event["note"]
+                    .as_str()
+                    .unwrap()
+                    .contains("/dev/lvmlocal-nvme/pvc-1")
+            );
+            answer(send, &event);
+            let (request, send) = handle.next_request().await.expect("finalizer dropped");
+            assert_finalizer_patch(&request);
+            assert_eq!(
+                body(request).await,
+                json!([
+                    {"op": "test", "path": "/metadata/finalizers/0", "value": LV_FINALIZER},
+                    {"op": "remove", "path": "/metadata/finalizers/0"},
+                ])
+            );
+            answer(send, &object_json(GIB, 1));
+        });
+        let action = reconcile(Arc::new(lv), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        api_server.await.unwrap();
+        assert_eq!(ctx.volumes.calls(), ["get pvc-1"], "nothing removed");
+        assert_eq!(ctx.volumes.ids(), ["pvc-1"]);
+        tokio::time::timeout(Duration::from_secs(1), woken.notified())
+            .await
+            .expect("the orphan audit is woken");
     }
 
     /// The controller sets the finalizer at creation; an object without

@@ -3,12 +3,13 @@
 //! capacity of each node. Reads that decide idempotency go to the API
 //! server; waiting, listing and capacity use the watch caches.
 
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::ObjectMeta;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, LogicalVolumeSpec};
-use lvmlocal_proto::logical_volume::volume_of;
+use lvmlocal_proto::crd::{DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec};
+use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::placement::NodeCapacity;
 use lvmlocal_proto::store::{Store, StoreError};
 use lvmlocal_proto::volume::{NewVolume, Volume, VolumeId};
@@ -25,15 +26,59 @@ pub const FIELD_MANAGER: &str = "lvmlocal-controller";
 #[derive(Clone)]
 pub struct KubeStore {
     api: Api<LogicalVolume>,
+    pvs: Api<PersistentVolume>,
     caches: Caches,
 }
 
 impl KubeStore {
     pub fn new(client: Client, caches: Caches) -> Self {
         Self {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            pvs: Api::all(client),
             caches,
         }
+    }
+
+    /// Records on `lv` that DeleteVolume asked for its removal, and for
+    /// which PersistentVolume; refused if `lv` changed since it was read.
+    /// Returns the object as written.
+    async fn record_intent(&self, lv: &LogicalVolume) -> Result<LogicalVolume, StoreError> {
+        let id = lv.name_any();
+        let pvs = persistent_volumes_naming(&self.pvs, &id)
+            .await
+            .map_err(|err| {
+                StoreError::unavailable(format!("cannot list the PersistentVolumes of {id}"), err)
+            })?;
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": lv.resource_version(),
+                "annotations": { DELETE_INTENT: intent(&pvs) },
+            }
+        });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        self.api
+            .patch(&id, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|err| {
+                StoreError::unavailable(
+                    format!("cannot record the deletion intent on LogicalVolume {id}"),
+                    err,
+                )
+            })
+    }
+}
+
+/// The deletion intent DeleteVolume records: who asked, for which PVs.
+fn intent(pvs: &[String]) -> String {
+    match pvs {
+        [] => "DeleteVolume through lvmlocal-controller; no PersistentVolume".to_owned(),
+        pvs => format!(
+            "DeleteVolume through lvmlocal-controller; PersistentVolume {}",
+            pvs.join(", ")
+        ),
     }
 }
 
@@ -116,8 +161,31 @@ impl Store for KubeStore {
         }
     }
 
+    /// Records the deletion intent, then deletes the object it was recorded
+    /// on. The agent removes the LV once no PersistentVolume names it, so
+    /// the provisioner, which deletes the PV after this call, is not waited
+    /// for here.
     async fn delete(&self, id: &VolumeId) -> Result<(), StoreError> {
-        match self.api.delete(id.as_str(), &DeleteParams::default()).await {
+        let Some(mut lv) = self.api.get_opt(id.as_str()).await.map_err(|err| {
+            StoreError::unavailable(format!("cannot read LogicalVolume {id}"), err)
+        })?
+        else {
+            return Ok(());
+        };
+        if delete_intent(&lv).is_none() {
+            lv = self.record_intent(&lv).await?;
+        }
+        if lv.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lv.uid(),
+                resource_version: lv.resource_version(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api.delete(id.as_str(), &params).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
             Err(err) => Err(StoreError::unavailable(

@@ -295,14 +295,12 @@ async fn agent_failure_is_resource_exhausted_and_the_object_is_removed() {
         )))
         .unwrap();
 
-    let (request, send) = next(&mut api).await;
-    assert_eq!(request.method(), Method::DELETE);
-    assert_eq!(request.uri().path(), lv_url());
-    respond(
-        send,
-        StatusCode::OK,
-        &logical_volume(NAME, "node-a", 10 * GIB, 1, None),
-    );
+    expect_deletion(
+        &mut api,
+        logical_volume(NAME, "node-a", 10 * GIB, 1, None),
+        &[],
+    )
+    .await;
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("2147483648 bytes free"), "{err:?}");
@@ -321,11 +319,129 @@ async fn delete_of_a_missing_object_is_success() {
             }))
             .await
     });
-    let (request, send) = next(&mut api).await;
+    expect_get(&mut api, None).await;
+    call.await.unwrap().unwrap();
+    expect_no_more(&mut api).await;
+}
+
+/// A PersistentVolume of lvmlocal for volume `handle`.
+fn persistent_volume(name: &str, handle: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {"csi": {"driver": "lvmlocal.io", "volumeHandle": handle}}
+    })
+}
+
+/// Answers the requests of a deletion of `lv`: read it, list the PVs
+/// (`pvs`), record the intent naming those of this volume, delete exactly
+/// the object the intent was recorded on.
+async fn expect_deletion(api: &mut ApiHandle, lv: Value, pvs: &[Value]) -> Value {
+    expect_get(api, Some(lv.clone())).await;
+
+    let (request, send) = next(api).await;
+    assert_eq!(request.method(), Method::GET);
+    assert_eq!(request.uri().path(), "/api/v1/persistentvolumes");
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeList",
+        "metadata": {"resourceVersion": "7"},
+        "items": pvs,
+    });
+    respond(send, StatusCode::OK, &list);
+
+    let (request, send) = next(api).await;
+    assert_eq!(request.method(), Method::PATCH);
+    assert_eq!(request.uri().path(), lv_url());
+    let metadata = &request.body()["metadata"];
+    // Written only on the object as read: a change since is a conflict.
+    assert_eq!(
+        metadata["resourceVersion"],
+        lv["metadata"]["resourceVersion"]
+    );
+    let intent = metadata["annotations"]["lvmlocal.io/delete-intent"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+    let mut annotated = lv.clone();
+    annotated["metadata"]["annotations"] = json!({"lvmlocal.io/delete-intent": intent});
+    annotated["metadata"]["resourceVersion"] = json!("900");
+    respond(send, StatusCode::OK, &annotated);
+
+    let (request, send) = next(api).await;
     assert_eq!(request.method(), Method::DELETE);
     assert_eq!(request.uri().path(), lv_url());
-    respond(send, StatusCode::NOT_FOUND, &status(404, "NotFound", NAME));
+    assert_eq!(
+        request.body()["preconditions"],
+        json!({"uid": lv["metadata"]["uid"], "resourceVersion": "900"})
+    );
+    respond(send, StatusCode::OK, &annotated);
+    json!(intent)
+}
+
+#[tokio::test]
+async fn delete_records_who_asked_and_for_which_pv_before_deleting() {
+    let Cluster {
+        service, mut api, ..
+    } = controller(vec![]).await;
+    let call = tokio::spawn(async move {
+        service
+            .delete_volume(Request::new(DeleteVolumeRequest {
+                volume_id: NAME.into(),
+                ..Default::default()
+            }))
+            .await
+    });
+    let pvs = [
+        persistent_volume("pv-other", "pvc-another-volume"),
+        persistent_volume(NAME, NAME),
+    ];
+    let intent = expect_deletion(
+        &mut api,
+        logical_volume(NAME, "node-a", 10 * GIB, 1, ready(10 * GIB, 1)),
+        &pvs,
+    )
+    .await;
+    let intent = intent.as_str().unwrap();
+    assert!(intent.contains("DeleteVolume"), "{intent}");
+    assert!(
+        intent.contains(&format!("PersistentVolume {NAME}")),
+        "{intent}"
+    );
+    assert!(!intent.contains("pv-other"), "{intent}");
     call.await.unwrap().unwrap();
+    expect_no_more(&mut api).await;
+}
+
+#[tokio::test]
+async fn delete_refused_by_a_conflict_deletes_nothing_and_is_retried() {
+    let Cluster {
+        service, mut api, ..
+    } = controller(vec![]).await;
+    let call = tokio::spawn(async move {
+        service
+            .delete_volume(Request::new(DeleteVolumeRequest {
+                volume_id: NAME.into(),
+                ..Default::default()
+            }))
+            .await
+    });
+    expect_get(
+        &mut api,
+        Some(logical_volume(NAME, "node-a", 10 * GIB, 1, None)),
+    )
+    .await;
+    let (_, send) = next(&mut api).await;
+    let empty =
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeList", "metadata": {}, "items": []});
+    respond(send, StatusCode::OK, &empty);
+    let (request, send) = next(&mut api).await;
+    assert_eq!(request.method(), Method::PATCH);
+    respond(send, StatusCode::CONFLICT, &status(409, "Conflict", NAME));
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    expect_no_more(&mut api).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The custom resources: the cluster's view of what LVM holds on each node.
 //! Their YAML is generated from these types, never written by hand.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,11 @@ use crate::MediaClass;
 
 /// Keeps a `LogicalVolume` until its LV is gone from the node.
 pub const LV_FINALIZER: &str = "lvmlocal.io/logical-volume";
+
+/// The annotation that records who asked for a `LogicalVolume`'s deletion.
+/// The agent removes the LV of a deleted object only when the object
+/// carries it; any other deletion leaves the LV as an orphan.
+pub const DELETE_INTENT: &str = "lvmlocal.io/delete-intent";
 
 /// The disks and volume groups of one node, written by the node's agent.
 /// Cluster-scoped; the name is the node's name.
@@ -42,6 +47,25 @@ pub struct NodeLocalStorageStatus {
     /// Every whole disk of the node, usable or not, with the reason.
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// LVs of lvmlocal on this node that no `LogicalVolume` names: kept,
+    /// never removed by the agent. Written by the agent's orphan audit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphaned_volumes: Vec<OrphanedVolume>,
+}
+
+/// An LV that carries lvmlocal's tags but that no object names, e.g. after
+/// its `LogicalVolume` was deleted without a deletion intent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanedVolume {
+    /// The volume id: the name a re-created `LogicalVolume` needs to adopt it.
+    pub id: String,
+    pub media: MediaClass,
+    pub device_path: String,
+    pub size_bytes: u64,
+    /// `namespace/name` of the claim it was made for, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
 }
 
 impl NodeLocalStorageStatus {
@@ -107,7 +131,7 @@ pub struct DiskStatus {
 
 /// One volume: created by the controller for a PVC, carried out by the agent
 /// of `spec.nodeName`. Cluster-scoped; the name is the CSI volume id.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "lvmlocal.io",
     version = "v1alpha1",
@@ -124,15 +148,21 @@ pub struct DiskStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.fsType) == has(oldSelf.fsType) && has(self.pvc) == has(oldSelf.pvc)").message("spec.fsType and spec.pvc cannot be added or removed"))]
 pub struct LogicalVolumeSpec {
+    /// Where the LV lives: moving the object would orphan it.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: the LV lives on that node"))]
     pub node_name: String,
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.media is immutable: the LV lives in that media class's volume group"))]
     pub media: MediaClass,
     /// Requested size; the LV is this, rounded up to the extent size.
     pub size_bytes: u64,
     /// `ext4` or `xfs`; absent for raw block volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.fsType is immutable"))]
     pub fs_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.pvc is immutable"))]
     pub pvc: Option<PvcRef>,
 }
 

@@ -1,9 +1,12 @@
 //! The `LogicalVolume` ↔ volume mapping: what an object says about the
 //! volume it stands for, read alike by the controller and the agent.
 
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 
-use crate::crd::{LogicalVolume, LogicalVolumePhase};
+use crate::DRIVER_NAME;
+use crate::crd::{DELETE_INTENT, LogicalVolume, LogicalVolumePhase};
 use crate::store::StoreError;
 use crate::volume::{Access, Volume, VolumeId, VolumeState};
 
@@ -28,6 +31,38 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
         state: state_of(lv),
         generation: lv.metadata.generation.unwrap_or(0),
     })
+}
+
+/// Who asked for the deletion of `lv`, as recorded on it; None when nobody
+/// did (a bare `kubectl delete`, a pruning tool, the CRD's removal).
+pub fn delete_intent(lv: &LogicalVolume) -> Option<&str> {
+    lv.annotations()
+        .get(DELETE_INTENT)
+        .map(|intent| intent.trim())
+        .filter(|intent| !intent.is_empty())
+}
+
+/// Whether `pv` is a PersistentVolume of this driver for volume `id`.
+pub fn names_volume(pv: &PersistentVolume, id: &str) -> bool {
+    pv.spec
+        .as_ref()
+        .and_then(|spec| spec.csi.as_ref())
+        .is_some_and(|csi| csi.driver == DRIVER_NAME && csi.volume_handle == id)
+}
+
+/// The names of the PersistentVolumes that name volume `id`, read from the
+/// API server itself: a cache that lags could hide one that still exists.
+pub async fn persistent_volumes_naming(
+    api: &Api<PersistentVolume>,
+    id: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let pvs = api.list(&ListParams::default()).await?;
+    Ok(pvs
+        .items
+        .iter()
+        .filter(|pv| names_volume(pv, id))
+        .map(ResourceExt::name_any)
+        .collect())
 }
 
 fn state_of(lv: &LogicalVolume) -> VolumeState {

@@ -667,3 +667,262 @@ fn csi_sanity_against_the_cluster_mode_pair() {
     )
     .unwrap();
 }
+
+/// The bytes at 4 MiB into `device` in the guest, as text.
+fn marker_at(node: &NodeVm, device: &str) -> String {
+    node.sh(&format!(
+        "dd if={device} bs=1M skip=4 count=1 status=none | head -c 32"
+    ))
+    .unwrap()
+}
+
+/// Whether the node's NodeLocalStorage lists `id` as an orphaned LV.
+fn listed_orphan(cluster: &Cluster, node: &str, id: &str) -> Result<(), String> {
+    let nls = cluster
+        .get(&["nodelocalstorage", node])
+        .map_err(|err| err.to_string())?;
+    nls["status"]["orphanedVolumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|orphan| orphan["id"] == id)
+        .then_some(())
+        .ok_or_else(|| nls["status"].to_string())
+}
+
+/// A volume's data outlives every deletion but its claim's: a bare delete is
+/// refused, deleting the CRD (which admission does not see) leaves the LV as
+/// a reported orphan that a re-created object adopts, node and media are
+/// immutable, a deletion on intent waits for the PV, and removing the
+/// driver's namespace removes no LV.
+#[test]
+fn data_outlives_every_deletion_but_its_claims() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = node_vm(&mut cluster, "vm-node");
+
+    cluster
+        .apply(&claim("precious", "lvmlocal-nvme", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("db", &["precious"])).unwrap();
+    let bound = wait_bound(&cluster, "precious", Duration::from_secs(180));
+    let pv_name = bound["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let pv = cluster.get(&["pv", &pv_name]).unwrap();
+    let id = pv["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let device = format!("/dev/lvmlocal-nvme/{id}");
+    let marker = "lvmlocal-marker-0123456789abcdef";
+    node.sh(&format!(
+        "printf '{marker}' | dd of={device} bs=1M seek=4 conv=notrunc,fsync status=none"
+    ))
+    .unwrap();
+    assert_eq!(marker_at(&node, &device), marker);
+    let original = cluster.get(&["logicalvolume", &id]).unwrap();
+
+    // A bare delete is refused by admission, naming the way to do it.
+    let refused = cluster
+        .kubectl(&["delete", "logicalvolume", &id, "--wait=false"])
+        .expect_err("an admin's bare delete is refused");
+    assert!(
+        refused.to_string().contains("lvmlocal.io/delete-intent"),
+        "{refused:#}"
+    );
+    let llv = cluster.get(&["logicalvolume", &id]).unwrap();
+    assert!(llv["metadata"]["deletionTimestamp"].is_null(), "{llv}");
+
+    // Node and media cannot be edited away from the LV.
+    for (field, value) in [("nodeName", "elsewhere"), ("media", "hdd")] {
+        let patch = json!({"spec": {field: value}}).to_string();
+        let refused = cluster
+            .kubectl(&["patch", "logicalvolume", &id, "--type=merge", "-p", &patch])
+            .expect_err("an immutable field");
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("spec.{field} is immutable")),
+            "{refused:#}"
+        );
+    }
+
+    // Removing the CRD deletes every object without admission: the agent
+    // lets the objects go and keeps the LV and its data.
+    cluster
+        .kubectl(&[
+            "delete",
+            "crd",
+            "logicalvolumes.lvmlocal.io",
+            "--wait=false",
+        ])
+        .unwrap();
+    wait_for(
+        "the LogicalVolume CRD gone",
+        Duration::from_secs(120),
+        || match cluster.get(&["crd", "logicalvolumes.lvmlocal.io"]) {
+            Ok(crd) => Err(crd["status"].to_string()),
+            Err(_) => Ok(()),
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    assert_eq!(
+        node.lvs().unwrap().get(&format!("lvmlocal-nvme/{id}")),
+        Some(&GIB)
+    );
+    assert_eq!(marker_at(&node, &device), marker);
+    wait_for("the orphan listed", Duration::from_secs(120), || {
+        listed_orphan(&cluster, "vm-node", &id)
+    })
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    let announced = cluster
+        .get(&[
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "involvedObject.name=vm-node",
+        ])
+        .unwrap();
+    assert!(
+        announced.to_string().contains("OrphanedVolume"),
+        "{announced}"
+    );
+
+    // Re-created with the same name and spec, the object adopts the LV.
+    cluster
+        .kubectl(&[
+            "apply",
+            "-f",
+            &lvmlocal_tests::cluster::workspace_root()
+                .join("deploy/base/crds/lvmlocal.io.yaml")
+                .display()
+                .to_string(),
+        ])
+        .unwrap();
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/logicalvolumes.lvmlocal.io",
+            "--timeout=60s",
+        ])
+        .unwrap();
+    let adopted = json!({
+        "apiVersion": "lvmlocal.io/v1alpha1",
+        "kind": "LogicalVolume",
+        "metadata": {"name": id},
+        "spec": original["spec"],
+    });
+    wait_for(
+        "the LogicalVolume re-created",
+        Duration::from_secs(60),
+        || cluster.apply(&adopted).map_err(|err| err.to_string()),
+    )
+    .unwrap();
+    wait_for("the LV adopted", Duration::from_secs(180), || {
+        let llv = cluster
+            .get(&["logicalvolume", &id])
+            .map_err(|err| err.to_string())?;
+        (llv["status"]["phase"] == "Ready" && llv["status"]["devicePath"] == device.as_str())
+            .then_some(())
+            .ok_or_else(|| llv.to_string())
+    })
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    assert_eq!(marker_at(&node, &device), marker);
+    wait_for(
+        "the orphan no longer listed",
+        Duration::from_secs(120),
+        || match listed_orphan(&cluster, "vm-node", &id) {
+            Ok(()) => Err("still listed".to_owned()),
+            Err(_) => Ok(()),
+        },
+    )
+    .unwrap();
+
+    // An operator's deletion on intent is admitted, but the LV stays while
+    // the claim's PV still names it.
+    cluster
+        .kubectl(&[
+            "annotate",
+            "logicalvolume",
+            &id,
+            "lvmlocal.io/delete-intent=removed by hand in a test",
+        ])
+        .unwrap();
+    cluster
+        .kubectl(&["delete", "logicalvolume", &id, "--wait=false"])
+        .unwrap();
+    wait_for(
+        "the deletion waiting for the PV",
+        Duration::from_secs(120),
+        || {
+            let events = cluster
+                .get(&[
+                    "events",
+                    "-n",
+                    NS,
+                    "--field-selector",
+                    &format!("involvedObject.name={id}"),
+                ])
+                .map_err(|err| err.to_string())?;
+            events
+                .to_string()
+                .contains("WaitingForPersistentVolume")
+                .then_some(())
+                .ok_or_else(|| events.to_string())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        node.lvs().unwrap().get(&format!("lvmlocal-nvme/{id}")),
+        Some(&GIB)
+    );
+    assert_eq!(marker_at(&node, &device), marker);
+
+    // The claim's deletion is the intent that completes it.
+    delete_all(&cluster, "db", &["precious"]);
+    wait_for(
+        "PV, LogicalVolume and LV gone",
+        Duration::from_secs(120),
+        || {
+            let pvs = cluster.list("pv").map_err(|err| err.to_string())?;
+            let llvs = cluster
+                .list("logicalvolume")
+                .map_err(|err| err.to_string())?;
+            let lvs = node.lvs().map_err(|err| err.to_string())?;
+            (pvs.is_empty() && llvs.is_empty() && lvs.is_empty())
+                .then_some(())
+                .ok_or_else(|| format!("PVs {pvs:?}\nLogicalVolumes {llvs:?}\nLVs {lvs:?}"))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+
+    // The driver's namespace removed: its components lose their accounts,
+    // no LV is removed.
+    cluster
+        .apply(&claim("kept", "lvmlocal-ssd", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("keeper", &["kept"])).unwrap();
+    let bound = wait_bound(&cluster, "kept", Duration::from_secs(180));
+    let pv = cluster
+        .get(&["pv", bound["spec"]["volumeName"].as_str().unwrap()])
+        .unwrap();
+    let kept = format!(
+        "lvmlocal-ssd/{}",
+        pv["spec"]["csi"]["volumeHandle"].as_str().unwrap()
+    );
+    cluster
+        .kubectl(&[
+            "delete",
+            "namespace",
+            "lvmlocal",
+            "--wait=true",
+            "--timeout=120s",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let lvs = node.lvs().unwrap();
+    assert_eq!(lvs.get(&kept), Some(&GIB), "{lvs:?}");
+    assert_eq!(lvs.len(), 1, "{lvs:?}");
+}

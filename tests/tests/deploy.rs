@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tower::ServiceExt;
 
+use lvmlocal_proto::crd::DELETE_INTENT;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM};
 
 /// Every kustomization an operator may apply; a new overlay must be added
@@ -836,6 +837,8 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
         "events",
         &["create", "patch"]
     ));
+    assert!(allows(&agent, "", "persistentvolumes", &["list"]));
+    assert!(!allows(&agent, "", "persistentvolumes", &["watch"]));
     assert!(!allows(
         &agent,
         "lvmlocal.io",
@@ -1397,10 +1400,11 @@ fn example_stateful_set_spreads_nvme_volumes_over_nodes() {
 #[test]
 fn storage_class_policy_knows_the_drivers_names() {
     let objects = render("deploy/base");
-    let policy = objects
-        .iter()
-        .find(|object| object["kind"] == "ValidatingAdmissionPolicy")
-        .expect("deploy/base has the StorageClass policy");
+    let policy = named(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "lvmlocal-storageclass-parameters",
+    );
     let text = policy.to_string();
     assert!(
         text.contains(&format!("object.provisioner == \\\"{DRIVER_NAME}\\\"")),
@@ -1421,10 +1425,62 @@ fn storage_class_policy_knows_the_drivers_names() {
             "{name} not in {text}"
         );
     }
-    let binding = objects
-        .iter()
-        .find(|object| object["kind"] == "ValidatingAdmissionPolicyBinding")
-        .expect("and its binding");
+    let binding = named(
+        &objects,
+        "ValidatingAdmissionPolicyBinding",
+        "lvmlocal-storageclass-parameters",
+    );
     assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
     assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|object| object["kind"] == kind && object["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// LogicalVolumes may be deleted by the controller's ServiceAccount, in
+/// whatever namespace lvmlocal runs, or once they carry the annotation the
+/// agent reads as the deletion intent.
+#[test]
+fn deletion_policy_names_the_controller_and_the_intent() {
+    for dir in ["deploy/base", "deploy/overlays/namespace"] {
+        let objects = render(dir);
+        let account: ServiceAccount = one(&objects, "ServiceAccount", "lvmlocal-controller");
+        let namespace = account.metadata.namespace.unwrap();
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(
+            named(
+                &objects,
+                "ValidatingAdmissionPolicy",
+                "lvmlocal-logicalvolume-deletion",
+            )
+            .clone(),
+        )
+        .unwrap();
+        let spec = policy.spec.unwrap();
+        let variables = spec.variables.unwrap();
+        let controller = variables.iter().find(|v| v.name == "controller").unwrap();
+        assert_eq!(
+            controller.expression,
+            format!("'system:serviceaccount:{namespace}:lvmlocal-controller'"),
+            "{dir}"
+        );
+        let intent = variables.iter().find(|v| v.name == "intent").unwrap();
+        assert!(
+            intent.expression.contains(&format!("\"{DELETE_INTENT}\"")),
+            "{}",
+            intent.expression
+        );
+        let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+        assert_eq!(rules[0].resources, Some(vec!["logicalvolumes".to_owned()]));
+        assert_eq!(rules[0].operations, Some(vec!["DELETE".to_owned()]));
+        let binding = named(
+            &objects,
+            "ValidatingAdmissionPolicyBinding",
+            "lvmlocal-logicalvolume-deletion",
+        );
+        assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+    }
 }
