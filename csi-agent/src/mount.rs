@@ -152,7 +152,7 @@ pub fn mounted_elsewhere(mounts: &[MountPoint], devno: &str, except: &Path) -> V
 }
 
 /// Paths for a message, comma-separated.
-pub fn list(paths: &[PathBuf]) -> String {
+pub fn comma_separated(paths: &[PathBuf]) -> String {
     paths
         .iter()
         .map(|path| path.display().to_string())
@@ -270,7 +270,7 @@ pub fn prepare(
 fn repair_hint(fs: &str) -> &'static str {
     match fs {
         "xfs" => "xfs_repair, which finds a secondary superblock",
-        _ => "e2fsck with a backup superblock, e.g. e2fsck -b 32768",
+        _ => "e2fsck with a backup superblock: e2fsck -b 32768, or -b 8193 below 512 MiB",
     }
 }
 

@@ -29,8 +29,8 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::mount::{
-    MountError, Mounter, Preparation, check_readable, devno, list, mounted_at, mounted_elsewhere,
-    mounts, prepare,
+    MountError, Mounter, Preparation, check_readable, comma_separated, devno, mounted_at,
+    mounted_elsewhere, mounts, prepare,
 };
 use crate::volumes::{LocalVolume, VolumeError, Volumes};
 
@@ -287,7 +287,7 @@ impl NodeService {
         if !elsewhere.is_empty() {
             return Err(NodeError::MountedElsewhere {
                 device: device.to_owned(),
-                at: list(&elsewhere),
+                at: comma_separated(&elsewhere),
                 staging: staging.display().to_string(),
             });
         }
@@ -340,7 +340,7 @@ impl NodeService {
             if !others.is_empty() {
                 return Err(NodeError::StillPublished {
                     staging: staging.display().to_string(),
-                    others: list(&others),
+                    others: comma_separated(&others),
                 });
             }
             self.mounter.unmount(&staging).await?;
