@@ -152,6 +152,16 @@ impl Lvm {
         Ok(())
     }
 
+    pub async fn add_lv_tag(&self, vg: &str, name: &str, tag: &str) -> Result<(), LvmError> {
+        let args = [
+            "--addtag".to_owned(),
+            tag.to_owned(),
+            format!("{vg}/{name}"),
+        ];
+        self.runner.run(&Cmd::new("lvchange", args)).await?;
+        Ok(())
+    }
+
     pub async fn lvremove(&self, vg: &str, name: &str) -> Result<(), LvmError> {
         let args = ["--yes".to_owned(), format!("{vg}/{name}")];
         self.runner.run(&Cmd::new("lvremove", args)).await?;

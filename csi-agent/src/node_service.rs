@@ -1,10 +1,12 @@
-//! The CSI Node service: stage (format if blank, mount), publish (bind
-//! mount, or the device file for raw block), stats, online expansion. Every
-//! argument is checked before anything runs; every call can be repeated.
+//! The CSI Node service: stage (format only what is positively blank and
+//! never formatted, mount), publish (bind mount, or the device file for raw
+//! block), stats, online expansion. Every argument is checked before
+//! anything runs; every call can be repeated; a state where going on could
+//! lose data or hide a mount is refused, with nothing changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lvmlocal_proto::TOPOLOGY_KEY;
 use lvmlocal_proto::csi::v1::node_server::Node;
@@ -26,7 +28,10 @@ use lvmlocal_proto::volume::{Access, FsType};
 use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::mount::{MountError, Mounter, devno, mounted_at};
+use crate::mount::{
+    MountError, Mounter, Preparation, check_readable, comma_separated, devno, mounted_at,
+    mounted_elsewhere, mounts, prepare,
+};
 use crate::volumes::{LocalVolume, VolumeError, Volumes};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +62,21 @@ pub enum NodeError {
         existing: String,
         asked: String,
     },
-    #[error("{0}")]
-    Precondition(MountError),
+    #[error(
+        "{staging} is still mounted at {others}: NodeUnpublishVolume those first; \
+         nothing was unmounted"
+    )]
+    StillPublished { staging: String, others: String },
+    #[error("{device} is already mounted at {at}: not staging it at {staging} as well")]
+    MountedElsewhere {
+        device: String,
+        at: String,
+        staging: String,
+    },
+    #[error("another Node call for volume {0} is under way")]
+    InProgress(String),
+    #[error("volume {id}: {source}")]
+    Precondition { id: String, source: MountError },
     #[error(transparent)]
     Mount(MountError),
     #[error(transparent)]
@@ -68,10 +86,25 @@ pub enum NodeError {
 impl From<MountError> for NodeError {
     fn from(err: MountError) -> Self {
         match err {
-            MountError::OtherFilesystem { .. } => NodeError::Precondition(err),
             MountError::Busy { target } => NodeError::TakenPath { path: target },
             err => NodeError::Mount(err),
         }
+    }
+}
+
+/// A refusal to prepare `id`'s device is the volume's state, not a failure
+/// of the node: FAILED_PRECONDITION, and the message names the volume.
+fn refused(id: &str) -> impl FnOnce(MountError) -> NodeError + '_ {
+    move |source| match source {
+        MountError::OtherFilesystem { .. }
+        | MountError::UnknownData { .. }
+        | MountError::NeedsRepair { .. }
+        | MountError::RecordedOther { .. }
+        | MountError::Unreadable { .. } => NodeError::Precondition {
+            id: id.to_owned(),
+            source,
+        },
+        err => err.into(),
     }
 }
 
@@ -83,7 +116,11 @@ impl From<NodeError> for Status {
             | NodeError::OutsideKubelet { .. }
             | NodeError::MountOption(_) => Code::InvalidArgument,
             NodeError::UnknownVolume(_) | NodeError::NotAtPath { .. } => Code::NotFound,
-            NodeError::NotStaged(_) | NodeError::Precondition(_) => Code::FailedPrecondition,
+            NodeError::NotStaged(_)
+            | NodeError::Precondition { .. }
+            | NodeError::StillPublished { .. }
+            | NodeError::MountedElsewhere { .. } => Code::FailedPrecondition,
+            NodeError::InProgress(_) => Code::Aborted,
             NodeError::TakenPath { .. } | NodeError::WrongAccess { .. } => Code::AlreadyExists,
             NodeError::Mount(_) | NodeError::Volume(_) => Code::Internal,
         };
@@ -106,6 +143,45 @@ pub struct NodeService {
     mounter: Mounter,
     metrics: RpcMetrics,
     usage: Arc<Metrics>,
+    busy: Busy,
+}
+
+/// Volumes with a Node call under way. A second call for the same volume is
+/// answered ABORTED (kubelet retries) rather than racing the first, e.g.
+/// between one's probe and the other's mkfs.
+#[derive(Debug, Default)]
+struct Busy(Mutex<HashSet<String>>);
+
+struct Claim<'a> {
+    busy: &'a Busy,
+    id: String,
+}
+
+impl Busy {
+    fn claim(&self, id: &str) -> Result<Claim<'_>, NodeError> {
+        if !self
+            .0
+            .lock()
+            .expect("busy set poisoned")
+            .insert(id.to_owned())
+        {
+            return Err(NodeError::InProgress(id.to_owned()));
+        }
+        Ok(Claim {
+            busy: self,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .0
+            .lock()
+            .expect("busy set poisoned")
+            .remove(&self.id);
+    }
 }
 
 impl NodeService {
@@ -122,6 +198,7 @@ impl NodeService {
             mounter,
             metrics,
             usage,
+            busy: Busy::default(),
         }
     }
 
@@ -193,9 +270,12 @@ impl NodeService {
             // Raw block needs nothing staged: publish exposes the device itself.
             return Ok(NodeStageVolumeResponse {});
         };
+        let _claim = self.busy.claim(&volume.id)?;
         let device = volume.device_path.as_str();
-        if let Some(mount) = mounted_at(&staging)? {
-            return if mount.devno == devno(Path::new(device))? {
+        let device_no = devno(Path::new(device))?;
+        let mounts = mounts()?;
+        if let Some(mount) = mounts.iter().rev().find(|mount| mount.target == staging) {
+            return if mount.devno == device_no {
                 Ok(NodeStageVolumeResponse {})
             } else {
                 Err(NodeError::TakenPath {
@@ -203,7 +283,15 @@ impl NodeService {
                 })
             };
         }
-        self.mounter.format_if_blank(device, fs.as_str()).await?;
+        let elsewhere = mounted_elsewhere(&mounts, &device_no, &staging);
+        if !elsewhere.is_empty() {
+            return Err(NodeError::MountedElsewhere {
+                device: device.to_owned(),
+                at: comma_separated(&elsewhere),
+                staging: staging.display().to_string(),
+            });
+        }
+        self.prepare(&volume.id, fs.as_str()).await?;
         create_dir(&staging)?;
         self.mounter
             .mount(device, &staging, fs.as_str(), &options)
@@ -211,13 +299,52 @@ impl NodeService {
         Ok(NodeStageVolumeResponse {})
     }
 
+    /// Makes sure the volume's device holds its filesystem, formatting it
+    /// only when [`prepare`] says so, and records a format the moment it is
+    /// made (or found made before formats were recorded).
+    async fn prepare(&self, id: &str, fs: &str) -> Result<(), NodeError> {
+        let (volume, recorded) = self
+            .volumes
+            .inspect_formatted(id)
+            .await?
+            .ok_or_else(|| NodeError::UnknownVolume(id.to_owned()))?;
+        let device = volume.device_path.as_str();
+        check_readable(device).await.map_err(refused(id))?;
+        let found = self.mounter.probe(device).await?;
+        let preparation = prepare(device, recorded.as_deref(), &found, fs).map_err(refused(id))?;
+        tracing::info!(?preparation, ?recorded, ?found, "preparing {device}");
+        match preparation {
+            Preparation::Mount => {}
+            Preparation::RecordAndMount => self.volumes.mark_formatted(&volume, fs).await?,
+            Preparation::Format => {
+                self.mounter.format(device, fs).await?;
+                self.volumes.mark_formatted(&volume, fs).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn unstage(
         &self,
         req: NodeUnstageVolumeRequest,
     ) -> Result<NodeUnstageVolumeResponse, NodeError> {
-        validate::volume_id(&req.volume_id)?;
+        let id = validate::volume_id(&req.volume_id)?;
+        tracing::Span::current().record("volume", id.as_str());
         let staging = self.path("staging_target_path", &req.staging_target_path)?;
-        self.mounter.unmount(&staging).await?;
+        let _claim = self.busy.claim(id.as_str())?;
+        let mounts = mounts()?;
+        if let Some(mount) = mounts.iter().rev().find(|mount| mount.target == staging) {
+            // A bind outliving the staging mount keeps the filesystem in use
+            // unseen: the volume would look unstaged while a pod writes to it.
+            let others = mounted_elsewhere(&mounts, &mount.devno, &staging);
+            if !others.is_empty() {
+                return Err(NodeError::StillPublished {
+                    staging: staging.display().to_string(),
+                    others: comma_separated(&others),
+                });
+            }
+            self.mounter.unmount(&staging).await?;
+        }
         self.usage.forget_volume(&req.volume_id);
         Ok(NodeUnstageVolumeResponse {})
     }
@@ -238,6 +365,7 @@ impl NodeService {
         };
         let volume = self.volume(&req.volume_id).await?;
         let access = access_for(&volume, wanted)?;
+        let _claim = self.busy.claim(&volume.id)?;
         let device = Path::new(&volume.device_path);
         let source = match &staging {
             Some(staging) => {
@@ -286,8 +414,9 @@ impl NodeService {
         &self,
         req: NodeUnpublishVolumeRequest,
     ) -> Result<NodeUnpublishVolumeResponse, NodeError> {
-        validate::volume_id(&req.volume_id)?;
+        let id = validate::volume_id(&req.volume_id)?;
         let target = self.path("target_path", &req.target_path)?;
+        let _claim = self.busy.claim(id.as_str())?;
         self.mounter.unmount(&target).await?;
         let removed = match std::fs::symlink_metadata(&target) {
             Ok(meta) if meta.is_dir() => std::fs::remove_dir(&target),
@@ -670,6 +799,37 @@ mod tests {
             access_for(&volume("block"), Wanted::Block).unwrap(),
             Access::Block
         );
+    }
+
+    #[test]
+    fn a_second_call_for_a_busy_volume_is_aborted() {
+        let busy = Busy::default();
+        let first = busy.claim("v").unwrap();
+        let err = busy.claim("v").err().expect("the volume is busy");
+        assert_eq!(Status::from(err).code(), Code::Aborted);
+        let _other = busy.claim("w").unwrap();
+        drop(first);
+        busy.claim("v").unwrap();
+    }
+
+    #[test]
+    fn refusals_to_prepare_a_device_are_preconditions() {
+        let damaged = MountError::NeedsRepair {
+            device: "/dev/vg/v".into(),
+            fs: "ext4".into(),
+            repair: "e2fsck",
+        };
+        let status = Status::from(refused("v")(damaged));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(
+            status.message().starts_with("volume v: /dev/vg/v"),
+            "{status:?}"
+        );
+        let status = Status::from(refused("v")(MountError::Io {
+            path: "/x".into(),
+            source: std::io::Error::other("boom"),
+        }));
+        assert_eq!(status.code(), Code::Internal);
     }
 
     #[test]

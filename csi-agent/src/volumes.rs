@@ -20,6 +20,10 @@ pub const REQUESTED_TAG: &str = "lvmlocal.io/requested=";
 pub const ACCESS_TAG: &str = "lvmlocal.io/access=";
 /// `<namespace>/<name>` of the PVC the volume serves.
 pub const PVC_TAG: &str = "lvmlocal.io/pvc=";
+/// The filesystem lvmlocal made on the volume, set right after mkfs
+/// succeeded: from then on a volume without a filesystem is damaged, never
+/// blank.
+pub const FORMATTED_TAG: &str = "lvmlocal.io/formatted=";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -260,14 +264,32 @@ impl Volumes {
     /// The volume as LVM reports it right now, health included: one `lvs` of
     /// its group, leaving the index as it is.
     pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        Ok(self.inspect_formatted(id).await?.map(|(volume, _)| volume))
+    }
+
+    /// [`Volumes::inspect`], with the filesystem recorded on the volume: a
+    /// decision to format reads LVM, not what the index remembers.
+    pub async fn inspect_formatted(
+        &self,
+        id: &str,
+    ) -> Result<Option<(LocalVolume, Option<String>)>, VolumeError> {
         let Some(known) = self.get(id).await? else {
             return Ok(None);
         };
         let lvs = self.lvm.lvs(Some(&known.vg)).await?;
-        Ok(lvs
-            .iter()
-            .filter(|lv| lv.name == id)
-            .find_map(|lv| self.local(lv)))
+        Ok(lvs.iter().filter(|lv| lv.name == id).find_map(|lv| {
+            let formatted = lv.tag_value(FORMATTED_TAG).map(str::to_owned);
+            Some((self.local(lv)?, formatted))
+        }))
+    }
+
+    /// Records that the volume holds a filesystem of `fs` made by lvmlocal.
+    pub async fn mark_formatted(&self, volume: &LocalVolume, fs: &str) -> Result<(), VolumeError> {
+        let _serial = self.lock(&volume.vg).await;
+        self.lvm
+            .add_lv_tag(&volume.vg, &volume.id, &format!("{FORMATTED_TAG}{fs}"))
+            .await?;
+        Ok(())
     }
 
     /// Makes the volume exist with at least the requested size: creates it,
