@@ -948,18 +948,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_outlives_its_dropped_caller_and_shutdown_waits_for_it() {
-        let volumes = Volumes::new(Lvm::default(), &DiscoveryConfig::default());
+        let volumes = Arc::new(Volumes::new(Lvm::default(), &DiscoveryConfig::default()));
         let (started, is_started) = tokio::sync::oneshot::channel();
         let (finish, finishing) = tokio::sync::oneshot::channel::<()>();
         let (done, is_done) = tokio::sync::oneshot::channel();
-        let call = volumes.change("v", move |_| async move {
-            started.send(()).unwrap();
-            finishing.await.unwrap();
-            done.send(()).unwrap();
-            Ok(())
-        });
+        let caller = volumes.clone();
         let call = tokio::spawn(async move {
-            let _ = call.await;
+            let _ = caller
+                .change("v", move |_| async move {
+                    started.send(()).unwrap();
+                    finishing.await.unwrap();
+                    done.send(()).unwrap();
+                    Ok(())
+                })
+                .await;
         });
         is_started.await.unwrap();
         call.abort();
