@@ -172,7 +172,11 @@ impl Lvm {
     /// Activates an LV, so its device exists (after a boot without
     /// autoactivation, say).
     pub async fn activate(&self, vg: &str, name: &str) -> Result<(), LvmError> {
-        let args = ["--activate".to_owned(), "y".to_owned(), format!("{vg}/{name}")];
+        let args = [
+            "--activate".to_owned(),
+            "y".to_owned(),
+            format!("{vg}/{name}"),
+        ];
         self.runner.run(&Cmd::new("lvchange", args)).await?;
         Ok(())
     }
@@ -443,7 +447,10 @@ mod tests {
 
     #[test]
     fn lvcreate_leaves_erasing_to_the_caller_and_never_answers_yes() {
-        let tags = ["lvmlocal.io/volume".to_owned(), "lvmlocal.io/state=creating".to_owned()];
+        let tags = [
+            "lvmlocal.io/volume".to_owned(),
+            "lvmlocal.io/state=creating".to_owned(),
+        ];
         assert_eq!(
             lvcreate_cmd("lvmlocal-nvme", "pvc-1", 1 << 30, &tags).to_string(),
             "lvcreate --name pvc-1 --size 1073741824b --wipesignatures n --zero n \

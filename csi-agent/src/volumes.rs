@@ -335,8 +335,10 @@ impl Volumes {
     /// Erases a `creating` LV a lookup met and marks it ready.
     async fn finish(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
         let id = id.to_owned();
-        self.change(&id.clone(), |shared| async move { shared.finish_found(&id).await })
-            .await
+        self.change(&id.clone(), |shared| async move {
+            shared.finish_found(&id).await
+        })
+        .await
     }
 
     /// The volume as LVM reports it right now, health included: one `lvs` of
@@ -382,8 +384,11 @@ impl Volumes {
     /// removed.
     pub async fn remove(&self, id: &str) -> Result<(), VolumeError> {
         let id = id.to_owned();
-        self.change(&id.clone(), |shared| async move { shared.remove(&id).await })
-            .await
+        self.change(
+            &id.clone(),
+            |shared| async move { shared.remove(&id).await },
+        )
+        .await
     }
 }
 
@@ -772,7 +777,12 @@ impl Shared {
             self.invalidate();
             return Err(err.into());
         }
-        tracing::info!(volume = id, vg, bytes = volume.size_bytes, "LV zeroed and removed");
+        tracing::info!(
+            volume = id,
+            vg,
+            bytes = volume.size_bytes,
+            "LV zeroed and removed"
+        );
         self.apply(|index| {
             if index.volumes.remove(id).is_some()
                 && let Some(space) = index.groups.get_mut(&vg)
@@ -842,7 +852,6 @@ impl Shared {
     }
 }
 
-
 /// The LV operations the reconciler and the orphan audit need: [`Volumes`]
 /// on a node, or a fake in their tests.
 pub trait VolumeBackend: Send + Sync + 'static {
@@ -888,7 +897,10 @@ mod tests {
     fn the_state_is_read_from_the_tags() {
         let state = |t: &[&str]| LvState::of(&tags(t));
         assert_eq!(state(&[VOLUME_TAG]), LvState::Ready, "made before states");
-        assert_eq!(state(&[VOLUME_TAG, "lvmlocal.io/state=ready"]), LvState::Ready);
+        assert_eq!(
+            state(&[VOLUME_TAG, "lvmlocal.io/state=ready"]),
+            LvState::Ready
+        );
         assert_eq!(
             state(&["lvmlocal.io/state=creating", VOLUME_TAG]),
             LvState::Creating
@@ -966,7 +978,10 @@ mod tests {
         is_started.await.unwrap();
         call.abort();
         assert!(call.await.unwrap_err().is_cancelled());
-        assert!(!volumes.drain(Duration::from_millis(50)).await, "still running");
+        assert!(
+            !volumes.drain(Duration::from_millis(50)).await,
+            "still running"
+        );
         finish.send(()).unwrap();
         assert!(volumes.drain(Duration::from_secs(5)).await);
         is_done.await.expect("the change ran to its end");

@@ -110,9 +110,7 @@ async fn delete(csi: &Csi, name: &str) {
 
 vm_test!(
     a_new_volume_shows_nothing_of_a_deleted_one,
-    Vm::new()
-        .nvme("nvme-a", 5, GIB)
-        .hdd("hdd-a", 0, GIB),
+    Vm::new().nvme("nvme-a", 5, GIB).hdd("hdd-a", 0, GIB),
     {
         let size = 128 * MIB;
         // The check can fail: without zeroing, a new LV on the same
@@ -123,7 +121,17 @@ vm_test!(
         let bare = |name: &str| {
             run(
                 "lvcreate",
-                &["-n", name, "-L", &format!("{size}b"), "-W", "n", "-Z", "n", vg],
+                &[
+                    "-n",
+                    name,
+                    "-L",
+                    &format!("{size}b"),
+                    "-W",
+                    "n",
+                    "-Z",
+                    "n",
+                    vg,
+                ],
             );
             format!("/dev/{vg}/{name}")
         };
@@ -235,7 +243,17 @@ impl Shim {
 fn leave_dirty_extents(vg: &str, size: u64) {
     run(
         "lvcreate",
-        &["-n", "dirty", "-L", &format!("{size}b"), "-W", "n", "-Z", "n", vg],
+        &[
+            "-n",
+            "dirty",
+            "-L",
+            &format!("{size}b"),
+            "-W",
+            "n",
+            "-Z",
+            "n",
+            vg,
+        ],
     );
     let device = format!("/dev/{vg}/dirty");
     run("mkfs.ext4", &["-q", "-F", &device]);
@@ -246,10 +264,7 @@ fn leave_dirty_extents(vg: &str, size: u64) {
 /// The volume a finished create handed out holds nothing of the old one:
 /// no signature libblkid knows, both ends zero, no marker.
 fn assert_erased(device: &str, size: u64) {
-    let probe = Command::new("blkid")
-        .args(["-p", device])
-        .output()
-        .unwrap();
+    let probe = Command::new("blkid").args(["-p", device]).output().unwrap();
     assert_eq!(
         probe.status.code(),
         Some(2),
@@ -383,7 +398,10 @@ fn a_power_cut_inside_a_create_leaves_what_the_retry_finishes() {
     let cut = vm.clone().env(PHASE, "cut").spawn(&argv).unwrap();
     let stdout = cut.ctl_dir().join("stdout");
     let deadline = Instant::now() + Duration::from_secs(400);
-    while !fs::read_to_string(&stdout).unwrap_or_default().contains("HELD") {
+    while !fs::read_to_string(&stdout)
+        .unwrap_or_default()
+        .contains("HELD")
+    {
         assert!(
             Instant::now() < deadline,
             "the create never got past lvcreate:\n{}",
@@ -396,10 +414,7 @@ fn a_power_cut_inside_a_create_leaves_what_the_retry_finishes() {
 
     let after = vm.env(PHASE, "after").run(&argv).unwrap();
     assert!(
-        after.success()
-            && after
-                .stdout
-                .contains("test result: ok. 1 passed; 0 failed"),
+        after.success() && after.stdout.contains("test result: ok. 1 passed; 0 failed"),
         "after the power cut\n{}",
         after.report()
     );

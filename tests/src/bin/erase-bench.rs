@@ -73,8 +73,14 @@ async fn guest_side() -> anyhow::Result<()> {
         let (mut zero, mut remove, mut delete) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let bare = format!("bare-{round}");
-            run(&["lvcreate", "-n", &bare, "-L", &size, "-W", "n", "-Z", "n", &vg])?;
-            zero.push(run(&["blkdiscard", "--zeroout", &format!("/dev/{vg}/{bare}")])?);
+            run(&[
+                "lvcreate", "-n", &bare, "-L", &size, "-W", "n", "-Z", "n", &vg,
+            ])?;
+            zero.push(run(&[
+                "blkdiscard",
+                "--zeroout",
+                &format!("/dev/{vg}/{bare}"),
+            ])?);
             remove.push(run(&["lvremove", "--yes", &format!("{vg}/{bare}")])?);
 
             let name = format!("erase-{media}-{round}");
