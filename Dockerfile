@@ -23,9 +23,9 @@ COPY --from=build /out/csi-scheduler /usr/local/bin/
 ENTRYPOINT ["csi-scheduler"]
 
 # Last, so a build without --target makes the node plugin. What the agent
-# runs: lvm2 (pvcreate, vgcreate, lvcreate, lvs, ...), util-linux (blkid),
-# mount (mount, umount), e2fsprogs (mkfs.ext4, resize2fs) and xfsprogs
-# (mkfs.xfs, xfs_growfs). It must run as root (privileged).
+# runs: lvm2 (pvcreate, vgcreate, lvcreate, lvs, ...), util-linux (blkid,
+# wipefs, blkdiscard), mount (mount, umount), e2fsprogs (mkfs.ext4,
+# resize2fs) and xfsprogs (mkfs.xfs, xfs_growfs). It must run as root (privileged).
 FROM debian:bookworm-slim AS agent
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

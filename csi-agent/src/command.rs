@@ -134,6 +134,17 @@ impl Runner {
         }
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The same runner with another timeout, for commands whose run time
+    /// grows with their work (zeroing a whole volume).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Counts and times every command by program and outcome.
     pub fn with_metrics(mut self, metrics: CommandMetrics) -> Self {
         self.metrics = Some(metrics);

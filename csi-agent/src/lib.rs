@@ -6,6 +6,7 @@ mod api_mock;
 pub mod command;
 pub mod config;
 pub mod discovery;
+pub mod erase;
 #[cfg(test)]
 mod fake_lvm;
 pub mod inventory;
@@ -28,6 +29,7 @@ pub mod volumes;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lvmlocal_proto::MediaClass;
@@ -178,6 +180,10 @@ impl DiscoveryArgs {
     }
 }
 
+/// How long shutdown waits for LV changes in flight: within the default
+/// 30 s termination grace period, with room for the rest of the exit.
+const CHANGES_DRAIN: Duration = Duration::from_secs(20);
+
 pub async fn run(args: Args) -> Result<(), AgentError> {
     match args.command {
         Some(Command::Discover { json }) => discover(&args.discovery, json).await,
@@ -320,7 +326,14 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     metrics_server.abort();
     // Let calls in flight finish: an interrupted mount is retried, but cleanly.
     let _ = stopping.send(());
-    match csi.await {
+    let served = csi.await;
+    // LV changes run in tasks of their own (an aborted reconcile or a
+    // cancelled call does not cut one short): let them end, within kubelet's
+    // grace period. One still running resumes from its recorded state.
+    if !volumes.drain(CHANGES_DRAIN).await {
+        tracing::warn!("LV changes still running at exit; they resume on the next start");
+    }
+    match served {
         Ok(result) => result?,
         Err(err) => tracing::error!(error = %err, "CSI server task failed"),
     }

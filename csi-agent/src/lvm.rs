@@ -3,8 +3,7 @@
 //! commands. Building volume groups never passes `--yes` or `--force`:
 //! should a disk gain data after discovery looked at it, LVM's own refusal is
 //! the last line of defence. `--yes` appears only where it answers for space
-//! that is already lvmlocal's: wiping stale signatures inside a new LV, and
-//! removing an LV that carries lvmlocal's tag.
+//! that is already lvmlocal's: removing an LV that carries lvmlocal's tag.
 
 use serde::Deserialize;
 
@@ -17,6 +16,18 @@ pub enum LvmError {
     Command(#[from] CommandError),
     #[error("parsing the report of `{command}`: {reason}")]
     Report { command: String, reason: String },
+    #[error("LV {vg}/{name} is open (mounted or in use): it is neither erased nor removed")]
+    Open { vg: String, name: String },
+    #[error("LV {vg}/{name} is being removed; it cannot be used or made again until it is gone")]
+    Removing { vg: String, name: String },
+    #[error("LV {vg}/{name} carries the tag {tag}, a state this agent does not know; left alone")]
+    UnknownState {
+        vg: String,
+        name: String,
+        tag: String,
+    },
+    #[error("the change to volume {volume} was cut short by shutdown; it resumes on the next try")]
+    Interrupted { volume: String },
 }
 
 const REPORT_ARGS: [&str; 4] = ["--reportformat", "json", "--units", "b"];
@@ -94,9 +105,14 @@ impl Lvm {
             })
     }
 
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
     /// `lvcreate` of `size_bytes` (LVM rounds up to whole extents) with
-    /// `tags`. Signatures left in that space by an earlier LV are wiped and
-    /// its first 4 KiB zeroed, so no old filesystem shows through.
+    /// `tags`. It neither wipes nor zeroes: the caller creates the LV in a
+    /// recorded `creating` state and erases it itself (see `erase`), so
+    /// the new LV is not used before that is done, even after a crash.
     pub async fn lvcreate(
         &self,
         vg: &str,
@@ -104,22 +120,9 @@ impl Lvm {
         size_bytes: u64,
         tags: &[String],
     ) -> Result<(), LvmError> {
-        let mut args = vec![
-            "--name".to_owned(),
-            name.to_owned(),
-            "--size".to_owned(),
-            format!("{size_bytes}b"),
-            "--wipesignatures".to_owned(),
-            "y".to_owned(),
-            "--zero".to_owned(),
-            "y".to_owned(),
-            "--yes".to_owned(),
-        ];
-        for tag in tags {
-            args.extend(["--addtag".to_owned(), tag.clone()]);
-        }
-        args.push(vg.to_owned());
-        self.runner.run(&Cmd::new("lvcreate", args)).await?;
+        self.runner
+            .run(&lvcreate_cmd(vg, name, size_bytes, tags))
+            .await?;
         Ok(())
     }
 
@@ -141,11 +144,37 @@ impl Lvm {
         old: &str,
         new: &str,
     ) -> Result<(), LvmError> {
-        let args = [
-            "--deltag".to_owned(),
-            old.to_owned(),
+        self.set_tags(vg, name, Some(old), new).await
+    }
+
+    /// Adds `new` to an LV's tags, dropping `old` (if any) in the same
+    /// metadata commit.
+    pub async fn set_tags(
+        &self,
+        vg: &str,
+        name: &str,
+        old: Option<&str>,
+        new: &str,
+    ) -> Result<(), LvmError> {
+        let mut args = Vec::new();
+        if let Some(old) = old {
+            args.extend(["--deltag".to_owned(), old.to_owned()]);
+        }
+        args.extend([
             "--addtag".to_owned(),
             new.to_owned(),
+            format!("{vg}/{name}"),
+        ]);
+        self.runner.run(&Cmd::new("lvchange", args)).await?;
+        Ok(())
+    }
+
+    /// Activates an LV, so its device exists (after a boot without
+    /// autoactivation, say).
+    pub async fn activate(&self, vg: &str, name: &str) -> Result<(), LvmError> {
+        let args = [
+            "--activate".to_owned(),
+            "y".to_owned(),
             format!("{vg}/{name}"),
         ];
         self.runner.run(&Cmd::new("lvchange", args)).await?;
@@ -250,6 +279,33 @@ impl Lv {
     pub fn tag_value(&self, prefix: &str) -> Option<&str> {
         self.tags.iter().find_map(|tag| tag.strip_prefix(prefix))
     }
+
+    pub fn active(&self) -> bool {
+        self.attr.chars().nth(4) == Some('a')
+    }
+
+    /// Its device is held open: mounted, or used by a process.
+    pub fn open(&self) -> bool {
+        self.attr.chars().nth(5) == Some('o')
+    }
+}
+
+fn lvcreate_cmd(vg: &str, name: &str, size_bytes: u64, tags: &[String]) -> Cmd {
+    let mut args = vec![
+        "--name".to_owned(),
+        name.to_owned(),
+        "--size".to_owned(),
+        format!("{size_bytes}b"),
+        "--wipesignatures".to_owned(),
+        "n".to_owned(),
+        "--zero".to_owned(),
+        "n".to_owned(),
+    ];
+    for tag in tags {
+        args.extend(["--addtag".to_owned(), tag.clone()]);
+    }
+    args.push(vg.to_owned());
+    Cmd::new("lvcreate", args)
 }
 
 type Row = serde_json::Map<String, serde_json::Value>;
@@ -397,5 +453,33 @@ mod tests {
             Lvm::commands(&retag)[0].to_string(),
             "pvchange --deltag lvmlocal.io/slot=pci-0000:00:10.0-ata-1 --addtag lvmlocal.io/slot=pci-0000:00:10.0-ata-2 /dev/sdb"
         );
+    }
+
+    #[test]
+    fn lvcreate_leaves_erasing_to_the_caller_and_never_answers_yes() {
+        let tags = [
+            "lvmlocal.io/volume".to_owned(),
+            "lvmlocal.io/state=creating".to_owned(),
+        ];
+        assert_eq!(
+            lvcreate_cmd("lvmlocal-nvme", "pvc-1", 1 << 30, &tags).to_string(),
+            "lvcreate --name pvc-1 --size 1073741824b --wipesignatures n --zero n \
+             --addtag lvmlocal.io/volume --addtag lvmlocal.io/state=creating lvmlocal-nvme"
+        );
+    }
+
+    #[test]
+    fn attr_says_active_and_open() {
+        let lv = |attr: &str| Lv {
+            name: "v".into(),
+            vg: "g".into(),
+            size_bytes: 1,
+            tags: vec![],
+            attr: attr.into(),
+            path: "/dev/g/v".into(),
+        };
+        assert!(lv("-wi-ao----").active() && lv("-wi-ao----").open());
+        assert!(lv("-wi-a-----").active() && !lv("-wi-a-----").open());
+        assert!(!lv("-wi-------").active());
     }
 }

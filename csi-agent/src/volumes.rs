@@ -2,14 +2,27 @@
 //! groups of this agent, named by their volume id. LVs without the tag are
 //! never touched. Operations on one volume group are serialized; different
 //! groups proceed in parallel.
+//!
+//! An LV's life is recorded in its tags, so a crash at any point leaves a
+//! state the next call finishes instead of guessing at it: `creating` (made,
+//! not yet erased, so it may still show an earlier tenant's blocks), `ready`,
+//! and `deleting` (its removal was asked: it is zeroed whole, then removed).
+//! Only `ready` LVs are ever handed out. A lookup that meets a `creating` LV
+//! erases it and marks it ready first; one that meets a `deleting` LV
+//! finishes the removal. Every change runs in a task of its own, so a caller
+//! that goes away (a cancelled RPC, shutdown) does not cut it short; shutdown
+//! waits for them with [`Volumes::drain`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::extent::round_up;
+use tokio::sync::watch;
 
 use crate::config::DiscoveryConfig;
+use crate::erase::Eraser;
 use crate::lvm::{Lv, Lvm, LvmError};
 
 /// Marks an LV as lvmlocal's.
@@ -24,6 +37,8 @@ pub const PVC_TAG: &str = "lvmlocal.io/pvc=";
 /// succeeded: from then on a volume without a filesystem is damaged, never
 /// blank.
 pub const FORMATTED_TAG: &str = "lvmlocal.io/formatted=";
+/// Where the LV is in its life: `creating`, `ready` or `deleting`.
+pub const STATE_TAG: &str = "lvmlocal.io/state=";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -45,6 +60,96 @@ pub enum VolumeError {
     Lvm(#[from] LvmError),
 }
 
+/// An LV's recorded state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LvState {
+    Creating,
+    Ready,
+    Deleting,
+    /// A state tag this agent does not know (a newer agent's, or a hand's):
+    /// neither used, erased nor removed.
+    Unknown(String),
+}
+
+impl LvState {
+    /// The state `tags` record. No state tag is an LV made before states
+    /// were recorded, by an lvcreate that wiped it itself: ready.
+    pub fn of(tags: &[String]) -> Self {
+        match tags.iter().find_map(|tag| tag.strip_prefix(STATE_TAG)) {
+            None | Some("ready") => LvState::Ready,
+            Some("creating") => LvState::Creating,
+            Some("deleting") => LvState::Deleting,
+            Some(other) => LvState::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The tag recording this state.
+    pub fn tag(&self) -> String {
+        let name = match self {
+            LvState::Creating => "creating",
+            LvState::Ready => "ready",
+            LvState::Deleting => "deleting",
+            LvState::Unknown(name) => name,
+        };
+        format!("{STATE_TAG}{name}")
+    }
+}
+
+/// The calls that meet LVs in some state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Get,
+    List,
+    /// Ensure or expand: the volume is to be used.
+    Ensure,
+    Remove,
+}
+
+/// What a call does with an LV it meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Hand it out as it is.
+    Use,
+    /// Erase it and mark it ready, then hand it out.
+    Finish,
+    /// Leave it out of the answer.
+    Skip,
+    /// Zero and remove it: its removal was asked, now or before.
+    Remove,
+    /// Refuse the call and change nothing.
+    Refuse,
+}
+
+/// The one rule for LVs in each state: only a ready LV is handed out; a
+/// creating one holds nobody's data yet, so it may always be erased; a
+/// deleting one is finished off whenever it is looked up or removed again,
+/// and never made usable again.
+fn step(state: &LvState, call: Call) -> Step {
+    match (state, call) {
+        (LvState::Ready, Call::Remove) | (LvState::Creating, Call::Remove) => Step::Remove,
+        (LvState::Ready, _) => Step::Use,
+        (LvState::Creating, _) => Step::Finish,
+        (LvState::Deleting, Call::Get | Call::Remove) => Step::Remove,
+        (LvState::Deleting, Call::List) => Step::Skip,
+        (LvState::Deleting, Call::Ensure) => Step::Refuse,
+        (LvState::Unknown(_), Call::List) => Step::Skip,
+        (LvState::Unknown(_), _) => Step::Refuse,
+    }
+}
+
+/// The error a call refused by [`step`] answers.
+fn refusal(entry: &Entry) -> VolumeError {
+    let (vg, name) = (entry.volume.vg.clone(), entry.volume.id.clone());
+    match &entry.state {
+        LvState::Deleting => LvmError::Removing { vg, name },
+        state => LvmError::UnknownState {
+            vg,
+            name,
+            tag: state.tag(),
+        },
+    }
+    .into()
+}
 /// What a volume should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRequest {
@@ -82,13 +187,23 @@ pub struct GroupSpace {
     pub missing_pvs: u32,
 }
 
+/// An LV of the index: the volume it is, and where it is in its life.
+#[derive(Debug, Clone)]
+struct Entry {
+    volume: LocalVolume,
+    state: LvState,
+    /// The state tag the LV carries (none on LVs older than states), which
+    /// a change of state drops.
+    state_tag: Option<String>,
+    active: bool,
+}
+
 /// What LVM said, kept true by this agent's own changes: it is the only
 /// writer of its tagged LVs, so one `lvs` and one `vgs` after start (or after
-/// anything went wrong, or the groups grew) are enough, and a create costs
-/// one LVM command.
+/// anything went wrong, or the groups grew) are enough.
 #[derive(Debug, Default)]
 struct Index {
-    volumes: BTreeMap<String, LocalVolume>,
+    volumes: BTreeMap<String, Entry>,
     groups: HashMap<String, GroupSpace>,
 }
 
@@ -104,26 +219,213 @@ struct Cache {
 const REBUILD_ATTEMPTS: usize = 5;
 
 pub struct Volumes {
-    lvm: Lvm,
-    groups: Vec<(MediaClass, String)>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    cache: Mutex<Cache>,
+    shared: Arc<Shared>,
+    /// Changes running in their own tasks.
+    in_flight: Arc<watch::Sender<usize>>,
+}
+
+/// Counts a change out of [`Volumes::in_flight`] however its task ends.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
+    }
 }
 
 impl Volumes {
     pub fn new(lvm: Lvm, config: &DiscoveryConfig) -> Self {
         Self {
-            lvm,
-            groups: config
-                .classes
-                .iter()
-                .map(|media| (*media, config.vg_name(*media)))
-                .collect(),
-            locks: Mutex::default(),
-            cache: Mutex::default(),
+            shared: Arc::new(Shared {
+                eraser: Eraser::new(lvm.runner().clone()),
+                lvm,
+                groups: config
+                    .classes
+                    .iter()
+                    .map(|media| (*media, config.vg_name(*media)))
+                    .collect(),
+                locks: Mutex::default(),
+                cache: Mutex::default(),
+            }),
+            in_flight: Arc::new(watch::channel(0).0),
         }
     }
 
+    /// Runs a change to `volume` in a task of its own: it runs to its end
+    /// (each command bounded by the runner's timeout) even if the caller's
+    /// future is dropped.
+    async fn change<T, F>(
+        &self,
+        volume: &str,
+        change: impl FnOnce(Arc<Shared>) -> F,
+    ) -> Result<T, VolumeError>
+    where
+        F: Future<Output = Result<T, VolumeError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.in_flight.send_modify(|count| *count += 1);
+        let counted = InFlight(self.in_flight.clone());
+        let change = change(self.shared.clone());
+        let task = tokio::spawn(async move {
+            let _counted = counted;
+            change.await
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => Err(LvmError::Interrupted {
+                volume: volume.to_owned(),
+            }
+            .into()),
+        }
+    }
+
+    /// Waits up to `timeout` for the changes in flight to end; false if
+    /// some still run (they resume from their recorded state next time).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let mut count = self.in_flight.subscribe();
+        tokio::time::timeout(timeout, count.wait_for(|count| *count == 0))
+            .await
+            .is_ok()
+    }
+
+    /// Forgets what LVM said; the next call asks again. For when the volume
+    /// groups changed under the index (a disk joined) or a command failed.
+    pub fn invalidate(&self) {
+        self.shared.invalidate();
+    }
+
+    /// Room left in the volume group of `media`, if this node has one.
+    pub async fn space(&self, media: MediaClass) -> Result<Option<GroupSpace>, VolumeError> {
+        let Some(vg) = self.shared.vg(media) else {
+            return Ok(None);
+        };
+        self.shared
+            .with_index(|index| index.groups.get(vg).copied())
+            .await
+    }
+
+    /// Every usable lvmlocal volume on this node, sorted by id.
+    pub async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
+        let entries = self
+            .shared
+            .with_index(|index| index.volumes.values().cloned().collect::<Vec<_>>())
+            .await?;
+        let mut volumes = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match step(&entry.state, Call::List) {
+                Step::Use => volumes.push(entry.volume),
+                Step::Finish => volumes.extend(self.finish(&entry.volume.id).await?),
+                Step::Skip | Step::Remove | Step::Refuse => {}
+            }
+        }
+        Ok(volumes)
+    }
+
+    /// The volume, if it is on this node and usable.
+    pub async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        let Some(entry) = self.shared.entry(id).await? else {
+            return Ok(None);
+        };
+        match step(&entry.state, Call::Get) {
+            Step::Use => Ok(Some(entry.volume)),
+            Step::Finish => self.finish(id).await,
+            Step::Remove => self.remove(id).await.map(|()| None),
+            Step::Skip => Ok(None),
+            Step::Refuse => Err(refusal(&entry)),
+        }
+    }
+
+    /// Erases a `creating` LV a lookup met and marks it ready.
+    async fn finish(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        let id = id.to_owned();
+        self.change(&id.clone(), |shared| async move {
+            shared.finish_found(&id).await
+        })
+        .await
+    }
+
+    /// The volume as LVM reports it right now, health included: one `lvs` of
+    /// its group, leaving the index as it is.
+    pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        Ok(self.inspect_formatted(id).await?.map(|(volume, _)| volume))
+    }
+
+    /// [`Volumes::inspect`], with the filesystem recorded on the volume: a
+    /// decision to format reads LVM, not what the index remembers.
+    pub async fn inspect_formatted(
+        &self,
+        id: &str,
+    ) -> Result<Option<(LocalVolume, Option<String>)>, VolumeError> {
+        let Some(known) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let lvs = self.shared.lvm.lvs(Some(&known.vg)).await?;
+        Ok(lvs.iter().filter(|lv| lv.name == id).find_map(|lv| {
+            let entry = self.shared.entry_of(lv)?;
+            let formatted = lv.tag_value(FORMATTED_TAG).map(str::to_owned);
+            (entry.state == LvState::Ready).then_some((entry.volume, formatted))
+        }))
+    }
+
+    /// Records that the volume holds a filesystem of `fs` made by lvmlocal.
+    pub async fn mark_formatted(&self, volume: &LocalVolume, fs: &str) -> Result<(), VolumeError> {
+        let _serial = self.shared.lock(&volume.vg).await;
+        self.shared
+            .lvm
+            .add_lv_tag(&volume.vg, &volume.id, &format!("{FORMATTED_TAG}{fs}"))
+            .await?;
+        Ok(())
+    }
+
+    /// Makes the volume exist with at least the requested size: creates it,
+    /// grows it, or finds it already so. Safe to repeat. Without room for it,
+    /// nothing is created.
+    pub async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+        let request = request.clone();
+        self.change(&request.id.clone(), |shared| async move {
+            shared.ensure(&request).await
+        })
+        .await
+    }
+
+    /// Grows the volume to at least `size_bytes`; never shrinks it.
+    pub async fn expand(
+        &self,
+        id: &str,
+        size_bytes: u64,
+    ) -> Result<Option<LocalVolume>, VolumeError> {
+        let id = id.to_owned();
+        self.change(&id.clone(), |shared| async move {
+            shared.expand(&id, size_bytes).await
+        })
+        .await
+    }
+
+    /// Zeroes the volume whole and removes it; an unknown id is already
+    /// removed.
+    pub async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+        let id = id.to_owned();
+        self.change(
+            &id.clone(),
+            |shared| async move { shared.remove(&id).await },
+        )
+        .await
+    }
+}
+
+/// What the tasks of [`Volumes`] share.
+struct Shared {
+    lvm: Lvm,
+    eraser: Eraser,
+    groups: Vec<(MediaClass, String)>,
+    /// One per volume group (by its name) and one per volume being removed
+    /// (`<vg>/<id>`). A task takes a volume's before its group's.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cache: Mutex<Cache>,
+}
+
+impl Shared {
     fn vg(&self, media: MediaClass) -> Option<&str> {
         self.groups
             .iter()
@@ -138,20 +440,18 @@ impl Volumes {
             .map(|(media, _)| *media)
     }
 
-    async fn lock(&self, vg: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self
             .locks
             .lock()
             .expect("lock table poisoned")
-            .entry(vg.to_owned())
+            .entry(key.to_owned())
             .or_default()
             .clone();
         lock.lock_owned().await
     }
 
-    /// Forgets what LVM said; the next call asks again. For when the volume
-    /// groups changed under the index (a disk joined) or a command failed.
-    pub fn invalidate(&self) {
+    fn invalidate(&self) {
         let mut cache = self.cache.lock().expect("index poisoned");
         cache.index = None;
         cache.generation += 1;
@@ -200,8 +500,8 @@ impl Volumes {
         Ok(Index {
             volumes: lvs
                 .iter()
-                .filter_map(|lv| self.local(lv))
-                .map(|volume| (volume.id.clone(), volume))
+                .filter_map(|lv| self.entry_of(lv))
+                .map(|entry| (entry.volume.id.clone(), entry))
                 .collect(),
             groups: vgs
                 .into_iter()
@@ -219,21 +519,13 @@ impl Volumes {
         })
     }
 
-    /// Room left in the volume group of `media`, if this node has one.
-    pub async fn space(&self, media: MediaClass) -> Result<Option<GroupSpace>, VolumeError> {
-        let Some(vg) = self.vg(media) else {
-            return Ok(None);
-        };
-        self.with_index(|index| index.groups.get(vg).copied()).await
-    }
-
-    fn local(&self, lv: &Lv) -> Option<LocalVolume> {
+    fn entry_of(&self, lv: &Lv) -> Option<Entry> {
         if !lv.tags.iter().any(|tag| tag == VOLUME_TAG) {
             return None;
         }
         let media = self.media(&lv.vg)?;
         let attr: Vec<char> = lv.attr.chars().collect();
-        Some(LocalVolume {
+        let volume = LocalVolume {
             id: lv.name.clone(),
             media,
             vg: lv.vg.clone(),
@@ -246,73 +538,107 @@ impl Volumes {
             pvc: lv.tag_value(PVC_TAG).map(str::to_owned),
             device_path: lv.path.clone(),
             // State 'a'ctive, health '-' (no partial, refresh or mismatch).
-            healthy: attr.get(4) == Some(&'a') && attr.get(8).is_none_or(|h| *h == '-'),
+            healthy: lv.active() && attr.get(8).is_none_or(|h| *h == '-'),
+        };
+        Some(Entry {
+            volume,
+            state: LvState::of(&lv.tags),
+            state_tag: lv
+                .tags
+                .iter()
+                .find(|tag| tag.starts_with(STATE_TAG))
+                .cloned(),
+            active: lv.active(),
         })
     }
 
-    /// Every lvmlocal volume on this node, sorted by id.
-    pub async fn list(&self) -> Result<Vec<LocalVolume>, VolumeError> {
-        self.with_index(|index| index.volumes.values().cloned().collect())
-            .await
-    }
-
-    pub async fn get(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+    async fn entry(&self, id: &str) -> Result<Option<Entry>, VolumeError> {
         self.with_index(|index| index.volumes.get(id).cloned())
             .await
     }
 
-    /// The volume as LVM reports it right now, health included: one `lvs` of
-    /// its group, leaving the index as it is.
-    pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-        Ok(self.inspect_formatted(id).await?.map(|(volume, _)| volume))
+    /// Puts `entry` in the index and takes `used` bytes (negative: gives
+    /// them back) from its group's free space.
+    fn record(&self, entry: Entry, used: i128) {
+        self.apply(|index| {
+            if let Some(space) = index.groups.get_mut(&entry.volume.vg) {
+                space.free_bytes = (i128::from(space.free_bytes) - used).max(0) as u64;
+            }
+            index.volumes.insert(entry.volume.id.clone(), entry);
+        });
     }
 
-    /// [`Volumes::inspect`], with the filesystem recorded on the volume: a
-    /// decision to format reads LVM, not what the index remembers.
-    pub async fn inspect_formatted(
-        &self,
-        id: &str,
-    ) -> Result<Option<(LocalVolume, Option<String>)>, VolumeError> {
-        let Some(known) = self.get(id).await? else {
+    /// Finishes the `creating` LV `id` a lookup met, unless another task
+    /// did first; the volume if it is usable then.
+    async fn finish_found(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
+        let Some(entry) = self.entry(id).await? else {
             return Ok(None);
         };
-        let lvs = self.lvm.lvs(Some(&known.vg)).await?;
-        Ok(lvs.iter().filter(|lv| lv.name == id).find_map(|lv| {
-            let formatted = lv.tag_value(FORMATTED_TAG).map(str::to_owned);
-            Some((self.local(lv)?, formatted))
-        }))
+        let _serial = self.lock(&entry.volume.vg).await;
+        let Some(entry) = self.entry(id).await? else {
+            return Ok(None);
+        };
+        match entry.state {
+            LvState::Ready => Ok(Some(entry.volume)),
+            LvState::Creating => self.finish_create(entry).await.map(Some),
+            LvState::Deleting | LvState::Unknown(_) => Ok(None),
+        }
     }
 
-    /// Records that the volume holds a filesystem of `fs` made by lvmlocal.
-    pub async fn mark_formatted(&self, volume: &LocalVolume, fs: &str) -> Result<(), VolumeError> {
-        let _serial = self.lock(&volume.vg).await;
-        self.lvm
-            .add_lv_tag(&volume.vg, &volume.id, &format!("{FORMATTED_TAG}{fs}"))
-            .await?;
-        Ok(())
+    /// Erases a `creating` LV (every signature, both ends) and marks it
+    /// ready. The caller holds its group's lock.
+    async fn finish_create(&self, entry: Entry) -> Result<LocalVolume, VolumeError> {
+        let volume = entry.volume;
+        let (vg, id) = (volume.vg.as_str(), volume.id.as_str());
+        let ready = LvState::Ready.tag();
+        let result = async {
+            if !entry.active {
+                self.lvm.activate(vg, id).await?;
+            }
+            self.eraser
+                .wipe_new(&volume.device_path, volume.size_bytes)
+                .await?;
+            self.lvm
+                .set_tags(vg, id, entry.state_tag.as_deref(), &ready)
+                .await
+        }
+        .await;
+        if let Err(err) = result {
+            self.invalidate();
+            return Err(err.into());
+        }
+        tracing::info!(volume = id, vg, "LV erased and marked ready");
+        if !entry.active {
+            // Its health is read afresh now that it is active.
+            self.invalidate();
+        }
+        self.record(
+            Entry {
+                volume: volume.clone(),
+                state: LvState::Ready,
+                state_tag: Some(ready),
+                active: true,
+            },
+            0,
+        );
+        Ok(volume)
     }
 
-    /// Makes the volume exist with at least the requested size: creates it,
-    /// grows it, or finds it already so. Safe to repeat. Without room for it,
-    /// nothing is created.
-    pub async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
+    async fn ensure(&self, request: &VolumeRequest) -> Result<LocalVolume, VolumeError> {
         let vg = self
             .vg(request.media)
             .ok_or(VolumeError::NoGroup(request.media))?
             .to_owned();
         let _serial = self.lock(&vg).await;
-        if let Some(existing) = self.get(&request.id).await? {
-            if existing.media != request.media {
+        if let Some(entry) = self.entry(&request.id).await? {
+            if entry.volume.media != request.media {
                 return Err(VolumeError::OtherMedia {
                     id: request.id.clone(),
-                    existing: existing.media,
+                    existing: entry.volume.media,
                     wanted: request.media,
                 });
             }
-            if existing.size_bytes >= request.size_bytes {
-                return Ok(existing);
-            }
-            return self.grow(&existing, request.size_bytes).await;
+            return self.settled(entry, request.size_bytes).await;
         }
         let space = self
             .with_index(|index| index.groups.get(&vg).copied())
@@ -328,6 +654,7 @@ impl Volumes {
         }
         let mut tags = vec![
             VOLUME_TAG.to_owned(),
+            LvState::Creating.tag(),
             format!("{REQUESTED_TAG}{}", request.size_bytes),
             format!("{ACCESS_TAG}{}", request.access),
         ];
@@ -340,49 +667,50 @@ impl Volumes {
             self.invalidate();
             return Err(self.explain(err, &vg, request.media, size_bytes).await);
         }
-        let volume = LocalVolume {
-            id: request.id.clone(),
-            media: request.media,
-            device_path: format!("/dev/{vg}/{}", request.id),
-            vg: vg.clone(),
-            size_bytes,
-            requested_bytes: request.size_bytes,
-            access: request.access.clone(),
-            pvc: request.pvc.clone(),
-            healthy: true,
+        let entry = Entry {
+            volume: LocalVolume {
+                id: request.id.clone(),
+                media: request.media,
+                device_path: format!("/dev/{vg}/{}", request.id),
+                vg: vg.clone(),
+                size_bytes,
+                requested_bytes: request.size_bytes,
+                access: request.access.clone(),
+                pvc: request.pvc.clone(),
+                healthy: true,
+            },
+            state: LvState::Creating,
+            state_tag: Some(LvState::Creating.tag()),
+            active: true,
         };
-        self.record(&vg, &volume, size_bytes as i128);
-        Ok(volume)
+        self.record(entry.clone(), size_bytes as i128);
+        self.finish_create(entry).await
     }
 
-    /// Puts `volume` in the index and takes `used` bytes (negative: gives
-    /// them back) from its group's free space.
-    fn record(&self, vg: &str, volume: &LocalVolume, used: i128) {
-        self.apply(|index| {
-            index.volumes.insert(volume.id.clone(), volume.clone());
-            if let Some(space) = index.groups.get_mut(vg) {
-                space.free_bytes = (i128::from(space.free_bytes) - used).max(0) as u64;
-            }
-        });
-    }
-
-    /// Grows the volume to at least `size_bytes`; never shrinks it.
-    pub async fn expand(
-        &self,
-        id: &str,
-        size_bytes: u64,
-    ) -> Result<Option<LocalVolume>, VolumeError> {
-        let Some(existing) = self.get(id).await? else {
-            return Ok(None);
+    /// The usable volume an existing LV is, at least `size_bytes` large:
+    /// finished if it was being created, grown if smaller. The caller holds
+    /// its group's lock.
+    async fn settled(&self, entry: Entry, size_bytes: u64) -> Result<LocalVolume, VolumeError> {
+        let volume = match step(&entry.state, Call::Ensure) {
+            Step::Use => entry.volume,
+            Step::Finish => self.finish_create(entry).await?,
+            Step::Skip | Step::Remove | Step::Refuse => return Err(refusal(&entry)),
         };
-        let _serial = self.lock(&existing.vg).await;
-        let Some(existing) = self.get(id).await? else {
-            return Ok(None);
-        };
-        if existing.size_bytes >= size_bytes {
-            return Ok(Some(existing));
+        if volume.size_bytes >= size_bytes {
+            return Ok(volume);
         }
-        self.grow(&existing, size_bytes).await.map(Some)
+        self.grow(&volume, size_bytes).await
+    }
+
+    async fn expand(&self, id: &str, size_bytes: u64) -> Result<Option<LocalVolume>, VolumeError> {
+        let Some(entry) = self.entry(id).await? else {
+            return Ok(None);
+        };
+        let _serial = self.lock(&entry.volume.vg).await;
+        let Some(entry) = self.entry(id).await? else {
+            return Ok(None);
+        };
+        self.settled(entry, size_bytes).await.map(Some)
     }
 
     async fn grow(
@@ -420,28 +748,107 @@ impl Volumes {
             requested_bytes: size_bytes,
             ..volume.clone()
         };
-        self.record(&volume.vg, &grown, extra as i128);
+        self.record(
+            Entry {
+                volume: grown.clone(),
+                state: LvState::Ready,
+                state_tag: Some(LvState::Ready.tag()),
+                active: true,
+            },
+            extra as i128,
+        );
         Ok(grown)
     }
 
-    /// Removes the volume; an unknown id is already removed.
-    pub async fn remove(&self, id: &str) -> Result<(), VolumeError> {
-        let Some(existing) = self.get(id).await? else {
+    /// Marks the LV `deleting`, zeroes it whole and removes it. Zeroing
+    /// holds only the volume's own lock: creates in its group go on
+    /// meanwhile, and its extents stay taken until lvremove.
+    async fn remove(&self, id: &str) -> Result<(), VolumeError> {
+        let Some(entry) = self.entry(id).await? else {
             return Ok(());
         };
-        let _serial = self.lock(&existing.vg).await;
-        if let Err(err) = self.lvm.lvremove(&existing.vg, &existing.id).await {
+        let vg = entry.volume.vg.clone();
+        let _volume = self.lock(&format!("{vg}/{id}")).await;
+        let entry = {
+            let _serial = self.lock(&vg).await;
+            let Some(entry) = self.entry(id).await? else {
+                return Ok(());
+            };
+            if step(&entry.state, Call::Remove) != Step::Remove {
+                return Err(refusal(&entry));
+            }
+            if entry.state == LvState::Deleting {
+                entry
+            } else {
+                match self.mark_deleting(entry).await? {
+                    Some(entry) => entry,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let volume = &entry.volume;
+        if !entry.active {
+            self.lvm.activate(&vg, id).await?;
+        }
+        self.eraser
+            .zero_whole(&volume.device_path, volume.size_bytes)
+            .await
+            .map_err(LvmError::from)?;
+        let _serial = self.lock(&vg).await;
+        if let Err(err) = self.lvm.lvremove(&vg, id).await {
             self.invalidate();
             return Err(err.into());
         }
+        tracing::info!(
+            volume = id,
+            vg,
+            bytes = volume.size_bytes,
+            "LV zeroed and removed"
+        );
         self.apply(|index| {
             if index.volumes.remove(id).is_some()
-                && let Some(space) = index.groups.get_mut(&existing.vg)
+                && let Some(space) = index.groups.get_mut(&vg)
             {
-                space.free_bytes += existing.size_bytes;
+                space.free_bytes += volume.size_bytes;
             }
         });
         Ok(())
+    }
+
+    /// Records that the LV's removal was asked, unless it is open: zeroing
+    /// it would destroy what a mount still uses. None if LVM has no such LV
+    /// after all. The caller holds its group's lock.
+    async fn mark_deleting(&self, entry: Entry) -> Result<Option<Entry>, VolumeError> {
+        let (vg, id) = (&entry.volume.vg, &entry.volume.id);
+        let lvs = self.lvm.lvs(Some(vg)).await?;
+        let Some(lv) = lvs.iter().find(|lv| &lv.name == id) else {
+            self.invalidate();
+            return Ok(None);
+        };
+        if lv.open() {
+            return Err(LvmError::Open {
+                vg: vg.clone(),
+                name: id.clone(),
+            }
+            .into());
+        }
+        let deleting = LvState::Deleting.tag();
+        if let Err(err) = self
+            .lvm
+            .set_tags(vg, id, entry.state_tag.as_deref(), &deleting)
+            .await
+        {
+            self.invalidate();
+            return Err(err.into());
+        }
+        let entry = Entry {
+            state: LvState::Deleting,
+            state_tag: Some(deleting),
+            active: lv.active(),
+            ..entry
+        };
+        self.record(entry.clone(), 0);
+        Ok(Some(entry))
     }
 
     /// Turns LVM's "insufficient free space" into an answer an operator
@@ -497,5 +904,108 @@ impl VolumeBackend for Volumes {
 
     async fn remove(&self, id: &str) -> Result<(), VolumeError> {
         Volumes::remove(self, id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(tags: &[&str]) -> Vec<String> {
+        tags.iter().map(|tag| tag.to_string()).collect()
+    }
+
+    #[test]
+    fn the_state_is_read_from_the_tags() {
+        let state = |t: &[&str]| LvState::of(&tags(t));
+        assert_eq!(state(&[VOLUME_TAG]), LvState::Ready, "made before states");
+        assert_eq!(
+            state(&[VOLUME_TAG, "lvmlocal.io/state=ready"]),
+            LvState::Ready
+        );
+        assert_eq!(
+            state(&["lvmlocal.io/state=creating", VOLUME_TAG]),
+            LvState::Creating
+        );
+        assert_eq!(state(&["lvmlocal.io/state=deleting"]), LvState::Deleting);
+        assert_eq!(
+            state(&["lvmlocal.io/state=frozen"]),
+            LvState::Unknown("frozen".into())
+        );
+        for known in [LvState::Creating, LvState::Ready, LvState::Deleting] {
+            assert_eq!(LvState::of(&[known.tag()]), known);
+        }
+    }
+
+    #[test]
+    fn only_a_ready_lv_is_handed_out() {
+        use LvState::*;
+        let unknown = Unknown("frozen".into());
+        for call in [Call::Get, Call::List, Call::Ensure] {
+            assert_eq!(step(&Ready, call), Step::Use);
+            // Nobody has written to it yet: erasing it again loses nothing.
+            assert_eq!(step(&Creating, call), Step::Finish);
+            assert_ne!(step(&Deleting, call), Step::Use);
+            assert_ne!(step(&unknown, call), Step::Use);
+        }
+        assert_eq!(step(&Ready, Call::Remove), Step::Remove);
+        assert_eq!(step(&Creating, Call::Remove), Step::Remove);
+    }
+
+    #[test]
+    fn a_deleting_lv_is_finished_off_never_revived() {
+        use LvState::*;
+        assert_eq!(step(&Deleting, Call::Remove), Step::Remove);
+        assert_eq!(step(&Deleting, Call::Get), Step::Remove);
+        assert_eq!(step(&Deleting, Call::List), Step::Skip);
+        assert_eq!(step(&Deleting, Call::Ensure), Step::Refuse);
+    }
+
+    #[test]
+    fn an_unknown_state_is_left_alone() {
+        let unknown = LvState::Unknown("frozen".into());
+        assert_eq!(step(&unknown, Call::Remove), Step::Refuse);
+        assert_eq!(step(&unknown, Call::Ensure), Step::Refuse);
+        assert_eq!(step(&unknown, Call::Get), Step::Refuse);
+        assert_eq!(step(&unknown, Call::List), Step::Skip);
+        let entry = Entry {
+            volume: crate::fake_lvm::local("v", MediaClass::Nvme, 1 << 30),
+            state: unknown,
+            state_tag: Some("lvmlocal.io/state=frozen".into()),
+            active: true,
+        };
+        assert_eq!(
+            refusal(&entry).to_string(),
+            "LV lvmlocal-nvme/v carries the tag lvmlocal.io/state=frozen, a state this agent does not know; left alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_outlives_its_dropped_caller_and_shutdown_waits_for_it() {
+        let volumes = Arc::new(Volumes::new(Lvm::default(), &DiscoveryConfig::default()));
+        let (started, is_started) = tokio::sync::oneshot::channel();
+        let (finish, finishing) = tokio::sync::oneshot::channel::<()>();
+        let (done, is_done) = tokio::sync::oneshot::channel();
+        let caller = volumes.clone();
+        let call = tokio::spawn(async move {
+            let _ = caller
+                .change("v", move |_| async move {
+                    started.send(()).unwrap();
+                    finishing.await.unwrap();
+                    done.send(()).unwrap();
+                    Ok(())
+                })
+                .await;
+        });
+        is_started.await.unwrap();
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        assert!(
+            !volumes.drain(Duration::from_millis(50)).await,
+            "still running"
+        );
+        finish.send(()).unwrap();
+        assert!(volumes.drain(Duration::from_secs(5)).await);
+        is_done.await.expect("the change ran to its end");
     }
 }

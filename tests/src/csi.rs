@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -64,6 +65,17 @@ impl Agent {
     /// Starts `csi-agent` standalone on `socket` and waits until it answers
     /// Probe and has built its volume groups (GetCapacity of `media` > 0).
     pub async fn start(binary: &Path, socket: &Path, media: &str) -> anyhow::Result<(Self, Csi)> {
+        Self::start_with_env(binary, socket, media, &[]).await
+    }
+
+    /// As `start`, with more environment for the agent (a `PATH` that
+    /// slows its commands down, say).
+    pub async fn start_with_env(
+        binary: &Path,
+        socket: &Path,
+        media: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Self, Csi)> {
         let child = Command::new(binary)
             .args([
                 "--node-name",
@@ -74,6 +86,9 @@ impl Agent {
             ])
             .arg("--csi-endpoint")
             .arg(format!("unix://{}", socket.display()))
+            .envs(env.iter().copied())
+            // Its own process group, so a kill takes its commands with it.
+            .process_group(0)
             .spawn()
             .context("starting csi-agent")?;
         let agent = Self {
@@ -98,17 +113,26 @@ impl Agent {
         }
     }
 
-    /// Kills the agent at once, as a node crash would.
+    /// Kills the agent and every command it runs at once, as a node crash
+    /// would.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
+        self.kill_group();
+    }
+
+    fn kill_group(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.wait();
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_group();
     }
 }
 
