@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::claim::{self, NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::DiscoveryConfig;
 use crate::inventory::{self, Inventory, InventoryError, Sources};
@@ -39,6 +40,8 @@ pub struct Rescanner {
     pub publisher: Option<Publisher>,
     /// The volume index to refresh when the groups change under it.
     pub volumes: Option<Arc<Volumes>>,
+    /// Where the claim label is read, each pass; None in standalone mode.
+    pub node: Option<NodeSource>,
 }
 
 impl Rescanner {
@@ -57,6 +60,7 @@ impl Rescanner {
             metrics,
             publisher: None,
             volumes: None,
+            node: None,
         }
     }
 
@@ -95,7 +99,19 @@ impl Rescanner {
     }
 
     async fn take(&self) -> Result<Inventory, InventoryError> {
-        inventory::take(&self.sources, &self.runner, &self.lvm, &self.config).await
+        let labels = match &self.node {
+            Some(node) => node.labels().await,
+            None => NodeLabels::Standalone,
+        };
+        let claiming = claim::decide(&self.config, &labels);
+        inventory::take(
+            &self.sources,
+            &self.runner,
+            &self.lvm,
+            &self.config,
+            &claiming,
+        )
+        .await
     }
 
     /// Rescans until the task is dropped: every interval, and soon after each

@@ -61,14 +61,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `csi-agent` standalone on `socket` and waits until it answers
-    /// Probe and has built its volume groups (GetCapacity of `media` > 0).
+    /// Starts `csi-agent` standalone on `socket`, opted in to claiming the
+    /// VM's disks, and waits until it answers Probe and has built its volume
+    /// groups (GetCapacity of `media` > 0).
     pub async fn start(binary: &Path, socket: &Path, media: &str) -> anyhow::Result<(Self, Csi)> {
         let child = Command::new(binary)
             .args([
                 "--node-name",
                 "vm",
                 "--standalone",
+                "--claim-disks",
                 "--metrics-address",
                 "127.0.0.1:9808",
             ])

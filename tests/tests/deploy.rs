@@ -599,7 +599,14 @@ fn agent_daemon_set_matches_the_agent() {
         config: Some(dir.path().join(file)),
         ..parsed.discovery.clone()
     };
-    discovery.resolve().unwrap();
+    let resolved = discovery.resolve().unwrap();
+    // As shipped, no node's disks are claimed until the operator labels it,
+    // and a control plane's not even then.
+    assert!(
+        !resolved.claim_disks,
+        "claim_disks on every node by default"
+    );
+    assert!(!resolved.claim_control_plane);
 }
 
 #[test]
@@ -836,6 +843,8 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
         "events",
         &["create", "patch"]
     ));
+    assert!(allows(&agent, "", "nodes", &["get", "list", "watch"]));
+    assert!(!allows(&agent, "", "nodes", &["patch"]));
     assert!(!allows(
         &agent,
         "lvmlocal.io",
