@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::watcher;
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
@@ -115,7 +116,8 @@ pub fn withhold(disks: &mut [Disk], claiming: &Claiming, config: &DiscoveryConfi
 /// Reads the labels of the agent's own Node.
 #[derive(Clone)]
 pub struct NodeSource {
-    api: Api<Node>,
+    /// Metadata only: the labels are all that is read.
+    api: Api<PartialObjectMeta<Node>>,
     node: String,
 }
 
@@ -128,7 +130,7 @@ impl NodeSource {
     }
 
     pub async fn labels(&self) -> NodeLabels {
-        match self.api.get_metadata(&self.node).await {
+        match self.api.get(&self.node).await {
             Ok(meta) => NodeLabels::Read(meta.metadata.labels.unwrap_or_default()),
             Err(err) => {
                 tracing::warn!(error = %err, node = %self.node, "cannot read the Node's labels");
@@ -143,9 +145,7 @@ impl NodeSource {
     pub async fn watch(self, trigger: mpsc::Sender<()>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
         let mut seen: Option<(Option<String>, bool)> = None;
-        let mut events = watcher::metadata_watcher(self.api, config)
-            .default_backoff()
-            .boxed();
+        let mut events = watcher(self.api, config).default_backoff().boxed();
         loop {
             match events.try_next().await {
                 Ok(Some(watcher::Event::Apply(meta) | watcher::Event::InitApply(meta))) => {
@@ -171,7 +171,14 @@ impl NodeSource {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
     use super::*;
+    use crate::api_mock::answer;
 
     fn config(claim_disks: bool, claim_control_plane: bool) -> DiscoveryConfig {
         DiscoveryConfig {
@@ -306,5 +313,58 @@ mod tests {
         assert!(reason(&on, &labels(&[(CLAIM_LABEL, "yes")])).contains("\"yes\""));
         let unreadable = NodeLabels::Unreadable("reading Node a: forbidden".into());
         assert!(reason(&on, &unreadable).contains("forbidden"));
+    }
+
+    /// The Node's metadata is read on every call, so a label set since the
+    /// last one counts; an API error is no evidence and claims nothing.
+    #[tokio::test]
+    async fn labels_are_read_fresh_and_an_error_claims_nothing() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api_server = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (request, send) = handle.next_request().await.expect("Node read");
+            assert_eq!(request.method(), http::Method::GET);
+            assert_eq!(request.uri().path(), "/api/v1/nodes/node-a");
+            assert!(
+                request.headers()["accept"]
+                    .to_str()
+                    .unwrap()
+                    .contains("as=PartialObjectMetadata"),
+                "metadata only"
+            );
+            answer(
+                send,
+                &json!({
+                    "apiVersion": "meta.k8s.io/v1",
+                    "kind": "PartialObjectMetadata",
+                    "metadata": {"name": "node-a", "labels": {CLAIM_LABEL: "true"}},
+                }),
+            );
+            let (_, send) = handle.next_request().await.expect("Node read again");
+            send.send_response(
+                Response::builder()
+                    .status(403)
+                    .body(Body::from(
+                        serde_json::to_vec(&json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "nodes \"node-a\" is forbidden", "reason": "Forbidden",
+                            "code": 403,
+                        }))
+                        .unwrap(),
+                    ))
+                    .unwrap(),
+            );
+        });
+        let source = NodeSource::new(Client::new(service, "default"), "node-a");
+        let config = DiscoveryConfig::default();
+        assert_eq!(decide(&config, &source.labels().await), Claiming::Enabled);
+        let labels = source.labels().await;
+        assert!(matches!(&labels, NodeLabels::Unreadable(why) if why.contains("forbidden")));
+        let claiming_everywhere = DiscoveryConfig {
+            claim_disks: true,
+            ..config
+        };
+        assert_ne!(decide(&claiming_everywhere, &labels), Claiming::Enabled);
+        api_server.await.unwrap();
     }
 }
