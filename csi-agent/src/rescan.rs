@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::claim::{self, NodeLabels, NodeSource};
+use crate::claim::{self, Claiming, NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::DiscoveryConfig;
 use crate::inventory::{self, Inventory, InventoryError, Sources};
@@ -42,6 +42,8 @@ pub struct Rescanner {
     pub volumes: Option<Arc<Volumes>>,
     /// Where the claim label is read, each pass; None in standalone mode.
     pub node: Option<NodeSource>,
+    /// The last pass's decision, to log only when it changes.
+    claiming: Option<Claiming>,
 }
 
 impl Rescanner {
@@ -61,6 +63,7 @@ impl Rescanner {
             publisher: None,
             volumes: None,
             node: None,
+            claiming: None,
         }
     }
 
@@ -98,12 +101,19 @@ impl Rescanner {
         }
     }
 
-    async fn take(&self) -> Result<Inventory, InventoryError> {
+    async fn take(&mut self) -> Result<Inventory, InventoryError> {
         let labels = match &self.node {
             Some(node) => node.labels().await,
             None => NodeLabels::Standalone,
         };
         let claiming = claim::decide(&self.config, &labels);
+        if self.claiming.as_ref() != Some(&claiming) {
+            match &claiming {
+                Claiming::Enabled => tracing::info!("claiming blank disks on this node"),
+                Claiming::Disabled(why) => tracing::info!(%why, "claiming no disk"),
+            }
+            self.claiming = Some(claiming.clone());
+        }
         inventory::take(
             &self.sources,
             &self.runner,
