@@ -10,7 +10,7 @@ cargo bench -q -p csi-agent --bench inventory
 cargo build -q --release -p csi-agent
 cargo build -q -p lvmlocal-tests --bin vmbed
 target/debug/vmbed --nvme 5=8G --nvme 6=8G --ssd 0=4G --hdd 1=16G -- sh -c '
-    target/release/csi-agent --node-name vm --standalone --csi-endpoint unix:///run/lvmlocal.sock --metrics-address 127.0.0.1:9808 2>/dev/null &
+    target/release/csi-agent --node-name vm --standalone --claim-disks --csi-endpoint unix:///run/lvmlocal.sock --metrics-address 127.0.0.1:9808 2>/dev/null &
     agent=$!
     for _ in $(seq 60); do
         [ "$(vgs --noheadings -o vg_name 2>/dev/null | wc -l)" -ge 3 ] && break

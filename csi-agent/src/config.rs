@@ -39,6 +39,8 @@ pub struct ConfigFile {
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
     pub rescan_interval_secs: Option<u64>,
+    pub claim_disks: Option<bool>,
+    pub claim_control_plane: Option<bool>,
     #[serde(default)]
     pub media_override: Vec<MediaOverrideEntry>,
 }
@@ -77,6 +79,10 @@ pub struct DiscoveryConfig {
     /// First match wins; e.g. SAS SSDs behind a RAID card that claim to rotate.
     pub media_overrides: Vec<(glob::Pattern, MediaClass)>,
     pub rescan_interval: Duration,
+    /// Claim blank disks on nodes without the claim label (see `claim`).
+    pub claim_disks: bool,
+    /// Claim them on control-plane nodes too, where opted in.
+    pub claim_control_plane: bool,
 }
 
 pub const DEFAULT_VG_PREFIX: &str = "lvmlocal";
@@ -93,6 +99,8 @@ impl Default for DiscoveryConfig {
             deny: Vec::new(),
             media_overrides: Vec::new(),
             rescan_interval: Duration::from_secs(DEFAULT_RESCAN_SECS),
+            claim_disks: false,
+            claim_control_plane: false,
         }
     }
 }
@@ -148,6 +156,10 @@ impl DiscoveryConfig {
             deny: patterns(&file.deny.unwrap_or_default())?,
             media_overrides,
             rescan_interval: Duration::from_secs(rescan),
+            claim_disks: file.claim_disks.unwrap_or(defaults.claim_disks),
+            claim_control_plane: file
+                .claim_control_plane
+                .unwrap_or(defaults.claim_control_plane),
         })
     }
 
@@ -188,6 +200,14 @@ mod tests {
         assert_eq!(config.classes, MediaClass::ALL.to_vec());
         assert_eq!(config.vg_name(MediaClass::Nvme), "lvmlocal-nvme");
         assert!(config.slot_allowed(&Slot::from("pci-0000:00:05.0-nvme-1")));
+        assert!(!config.claim_disks && !config.claim_control_plane);
+    }
+
+    #[test]
+    fn claiming_switches() {
+        let config = parse("claim_disks = true\nclaim_control_plane = true").unwrap();
+        assert!(config.claim_disks && config.claim_control_plane);
+        assert!(toml::from_str::<ConfigFile>(r#"claim_disks = "yes""#).is_err());
     }
 
     #[test]

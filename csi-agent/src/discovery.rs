@@ -57,6 +57,11 @@ pub enum Verdict {
     },
     /// Attached nowhere this agent can name, so it could not recognise it after a reboot.
     NoSlot,
+    /// Blank and would join `vg`, but claiming is not enabled on this node.
+    NotClaimed {
+        vg: String,
+        why: String,
+    },
 }
 
 impl Verdict {
@@ -78,6 +83,7 @@ impl Verdict {
             Verdict::Mounted => "mounted".into(),
             Verdict::Held { by } => format!("held by {}", by.join(", ")),
             Verdict::NoSlot => "no stable slot to identify it by".into(),
+            Verdict::NotClaimed { vg, why } => format!("blank, would join {vg}, but {why}"),
         }
     }
 
@@ -97,6 +103,7 @@ impl Verdict {
             Verdict::Mounted => "mounted",
             Verdict::Held { .. } => "held",
             Verdict::NoSlot => "no-slot",
+            Verdict::NotClaimed { .. } => "not-claimed",
         }
     }
 }

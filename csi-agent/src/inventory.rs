@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::claim::{self, Claiming};
 use crate::command::Runner;
 use crate::config::DiscoveryConfig;
 use crate::discovery::{self, Disk, Probe, Verdict};
@@ -62,6 +63,7 @@ pub async fn take(
     runner: &Runner,
     lvm: &Lvm,
     config: &DiscoveryConfig,
+    claiming: &Claiming,
 ) -> Result<Inventory, InventoryError> {
     let devices = sysfs::scan(&sources.sysfs).map_err(|source| InventoryError::Sysfs {
         path: sources.sysfs.display().to_string(),
@@ -95,6 +97,7 @@ pub async fn take(
         };
         disks.push(discovery::classify(device, &probe, &members, config));
     }
+    claim::withhold(&mut disks, claiming, config);
     let plan = plan::plan(&disks, &lvm_state, config);
     Ok(Inventory {
         disks,

@@ -3,6 +3,7 @@
 
 #[cfg(test)]
 mod api_mock;
+pub mod claim;
 pub mod command;
 pub mod config;
 pub mod discovery;
@@ -42,6 +43,7 @@ use lvmlocal_proto::rpc::RpcMetrics;
 use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
 use lvmlocal_proto::server::{self, ServeError};
 
+use crate::claim::{NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
@@ -152,6 +154,13 @@ pub struct DiscoveryArgs {
     /// Seconds between two rescans of the node's disks.
     #[arg(long, global = true)]
     pub rescan_interval_secs: Option<u64>,
+    /// Claim blank disks on this node even without the node label
+    /// lvmlocal.io/claim-disks=true (`--claim-disks=false`: only with it).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", global = true)]
+    pub claim_disks: Option<bool>,
+    /// Claim disks on control-plane nodes too, where claiming is enabled.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", global = true)]
+    pub claim_control_plane: Option<bool>,
     /// Root of the sysfs tree to read block devices from.
     #[arg(long, default_value = "/sys", global = true)]
     pub sysfs: PathBuf,
@@ -169,6 +178,8 @@ impl DiscoveryArgs {
         file.allow = self.allow.clone().or(file.allow);
         file.deny = self.deny.clone().or(file.deny);
         file.rescan_interval_secs = self.rescan_interval_secs.or(file.rescan_interval_secs);
+        file.claim_disks = self.claim_disks.or(file.claim_disks);
+        file.claim_control_plane = self.claim_control_plane.or(file.claim_control_plane);
         DiscoveryConfig::from_file(file)
     }
 
@@ -195,8 +206,16 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
 async fn discover(args: &DiscoveryArgs, json: bool) -> Result<(), AgentError> {
     let config = args.resolve()?;
     let runner = Runner::default();
-    let inventory =
-        inventory::take(&args.sources(), &runner, &Lvm::new(runner.clone()), &config).await?;
+    // Without a Kubernetes API only the configuration can enable claiming.
+    let claiming = claim::decide(&config, &NodeLabels::Standalone);
+    let inventory = inventory::take(
+        &args.sources(),
+        &runner,
+        &Lvm::new(runner.clone()),
+        &config,
+        &claiming,
+    )
+    .await?;
     if json {
         let commands: Vec<String> = inventory
             .plan
@@ -255,6 +274,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     );
     rescanner.publisher = publisher;
     rescanner.volumes = Some(volumes.clone());
+    rescanner.node = client.clone().map(|client| NodeSource::new(client, &node));
     let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Metrics {
@@ -266,6 +286,10 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let metrics_server = tokio::spawn(metrics::serve(listener, metrics.clone(), max_age));
 
     let (trigger, triggered) = tokio::sync::mpsc::channel(1);
+    let labels = rescanner
+        .node
+        .clone()
+        .map(|node| tokio::spawn(node.watch(trigger.clone())));
     if let Err(err) = uevent::watch(trigger) {
         tracing::warn!(error = %err, "no uevents; disks are found by periodic rescans only");
     }
@@ -320,6 +344,9 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let signal = stop.wait().await;
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
+    if let Some(labels) = labels {
+        labels.abort();
+    }
     if let Some(reconciler) = reconciler {
         reconciler.abort();
     }

@@ -117,7 +117,9 @@ pub fn disk_changes(
                 .map(|group| group.vg_name.clone())
                 .unwrap_or_default();
             changes.push(DiskChange::Joined { slot, vg });
-        } else if previous.is_none() && disk.state != "member" && disk.state != "usable" {
+        } else if previous.is_none()
+            && !matches!(disk.state.as_str(), "member" | "usable" | "not-claimed")
+        {
             changes.push(DiskChange::Refused {
                 slot,
                 reason: disk.reason.clone(),
@@ -262,6 +264,12 @@ mod tests {
             disk("pci-a", "member", "in volume group lvmlocal-nvme"),
             disk("pci-b", "member", "in volume group lvmlocal-nvme"),
             disk("pci-d", "signature", "holds data: ext4 signature"),
+            // Waiting for the opt-in is not a refusal worth a warning.
+            disk(
+                "pci-e",
+                "not-claimed",
+                "blank, would join lvmlocal-nvme, but ...",
+            ),
         ]);
         assert_eq!(
             disk_changes(&before, &after),

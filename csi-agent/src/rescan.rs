@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::claim::{self, Claiming, NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::DiscoveryConfig;
 use crate::inventory::{self, Inventory, InventoryError, Sources};
@@ -39,6 +40,10 @@ pub struct Rescanner {
     pub publisher: Option<Publisher>,
     /// The volume index to refresh when the groups change under it.
     pub volumes: Option<Arc<Volumes>>,
+    /// Where the claim label is read, each pass; None in standalone mode.
+    pub node: Option<NodeSource>,
+    /// The last pass's decision, to log only when it changes.
+    claiming: Option<Claiming>,
 }
 
 impl Rescanner {
@@ -57,6 +62,8 @@ impl Rescanner {
             metrics,
             publisher: None,
             volumes: None,
+            node: None,
+            claiming: None,
         }
     }
 
@@ -94,8 +101,27 @@ impl Rescanner {
         }
     }
 
-    async fn take(&self) -> Result<Inventory, InventoryError> {
-        inventory::take(&self.sources, &self.runner, &self.lvm, &self.config).await
+    async fn take(&mut self) -> Result<Inventory, InventoryError> {
+        let labels = match &self.node {
+            Some(node) => node.labels().await,
+            None => NodeLabels::Standalone,
+        };
+        let claiming = claim::decide(&self.config, &labels);
+        if self.claiming.as_ref() != Some(&claiming) {
+            match &claiming {
+                Claiming::Enabled => tracing::info!("claiming blank disks on this node"),
+                Claiming::Disabled(why) => tracing::info!(%why, "claiming no disk"),
+            }
+            self.claiming = Some(claiming.clone());
+        }
+        inventory::take(
+            &self.sources,
+            &self.runner,
+            &self.lvm,
+            &self.config,
+            &claiming,
+        )
+        .await
     }
 
     /// Rescans until the task is dropped: every interval, and soon after each

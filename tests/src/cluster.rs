@@ -22,6 +22,8 @@ use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
 pub const NAMESPACE: &str = "lvmlocal";
 pub const DRIVER: &str = "lvmlocal.io";
 pub const TOPOLOGY_KEY: &str = "lvmlocal.io/node";
+/// The node label that lets the agent claim the node's disks.
+pub const CLAIM_LABEL: &str = "lvmlocal.io/claim-disks";
 /// The port at which a node VM reaches the API server.
 const GUEST_API_PORT: u16 = 6443;
 const ADMIN_TOKEN: &str = "lvmlocal-test-admin";
@@ -812,6 +814,28 @@ impl Cluster {
         }))
     }
 
+    /// Sets (`key`, `value`) or removes (`key`, `-`) labels of node `name`.
+    pub fn label_node(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec![
+            "label".to_string(),
+            "node".into(),
+            name.into(),
+            "--overwrite".into(),
+        ];
+        for (key, value) in labels {
+            args.push(if *value == "-" {
+                format!("{key}-")
+            } else {
+                format!("{key}={value}")
+            });
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kubectl(&args).map(drop)
+    }
+
     /// A node whose storage is only what this NodeLocalStorage says: no
     /// agent carries out its volumes.
     pub fn add_paper_node(&self, name: &str, media: &str, total: u64) -> anyhow::Result<()> {
@@ -889,9 +913,22 @@ pub struct NodeVm {
 }
 
 impl NodeVm {
-    /// Boots `vm` as node `name` of `cluster` and starts its agent.
+    /// Boots `vm` as node `name` of `cluster`, labelled to have its disks
+    /// claimed, and starts its agent.
     pub fn start(cluster: &mut Cluster, name: &str, vm: Vm) -> anyhow::Result<Self> {
+        Self::start_labelled(cluster, name, vm, &[(CLAIM_LABEL, "true")])
+    }
+
+    /// Boots `vm` as node `name` of `cluster` with these extra node labels
+    /// (none: the agent may claim no disk), and starts its agent.
+    pub fn start_labelled(
+        cluster: &mut Cluster,
+        name: &str,
+        vm: Vm,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         cluster.add_node(name)?;
+        cluster.label_node(name, labels)?;
         let kubeconfig = cluster.agent_kubeconfig()?;
         let vm = vm.forward(GUEST_API_PORT, cluster.api_port).serve()?;
         let node = Self {

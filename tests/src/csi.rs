@@ -62,8 +62,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `csi-agent` standalone on `socket` and waits until it answers
-    /// Probe and has built its volume groups (GetCapacity of `media` > 0).
+    /// Starts `csi-agent` standalone on `socket`, opted in to claiming the
+    /// VM's disks, and waits until it answers Probe and has built its volume
+    /// groups (GetCapacity of `media` > 0).
     pub async fn start(binary: &Path, socket: &Path, media: &str) -> anyhow::Result<(Self, Csi)> {
         Self::start_with_env(binary, socket, media, &[]).await
     }
@@ -81,6 +82,7 @@ impl Agent {
                 "--node-name",
                 "vm",
                 "--standalone",
+                "--claim-disks",
                 "--metrics-address",
                 "127.0.0.1:9808",
             ])

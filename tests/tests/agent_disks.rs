@@ -13,8 +13,10 @@ fn agent(args: &[&str]) -> String {
     run(workspace_binary("csi-agent").to_str().unwrap(), args)
 }
 
-fn discover() -> Value {
-    serde_json::from_str(&agent(&["discover", "--json"])).unwrap()
+/// `csi-agent discover --json` with `args`.
+fn discover(args: &[&str]) -> Value {
+    let args: Vec<&str> = ["discover", "--json"].iter().chain(args).copied().collect();
+    serde_json::from_str(&agent(&args)).unwrap()
 }
 
 /// The discovery verdict of the disk at `slot`.
@@ -78,7 +80,7 @@ vm_test!(
         let foreign = format!("/dev/{}", disk_at("/ata4/"));
         run("vgcreate", &["foreign", &foreign]);
 
-        let inventory = discover();
+        let inventory = discover(&["--claim-disks"]);
         let expect = [
             ("pci-0000:00:05.0-nvme-1", "usable", None),
             ("pci-0000:00:06.0-nvme-1", "signature", Some("ext4")),
@@ -101,7 +103,7 @@ vm_test!(
             }
         }
 
-        agent(&["apply"]);
+        agent(&["apply", "--claim-disks"]);
         let slot_tag = |slot: &str| format!("lvmlocal.io/slot={slot}");
         let nvme = format!("/dev/{}", disk_at("/0000:00:05.0/"));
         let ssd = format!("/dev/{}", disk_at("/ata1/"));
@@ -138,10 +140,13 @@ vm_test!(
 
         // A second run finds nothing to do and writes no LVM metadata.
         let before = vg_seqnos();
-        let again = agent(&["apply"]);
+        let again = agent(&["apply", "--claim-disks"]);
         assert!(again.contains("plan: nothing to do"), "{again}");
         assert_eq!(vg_seqnos(), before);
-        assert_eq!(discover()["commands"], serde_json::json!([]));
+        assert_eq!(
+            discover(&["--claim-disks"])["commands"],
+            serde_json::json!([])
+        );
         run("umount", &[mnt.path().to_str().unwrap()]);
     }
 );
@@ -165,7 +170,10 @@ fn kernel_renames_change_nothing() {
         .nvme("nvme-b", 7, 2 * GIB)
         .ssd("ssd-a", 2, 2 * GIB);
     let report = r#"pvs --noheadings -o pv_name,vg_name,pv_tags | sort"#;
-    let built = boot(&first, &format!(r#""$1" apply >/dev/null && {report}"#));
+    let built = boot(
+        &first,
+        &format!(r#""$1" apply --claim-disks >/dev/null && {report}"#),
+    );
     assert_eq!(built.matches("lvmlocal.io/slot=").count(), 3, "{built}");
 
     // Disks that sort first now take the kernel names nvme0n1 and sda, so
@@ -176,8 +184,8 @@ fn kernel_renames_change_nothing() {
         .ssd("ssd-small", 0, 512 * MIB);
     let script = format!(
         r#"vgs --noheadings -o vg_name,vg_seqno > /tmp/before
-        "$1" discover --json | grep -q '"commands": \[\]' && echo no-commands
-        "$1" apply | grep '^plan'
+        "$1" discover --json --claim-disks | grep -q '"commands": \[\]' && echo no-commands
+        "$1" apply --claim-disks | grep '^plan'
         vgs --noheadings -o vg_name,vg_seqno | cmp - /tmp/before && echo unchanged
         {report}"#
     );
@@ -260,6 +268,7 @@ vm_test!(
                     "--node-name",
                     "vm",
                     "--standalone",
+                    "--claim-disks",
                     "--rescan-interval-secs",
                     "3600",
                 ])
@@ -294,7 +303,7 @@ vm_test!(
             &["-n", "keep", "-L", "100m", "-y", "lvmlocal-nvme"],
         );
         unplug("0000:00:06.0");
-        let inventory = discover();
+        let inventory = discover(&["--claim-disks"]);
         let nvme = inventory["groups"]
             .as_array()
             .unwrap()
@@ -304,6 +313,101 @@ vm_test!(
             .clone();
         assert_eq!(nvme["missingPvs"], 1, "{nvme:#}");
         assert_eq!(inventory["commands"], serde_json::json!([]));
+        assert!(run("lvs", &["--noheadings", "-o", "lv_name", "lvmlocal-nvme"]).contains("keep"));
+    }
+);
+
+/// `(vg, pv count)` of every volume group.
+fn vgs() -> String {
+    run("vgs", &["--noheadings", "-o", "vg_name,pv_count"])
+}
+
+vm_test!(
+    disks_are_claimed_only_where_opted_in,
+    Vm::new()
+        .nvme("nvme-a", 5, 2 * GIB)
+        .nvme("nvme-b", 6, 2 * GIB)
+        .ssd("ssd-a", 0, 2 * GIB),
+    {
+        // Without the opt-in: every blank disk is reported with what it
+        // would join and why it does not, and no LVM metadata is written.
+        let report = agent(&["apply"]);
+        assert!(report.contains("plan: nothing to do"), "{report}");
+        assert_eq!(pvs(), []);
+        assert_eq!(vgs().trim(), "");
+        let inventory = discover(&[]);
+        assert_eq!(inventory["commands"], serde_json::json!([]));
+        for (slot, vg) in [
+            ("pci-0000:00:05.0-nvme-1", "lvmlocal-nvme"),
+            ("pci-0000:00:06.0-nvme-1", "lvmlocal-nvme"),
+            ("pci-0000:00:10.0-ata-1", "lvmlocal-ssd"),
+        ] {
+            let disk = verdict(&inventory, slot);
+            assert_eq!(disk["verdict"], "not-claimed", "{disk:#}");
+            assert_eq!(disk["vg"], vg, "{disk:#}");
+            assert!(
+                disk["why"].as_str().unwrap().contains("claim_disks = true"),
+                "{disk:#}"
+            );
+        }
+        // blkid finds no signature at all (exit status 2) on any of them.
+        for place in ["/0000:00:05.0/", "/0000:00:06.0/", "/ata1/"] {
+            let device = format!("/dev/{}", disk_at(place));
+            let status = Command::new("blkid")
+                .args(["-p", &device])
+                .status()
+                .unwrap();
+            assert_eq!(status.code(), Some(2), "{device}");
+        }
+
+        // Opted in through the configuration file: the same disks join.
+        let config = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(config.path(), "claim_disks = true\n").unwrap();
+        let config = config.path().to_str().unwrap();
+        std::fs::write("/sys/bus/pci/devices/0000:00:06.0/remove", "1").unwrap();
+        agent(&["apply", "--config", config]);
+        let nvme_a = format!("/dev/{}", disk_at("/0000:00:05.0/"));
+        let ssd = format!("/dev/{}", disk_at("/ata1/"));
+        let members: Vec<(String, String)> =
+            pvs().into_iter().map(|(pv, vg, _)| (pv, vg)).collect();
+        let mut want = vec![
+            (nvme_a.clone(), "lvmlocal-nvme".to_string()),
+            (ssd, "lvmlocal-ssd".to_string()),
+        ];
+        want.sort();
+        assert_eq!(members, want);
+
+        // The opt-in gone, the groups built keep being used, and a disk that
+        // shows up waits: growing a group is claiming too.
+        std::fs::write("/sys/bus/pci/rescan", "1").unwrap();
+        eventually("the second NVMe disk back", || {
+            std::fs::read_dir("/sys/block").unwrap().any(|entry| {
+                std::fs::canonicalize(entry.unwrap().path())
+                    .is_ok_and(|path| path.display().to_string().contains("/0000:00:06.0/"))
+            })
+        });
+        run(
+            "lvcreate",
+            &["-n", "keep", "-L", "100m", "-y", "lvmlocal-nvme"],
+        );
+        let before = vg_seqnos();
+        let report = agent(&["apply"]);
+        assert!(report.contains("plan: nothing to do"), "{report}");
+        assert_eq!(vg_seqnos(), before);
+        assert_eq!(pv_count("lvmlocal-nvme"), 1);
+        let inventory = discover(&[]);
+        assert_eq!(
+            verdict(&inventory, "pci-0000:00:05.0-nvme-1")["verdict"],
+            "member"
+        );
+        assert_eq!(
+            verdict(&inventory, "pci-0000:00:06.0-nvme-1")["verdict"],
+            "not-claimed"
+        );
+
+        // Opted in again: the new disk extends its group, data kept.
+        agent(&["apply", "--config", config]);
+        assert_eq!(pv_count("lvmlocal-nvme"), 2);
         assert!(run("lvs", &["--noheadings", "-o", "lv_name", "lvmlocal-nvme"]).contains("keep"));
     }
 );

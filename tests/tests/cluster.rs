@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const NS: &str = "default";
+const CONTROL_PLANE: &str = "node-role.kubernetes.io/control-plane";
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
@@ -925,4 +926,79 @@ fn data_outlives_every_deletion_but_its_claims() {
     let lvs = node.lvs().unwrap();
     assert_eq!(lvs.get(&kept), Some(&GIB), "{lvs:?}");
     assert_eq!(lvs.len(), 1, "{lvs:?}");
+}
+
+/// The `state` and `reason` NodeLocalStorage reports for the disk at `slot`.
+fn disk_report(cluster: &Cluster, node: &str, slot: &str) -> Result<(String, String), String> {
+    let nls = cluster
+        .get(&["nodelocalstorage", node])
+        .map_err(|err| err.to_string())?;
+    nls["status"]["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|disk| disk["slot"] == slot)
+        .map(|disk| {
+            let field = |name: &str| disk[name].as_str().unwrap_or_default().to_owned();
+            (field("state"), field("reason"))
+        })
+        .ok_or_else(|| nls["status"].to_string())
+}
+
+/// A node's disks are claimed only once it is labelled, a control plane's
+/// not even then, and the label takes effect without restarting the agent.
+#[test]
+fn disks_are_claimed_only_on_nodes_labelled_for_it() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let slot = "pci-0000:00:05.0-nvme-1";
+    let vm = Vm::new().nvme("nvme-a", 5, 2 * GIB);
+    let node = NodeVm::start_labelled(&mut cluster, "vm-node", vm, &[]).unwrap();
+    let reported = |state: &str, reason: &str, timeout: u64| {
+        wait_for(
+            &format!("disk {slot} reported {state}: ...{reason}..."),
+            Duration::from_secs(timeout),
+            || match disk_report(&cluster, "vm-node", slot)? {
+                (got, why) if got == state && why.contains(reason) => Ok(why),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()))
+    };
+    let no_lvm = || {
+        let lvm = node.sh("pvs --noheadings; vgs --noheadings").unwrap();
+        assert_eq!(lvm.trim(), "", "LVM metadata written:\n{lvm}");
+    };
+
+    let why = reported("not-claimed", "lvmlocal.io/claim-disks=true", 180);
+    assert!(why.starts_with("blank, would join lvmlocal-nvme"), "{why}");
+    no_lvm();
+
+    cluster
+        .label_node(
+            "vm-node",
+            &[(CONTROL_PLANE, ""), ("lvmlocal.io/claim-disks", "true")],
+        )
+        .unwrap();
+    reported("not-claimed", "claim_control_plane", 60);
+    no_lvm();
+    let nls = cluster.get(&["nodelocalstorage", "vm-node"]).unwrap();
+    assert!(nls["status"]["nvme"].is_null(), "{}", nls["status"]);
+
+    // Shorter than the agent's rescan interval (60 s): the watch brings it.
+    cluster
+        .label_node("vm-node", &[(CONTROL_PLANE, "-")])
+        .unwrap();
+    reported("member", "lvmlocal-nvme", 45);
+    let pvs = node.sh("pvs --noheadings -o pv_name,vg_name").unwrap();
+    assert!(pvs.contains("lvmlocal-nvme"), "{pvs}");
+    wait_for(
+        "CSIStorageCapacity of the new group",
+        Duration::from_secs(60),
+        || match cluster.storage_capacity("vm-node", "lvmlocal-nvme") {
+            Ok(Some(bytes)) if bytes > GIB => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
 }

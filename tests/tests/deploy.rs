@@ -600,7 +600,14 @@ fn agent_daemon_set_matches_the_agent() {
         config: Some(dir.path().join(file)),
         ..parsed.discovery.clone()
     };
-    discovery.resolve().unwrap();
+    let resolved = discovery.resolve().unwrap();
+    // As shipped, no node's disks are claimed until the operator labels it,
+    // and a control plane's not even then.
+    assert!(
+        !resolved.claim_disks,
+        "claim_disks on every node by default"
+    );
+    assert!(!resolved.claim_control_plane);
 }
 
 #[test]
@@ -839,6 +846,8 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
     ));
     assert!(allows(&agent, "", "persistentvolumes", &["list"]));
     assert!(!allows(&agent, "", "persistentvolumes", &["watch"]));
+    assert!(allows(&agent, "", "nodes", &["get", "list", "watch"]));
+    assert!(!allows(&agent, "", "nodes", &["patch"]));
     assert!(!allows(
         &agent,
         "lvmlocal.io",

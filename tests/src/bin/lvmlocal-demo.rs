@@ -29,7 +29,9 @@ fn main() -> anyhow::Result<ExitCode> {
 fn guest_side() -> anyhow::Result<ExitCode> {
     let agent = workspace_binary("csi-agent");
     println!("== what the agent finds: csi-agent discover");
-    let status = Command::new(&agent).arg("discover").status()?;
+    let status = Command::new(&agent)
+        .args(["discover", "--claim-disks"])
+        .status()?;
     anyhow::ensure!(status.success(), "csi-agent discover failed");
 
     let runtime = tokio::runtime::Runtime::new()?;
