@@ -574,7 +574,7 @@ impl Shared {
         let Some(entry) = self.entry(id).await? else {
             return Ok(None);
         };
-        let _serial = self.lock(&entry.volume.vg).await;
+        let _volume = self.lock(&volume_key(&entry.volume.vg, id)).await;
         let Some(entry) = self.entry(id).await? else {
             return Ok(None);
         };
@@ -586,7 +586,8 @@ impl Shared {
     }
 
     /// Erases a `creating` LV (every signature, both ends) and marks it
-    /// ready. The caller holds its group's lock.
+    /// ready. The caller holds the volume's lock; the group's is not
+    /// needed, since neither step changes the group's free space.
     async fn finish_create(&self, entry: Entry) -> Result<LocalVolume, VolumeError> {
         let volume = entry.volume;
         let (vg, id) = (volume.vg.as_str(), volume.id.as_str());
@@ -629,7 +630,11 @@ impl Shared {
             .vg(request.media)
             .ok_or(VolumeError::NoGroup(request.media))?
             .to_owned();
-        let _serial = self.lock(&vg).await;
+        // The volume's lock for the whole create, the group's only while
+        // its free space is read and taken: the erase of one new LV does
+        // not hold up the creates of the others.
+        let _volume = self.lock(&volume_key(&vg, &request.id)).await;
+        let serial = self.lock(&vg).await;
         if let Some(entry) = self.entry(&request.id).await? {
             if entry.volume.media != request.media {
                 return Err(VolumeError::OtherMedia {
@@ -684,6 +689,7 @@ impl Shared {
             active: true,
         };
         self.record(entry.clone(), size_bytes as i128);
+        drop(serial);
         self.finish_create(entry).await
     }
 
@@ -706,6 +712,7 @@ impl Shared {
         let Some(entry) = self.entry(id).await? else {
             return Ok(None);
         };
+        let _volume = self.lock(&volume_key(&entry.volume.vg, id)).await;
         let _serial = self.lock(&entry.volume.vg).await;
         let Some(entry) = self.entry(id).await? else {
             return Ok(None);
@@ -768,7 +775,7 @@ impl Shared {
             return Ok(());
         };
         let vg = entry.volume.vg.clone();
-        let _volume = self.lock(&format!("{vg}/{id}")).await;
+        let _volume = self.lock(&volume_key(&vg, id)).await;
         let entry = {
             let _serial = self.lock(&vg).await;
             let Some(entry) = self.entry(id).await? else {
@@ -905,6 +912,12 @@ impl VolumeBackend for Volumes {
     async fn remove(&self, id: &str) -> Result<(), VolumeError> {
         Volumes::remove(self, id).await
     }
+}
+
+/// The lock key of one volume, beside its group's: a group's name holds no
+/// `/`, so the two never meet.
+fn volume_key(vg: &str, id: &str) -> String {
+    format!("{vg}/{id}")
 }
 
 #[cfg(test)]
