@@ -381,7 +381,11 @@ pub async fn walk(csi: &Csi, walk: &Walk, log: Log<'_>) -> anyhow::Result<()> {
     ensure!(!condition.abnormal, "volume condition {condition:?}");
     let total = stats.usage.first().map_or(0, |usage| usage.total);
     ensure!(total > walk.size as i64 * 9 / 10, "stats total {total}");
-    log("", Duration::ZERO, format!("stats: {}", usage_text(&stats.usage)));
+    log(
+        "",
+        Duration::ZERO,
+        format!("stats: {}", usage_text(&stats.usage)),
+    );
 
     let unpublish = NodeUnpublishVolumeRequest {
         volume_id: id.clone(),
