@@ -20,6 +20,8 @@ use lvmlocal_proto::csi::v1::volume_capability::{
 };
 use lvmlocal_proto::csi::v1::*;
 use tokio::net::UnixStream;
+
+use crate::size::human;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -379,7 +381,11 @@ pub async fn walk(csi: &Csi, walk: &Walk, log: Log<'_>) -> anyhow::Result<()> {
     ensure!(!condition.abnormal, "volume condition {condition:?}");
     let total = stats.usage.first().map_or(0, |usage| usage.total);
     ensure!(total > walk.size as i64 * 9 / 10, "stats total {total}");
-    log("", Duration::ZERO, format!("stats: {:?}", stats.usage));
+    log(
+        "",
+        Duration::ZERO,
+        format!("stats: {}", usage_text(&stats.usage)),
+    );
 
     let unpublish = NodeUnpublishVolumeRequest {
         volume_id: id.clone(),
@@ -452,4 +458,27 @@ fn write_and_read_back(target: &Path, filesystem: bool) -> anyhow::Result<String
         path.display()
     );
     Ok(format!("1 MiB through {}", path.display()))
+}
+
+/// NodeGetVolumeStats usage as a person reads it: `1.0 GiB total, 950.2 MiB
+/// available, 12.0 MiB used; 65536 inodes, 65525 free`.
+fn usage_text(usage: &[VolumeUsage]) -> String {
+    usage
+        .iter()
+        .map(|usage| {
+            let [total, available, used] =
+                [usage.total, usage.available, usage.used].map(|n| u64::try_from(n).unwrap_or(0));
+            if usage.unit == volume_usage::Unit::Inodes as i32 {
+                format!("{total} inodes, {available} free")
+            } else {
+                format!(
+                    "{} total, {} available, {} used",
+                    human(total),
+                    human(available),
+                    human(used)
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
