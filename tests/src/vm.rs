@@ -544,7 +544,10 @@ fn disk_args(disks: &[Disk], dir: &Path) -> anyhow::Result<Vec<String>> {
         let drive = format!("drive-{}", disk.name);
         args.push("-drive".into());
         args.push(format!(
-            "file={},if=none,id={drive},format=raw,cache=unsafe",
+            // Zeros written by the guest (a deleted volume is zeroed whole)
+            // become holes in the sparse image instead of filling the
+            // host's disk.
+            "file={},if=none,id={drive},format=raw,cache=unsafe,discard=unmap,detect-zeroes=unmap",
             image.display()
         ));
         match disk.bus {
