@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use lvmlocal_proto::extent::human_bytes;
 use serde::Serialize;
 
 use crate::claim::{self, Claiming};
@@ -119,21 +120,6 @@ fn name_foreign_vg(probe: &mut Probe, name: &str, lvm: &LvmState) {
             format!("LVM2_member of volume group {}", pv.vg)
         });
     }
-}
-
-/// `1.5Gi`, as Kubernetes writes quantities.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["Ki", "Mi", "Gi", "Ti", "Pi"];
-    if bytes < 1024 {
-        return bytes.to_string();
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
 }
 
 impl Inventory {

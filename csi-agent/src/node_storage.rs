@@ -8,7 +8,8 @@ use kube::{Api, Client, Resource};
 use lvmlocal_proto::crd::{DiskStatus, MediaStatus, NodeLocalStorage, NodeLocalStorageStatus};
 
 use crate::discovery::{Disk, Verdict};
-use crate::inventory::{Inventory, human_bytes};
+use crate::inventory::Inventory;
+use lvmlocal_proto::extent::human_bytes;
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "lvmlocal-agent";

@@ -306,19 +306,26 @@ async fn agent_failure_is_resource_exhausted_and_the_object_is_removed() {
     assert!(err.message().contains("2147483648 bytes free"), "{err:?}");
 }
 
-#[tokio::test]
-async fn delete_of_a_missing_object_is_success() {
-    let Cluster {
-        service, mut api, ..
-    } = controller(vec![]).await;
-    let call = tokio::spawn(async move {
+/// DeleteVolume of NAME, running while the test answers its requests.
+fn delete_call(
+    service: ControllerService<KubeStore>,
+) -> tokio::task::JoinHandle<Result<tonic::Response<DeleteVolumeResponse>, tonic::Status>> {
+    tokio::spawn(async move {
         service
             .delete_volume(Request::new(DeleteVolumeRequest {
                 volume_id: NAME.into(),
                 ..Default::default()
             }))
             .await
-    });
+    })
+}
+
+#[tokio::test]
+async fn delete_of_a_missing_object_is_success() {
+    let Cluster {
+        service, mut api, ..
+    } = controller(vec![]).await;
+    let call = delete_call(service);
     expect_get(&mut api, None).await;
     call.await.unwrap().unwrap();
     expect_no_more(&mut api).await;
@@ -385,14 +392,7 @@ async fn delete_records_who_asked_and_for_which_pv_before_deleting() {
     let Cluster {
         service, mut api, ..
     } = controller(vec![]).await;
-    let call = tokio::spawn(async move {
-        service
-            .delete_volume(Request::new(DeleteVolumeRequest {
-                volume_id: NAME.into(),
-                ..Default::default()
-            }))
-            .await
-    });
+    let call = delete_call(service);
     let pvs = [
         persistent_volume("pv-other", "pvc-another-volume"),
         persistent_volume(NAME, NAME),
@@ -419,14 +419,7 @@ async fn delete_refused_by_a_conflict_deletes_nothing_and_is_retried() {
     let Cluster {
         service, mut api, ..
     } = controller(vec![]).await;
-    let call = tokio::spawn(async move {
-        service
-            .delete_volume(Request::new(DeleteVolumeRequest {
-                volume_id: NAME.into(),
-                ..Default::default()
-            }))
-            .await
-    });
+    let call = delete_call(service);
     expect_get(
         &mut api,
         Some(logical_volume(NAME, "node-a", 10 * GIB, 1, None)),

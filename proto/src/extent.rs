@@ -18,6 +18,21 @@ pub fn round_up(bytes: u64, extent: u64) -> u64 {
     checked_round_up(bytes, extent).unwrap_or(u64::MAX)
 }
 
+/// `1.5Gi`, as Kubernetes writes quantities.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["Ki", "Mi", "Gi", "Ti", "Pi"];
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

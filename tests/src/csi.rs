@@ -21,7 +21,7 @@ use lvmlocal_proto::csi::v1::volume_capability::{
 use lvmlocal_proto::csi::v1::*;
 use tokio::net::UnixStream;
 
-use crate::size::human;
+use lvmlocal_proto::extent::human_bytes;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -460,8 +460,8 @@ fn write_and_read_back(target: &Path, filesystem: bool) -> anyhow::Result<String
     Ok(format!("1 MiB through {}", path.display()))
 }
 
-/// NodeGetVolumeStats usage as a person reads it: `1.0 GiB total, 950.2 MiB
-/// available, 12.0 MiB used; 65536 inodes, 65525 free`.
+/// NodeGetVolumeStats usage as a person reads it: `1.0Gi total, 950.2Mi
+/// available, 12.0Mi used; 65536 inodes, 65525 free`.
 fn usage_text(usage: &[VolumeUsage]) -> String {
     usage
         .iter()
@@ -473,9 +473,9 @@ fn usage_text(usage: &[VolumeUsage]) -> String {
             } else {
                 format!(
                     "{} total, {} available, {} used",
-                    human(total),
-                    human(available),
-                    human(used)
+                    human_bytes(total),
+                    human_bytes(available),
+                    human_bytes(used)
                 )
             }
         })

@@ -29,32 +29,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("size {text:?} overflows"))
 }
 
-/// `bytes` as a person reads it: `1.0 GiB`, `950.2 MiB`, `512 B`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(GIB), "1.0 GiB");
-        assert_eq!(human(950 * MIB + MIB / 5), "950.2 MiB");
-        assert_eq!(human(3 << 40), "3.0 TiB");
-    }
 
     #[test]
     fn units_are_binary() {
