@@ -136,6 +136,16 @@ pub fn disk_changes(
     changes
 }
 
+/// The event recorder of this node's agent: every event it writes names the
+/// agent and its node as their source.
+pub fn recorder(client: Client, node: &str) -> Recorder {
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(node.to_owned()),
+    };
+    Recorder::new(client, reporter)
+}
+
 /// Writes the node's `NodeLocalStorage`, remembering what it last wrote.
 pub struct Publisher {
     api: Api<NodeLocalStorage>,
@@ -146,13 +156,9 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(client: Client, node: &str) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(node.to_owned()),
-        };
         Self {
             api: Api::all(client.clone()),
-            recorder: Recorder::new(client, reporter),
+            recorder: recorder(client, node),
             node: node.to_owned(),
             last: None,
         }

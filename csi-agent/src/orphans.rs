@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage, OrphanedVolume};
@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::node_storage::FIELD_MANAGER;
+use crate::node_storage::recorder;
 use crate::volumes::{LocalVolume, VolumeBackend};
 
 /// How often the LVs are compared with the objects to find orphans.
@@ -72,17 +72,13 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(node.to_owned()),
-        };
         Self {
             volumes,
             objects,
             metrics,
             wake,
             api: Api::all(client.clone()),
-            recorder: Recorder::new(client, reporter),
+            recorder: recorder(client, node),
             node: node.to_owned(),
             reported: BTreeSet::new(),
             published: None,

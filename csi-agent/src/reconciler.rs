@@ -23,7 +23,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::crd::{
@@ -34,7 +34,7 @@ use lvmlocal_proto::volume::FsType;
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
-use crate::node_storage::FIELD_MANAGER;
+use crate::node_storage::{FIELD_MANAGER, recorder};
 use crate::orphans::OrphanCheck;
 use crate::volumes::{LocalVolume, VolumeBackend, VolumeError, VolumeRequest};
 
@@ -285,15 +285,11 @@ pub struct Context<B> {
 
 impl<B: VolumeBackend> Context<B> {
     pub fn new(client: Client, node: &str, volumes: Arc<B>, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(node.to_owned()),
-        };
         Self {
             volumes,
             api: Api::all(client.clone()),
             pvs: Api::all(client.clone()),
-            recorder: Recorder::new(client, reporter),
+            recorder: recorder(client, node),
             node: node.to_owned(),
             metrics,
             orphan_audit: Arc::default(),
