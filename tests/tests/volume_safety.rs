@@ -118,27 +118,10 @@ vm_test!(
         let vg = "lvmlocal-probe";
         let disk = format!("/dev/{}", guest::disk_at("/0000:00:05.0/"));
         run("vgcreate", &[vg, &disk]);
-        let bare = |name: &str| {
-            run(
-                "lvcreate",
-                &[
-                    "-n",
-                    name,
-                    "-L",
-                    &format!("{size}b"),
-                    "-W",
-                    "n",
-                    "-Z",
-                    "n",
-                    vg,
-                ],
-            );
-            format!("/dev/{vg}/{name}")
-        };
-        let old = bare("old");
+        let old = bare_lvcreate(vg, "old", size);
         fill_with_marker(&old, 0, size);
         run("lvremove", &["--yes", &format!("{vg}/old")]);
-        let new = bare("new");
+        let new = bare_lvcreate(vg, "new", size);
         let (markers, _) = scan(&new, 0, size);
         assert_eq!(markers as u64, size / 32, "bare LVM shows the old blocks");
         run("vgremove", &["--yes", vg]);
@@ -238,14 +221,14 @@ impl Shim {
     }
 }
 
-/// Leaves free extents at the start of `vg` that hold what a volume removed
-/// without zeroing would: an ext4 filesystem and a marker at its end.
-fn leave_dirty_extents(vg: &str, size: u64) {
+/// An LV made by LVM alone, neither wiped nor zeroed: it shows whatever its
+/// extents held. Returns its device.
+fn bare_lvcreate(vg: &str, name: &str, size: u64) -> String {
     run(
         "lvcreate",
         &[
             "-n",
-            "dirty",
+            name,
             "-L",
             &format!("{size}b"),
             "-W",
@@ -255,7 +238,13 @@ fn leave_dirty_extents(vg: &str, size: u64) {
             vg,
         ],
     );
-    let device = format!("/dev/{vg}/dirty");
+    format!("/dev/{vg}/{name}")
+}
+
+/// Leaves free extents at the start of `vg` that hold what a volume removed
+/// without zeroing would: an ext4 filesystem and a marker at its end.
+fn leave_dirty_extents(vg: &str, size: u64) {
+    let device = bare_lvcreate(vg, "dirty", size);
     run("mkfs.ext4", &["-q", "-F", &device]);
     fill_with_marker(&device, size - MIB, MIB);
     run("lvremove", &["--yes", &format!("{vg}/dirty")]);
