@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use lvmlocal_proto::runtime::watch_backoff;
 use tokio::sync::mpsc;
 
 use crate::config::DiscoveryConfig;
@@ -145,7 +146,7 @@ impl NodeSource {
     pub async fn watch(self, trigger: mpsc::Sender<()>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
         let mut seen: Option<(Option<String>, bool)> = None;
-        let mut events = watcher(self.api, config).default_backoff().boxed();
+        let mut events = watcher(self.api, config).backoff(watch_backoff()).boxed();
         loop {
             match events.try_next().await {
                 Ok(Some(watcher::Event::Apply(meta) | watcher::Event::InitApply(meta))) => {

@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod erase;
 #[cfg(test)]
 mod fake_lvm;
+pub mod fs_probe;
 pub mod inventory;
 pub mod lvm;
 pub mod metrics;
@@ -40,7 +41,7 @@ use lvmlocal_proto::csi::v1::identity_server::IdentityServer;
 use lvmlocal_proto::csi::v1::node_server::NodeServer;
 use lvmlocal_proto::identity::IdentityService;
 use lvmlocal_proto::rpc::RpcMetrics;
-use lvmlocal_proto::runtime::{LogArgs, RuntimeError, StopSignals};
+use lvmlocal_proto::runtime::{KubeClientError, LogArgs, RuntimeError, StopSignals, kube_client};
 use lvmlocal_proto::server::{self, ServeError};
 
 use crate::claim::{NodeLabels, NodeSource};
@@ -68,8 +69,8 @@ pub enum AgentError {
     Rescan(#[from] RescanError),
     #[error("--node-name (or NODE_NAME) is required to run the agent")]
     NoNodeName,
-    #[error("connecting to the Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Kube(#[from] KubeClientError),
     #[error(transparent)]
     Serve(#[from] ServeError),
     #[error("serving metrics on {address}: {source}")]
@@ -98,6 +99,10 @@ pub struct Args {
     /// the LV tags as its only store.
     #[arg(long)]
     pub standalone: bool,
+
+    /// Kubeconfig to use; in a pod, the service account is used without it.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// kubelet's directory: staging and target paths must lie under it.
     #[arg(long, default_value = "/var/lib/kubelet")]
@@ -257,7 +262,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let client = if args.standalone {
         None
     } else {
-        Some(kube::Client::try_default().await?)
+        Some(kube_client(args.kubeconfig.as_deref()).await?)
     };
     let publisher = client.clone().map(|client| Publisher::new(client, &node));
     let rpc = RpcMetrics::default();

@@ -27,6 +27,7 @@ use lvmlocal_proto::validate::{self, Invalid, Wanted};
 use lvmlocal_proto::volume::{Access, FsType};
 use tonic::{Code, Request, Response, Status};
 
+use crate::fs_probe::{FsProbe, ProbeError};
 use crate::metrics::Metrics;
 use crate::mount::{
     MountError, Mounter, Preparation, check_readable, comma_separated, devno, mounted_at,
@@ -73,8 +74,10 @@ pub enum NodeError {
         at: String,
         staging: String,
     },
-    #[error("another Node call for volume {0} is under way")]
+    #[error("an operation on volume {0} is in progress")]
     InProgress(String),
+    #[error(transparent)]
+    Hung(#[from] ProbeError),
     #[error("volume {id}: {source}")]
     Precondition { id: String, source: MountError },
     #[error(transparent)]
@@ -121,6 +124,9 @@ impl From<NodeError> for Status {
             | NodeError::StillPublished { .. }
             | NodeError::MountedElsewhere { .. } => Code::FailedPrecondition,
             NodeError::InProgress(_) => Code::Aborted,
+            // The call may still finish: kubelet treats the outcome as
+            // uncertain and asks again.
+            NodeError::Hung(_) => Code::DeadlineExceeded,
             NodeError::TakenPath { .. } | NodeError::WrongAccess { .. } => Code::AlreadyExists,
             NodeError::Mount(_) | NodeError::Volume(_) => Code::Internal,
         };
@@ -144,6 +150,7 @@ pub struct NodeService {
     metrics: RpcMetrics,
     usage: Arc<Metrics>,
     busy: Busy,
+    probe: FsProbe,
 }
 
 /// Volumes with a Node call under way. A second call for the same volume is
@@ -199,7 +206,18 @@ impl NodeService {
             metrics,
             usage,
             busy: Busy::default(),
+            probe: FsProbe::default(),
         }
+    }
+
+    /// `call` on `path`, off the async runtime and under the probe's deadline.
+    async fn on_path<T: Send + 'static>(
+        &self,
+        path: &Path,
+        call: impl FnOnce(&Path) -> Result<T, MountError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let owned = path.to_owned();
+        Ok(self.probe.run(path, move || call(&owned)).await??)
     }
 
     fn path(&self, what: &'static str, path: &str) -> Result<PathBuf, NodeError> {
@@ -226,22 +244,17 @@ impl NodeService {
         Ok(candidate.to_owned())
     }
 
-    /// Where a stats call looks for volume `id`: a relative path, or one that
-    /// does not exist, cannot be where the volume is (NOT_FOUND, as the spec
-    /// says); a path outside the kubelet directory is still refused.
+    /// Where a stats call looks for volume `id`: a relative path cannot be
+    /// where the volume is (NOT_FOUND, as the spec says); a path outside the
+    /// kubelet directory is still refused.
     fn volume_path(&self, id: &str, path: &str) -> Result<PathBuf, NodeError> {
-        let not_here = || NodeError::NotAtPath {
-            id: id.to_owned(),
-            path: path.to_owned(),
-        };
         if Path::new(path).is_relative() {
-            return Err(not_here());
+            return Err(NodeError::NotAtPath {
+                id: id.to_owned(),
+                path: path.to_owned(),
+            });
         }
-        let path = self.path("volume_path", path)?;
-        if !path.exists() {
-            return Err(not_here());
-        }
-        Ok(path)
+        self.path("volume_path", path)
     }
 
     async fn volume(&self, id: &str) -> Result<LocalVolume, NodeError> {
@@ -272,8 +285,8 @@ impl NodeService {
         };
         let _claim = self.busy.claim(&volume.id)?;
         let device = volume.device_path.as_str();
-        let device_no = devno(Path::new(device))?;
-        let mounts = mounts()?;
+        let device_no = self.on_path(Path::new(device), devno).await?;
+        let mounts = self.on_path(&staging, |_| mounts()).await?;
         if let Some(mount) = mounts.iter().rev().find(|mount| mount.target == staging) {
             return if mount.devno == device_no {
                 Ok(NodeStageVolumeResponse {})
@@ -292,7 +305,7 @@ impl NodeService {
             });
         }
         self.prepare(&volume.id, fs.as_str()).await?;
-        create_dir(&staging)?;
+        self.on_path(&staging, create_dir).await?;
         self.mounter
             .mount(device, &staging, fs.as_str(), &options)
             .await?;
@@ -332,7 +345,7 @@ impl NodeService {
         tracing::Span::current().record("volume", id.as_str());
         let staging = self.path("staging_target_path", &req.staging_target_path)?;
         let _claim = self.busy.claim(id.as_str())?;
-        let mounts = mounts()?;
+        let mounts = self.on_path(&staging, |_| mounts()).await?;
         if let Some(mount) = mounts.iter().rev().find(|mount| mount.target == staging) {
             // A bind outliving the staging mount keeps the filesystem in use
             // unseen: the volume would look unstaged while a pod writes to it.
@@ -367,38 +380,42 @@ impl NodeService {
         let access = access_for(&volume, wanted)?;
         let _claim = self.busy.claim(&volume.id)?;
         let device = Path::new(&volume.device_path);
+        let device_no = self.on_path(device, devno).await?;
         let source = match &staging {
             Some(staging) => {
-                let mount =
-                    mounted_at(staging)?.ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
-                if mount.devno != devno(device)? {
+                let mount = self
+                    .on_path(staging, mounted_at)
+                    .await?
+                    .ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
+                if mount.devno != device_no {
                     return Err(NodeError::NotStaged(volume.id.clone()));
                 }
-                create_dir(&target)?;
+                self.on_path(&target, create_dir).await?;
                 staging.as_path()
             }
             None => {
-                // The target of a block volume is a file the device is bound onto.
-                if let Some(parent) = target.parent() {
-                    create_dir(parent)?;
-                }
-                if !target.exists() {
-                    std::fs::File::create(&target).map_err(|source| MountError::Io {
-                        path: target.display().to_string(),
-                        source,
-                    })?;
-                }
+                self.on_path(&target, create_device_file).await?;
                 device
             }
         };
-        if let Some(mount) = mounted_at(&target)? {
-            // A bound device file shows devtmpfs in the mount table: compare
-            // the device the target now is instead.
-            let mounted_device = match access {
-                Access::Filesystem(_) => mount.devno.clone(),
-                Access::Block => devno(&target)?,
-            };
-            return if mounted_device == devno(device)? && mount.read_only() == req.readonly {
+        let block = access == Access::Block;
+        let published = self
+            .on_path(&target, move |target| {
+                let Some(mount) = mounted_at(target)? else {
+                    return Ok(None);
+                };
+                // A bound device file shows devtmpfs in the mount table:
+                // compare the device the target now is instead.
+                let mounted_device = if block {
+                    devno(target)?
+                } else {
+                    mount.devno.clone()
+                };
+                Ok(Some((mounted_device, mount.read_only())))
+            })
+            .await?;
+        if let Some((mounted_device, read_only)) = published {
+            return if mounted_device == device_no && read_only == req.readonly {
                 Ok(NodePublishVolumeResponse {})
             } else {
                 Err(NodeError::TakenPath {
@@ -418,15 +435,7 @@ impl NodeService {
         let target = self.path("target_path", &req.target_path)?;
         let _claim = self.busy.claim(id.as_str())?;
         self.mounter.unmount(&target).await?;
-        let removed = match std::fs::symlink_metadata(&target) {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&target),
-            Ok(_) => std::fs::remove_file(&target),
-            Err(_) => Ok(()),
-        };
-        removed.map_err(|source| MountError::Io {
-            path: target.display().to_string(),
-            source,
-        })?;
+        self.on_path(&target, remove_target).await?;
         Ok(NodeUnpublishVolumeResponse {})
     }
 
@@ -438,21 +447,44 @@ impl NodeService {
         if req.volume_path.is_empty() {
             return Err(NodeError::Missing("volume_path"));
         }
-        // Health must be today's, not what the index remembers.
+        // The index's health: the rescan refreshes it from LVM. A stats
+        // call runs no LVM command, so kubelet's polling of every volume
+        // costs LVM nothing.
         let volume = self
             .volumes
-            .inspect(id.as_str())
+            .get(id.as_str())
             .await?
             .ok_or_else(|| NodeError::UnknownVolume(id.to_string()))?;
         let path = self.volume_path(&volume.id, &req.volume_path)?;
-        let device = devno(Path::new(&volume.device_path))?;
-        let on_device = match mounted_at(&path)? {
-            // A raw block volume is its device file, bound onto the path.
-            Some(_) if !path.is_dir() => Some(devno(&path)? == device),
-            Some(mount) => Some(mount.devno == device),
-            None => None,
+        let device = PathBuf::from(&volume.device_path);
+        let size = i64::try_from(volume.size_bytes).unwrap_or(i64::MAX);
+        let seen = match self
+            .probe
+            .run(&path, {
+                let path = path.clone();
+                move || look_at(&path, &device)
+            })
+            .await
+        {
+            Ok(seen) => seen?,
+            // kubelet still gets an answer, and the condition says why.
+            Err(hung) => {
+                return Ok(NodeGetVolumeStatsResponse {
+                    usage: vec![raw_usage(size)],
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message: hung.to_string(),
+                    }),
+                });
+            }
         };
-        let (abnormal, message) = match (volume.healthy, on_device) {
+        let Some(seen) = seen else {
+            return Err(NodeError::NotAtPath {
+                id: volume.id.clone(),
+                path: req.volume_path.clone(),
+            });
+        };
+        let (abnormal, message) = match (volume.healthy, seen.on_device) {
             (false, _) => (
                 true,
                 format!("logical volume {} is not active or unhealthy", volume.id),
@@ -464,36 +496,7 @@ impl NodeService {
             ),
             (true, Some(true)) => (false, "healthy".to_owned()),
         };
-        let usage = if path.is_dir() && on_device == Some(true) {
-            let fs = nix::sys::statvfs::statvfs(&path).map_err(|err| MountError::Io {
-                path: path.display().to_string(),
-                source: err.into(),
-            })?;
-            let fragment = fs.fragment_size();
-            let bytes =
-                |blocks: u64| i64::try_from(blocks.saturating_mul(fragment)).unwrap_or(i64::MAX);
-            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            vec![
-                VolumeUsage {
-                    available: bytes(fs.blocks_available()),
-                    total: bytes(fs.blocks()),
-                    used: bytes(fs.blocks() - fs.blocks_free()),
-                    unit: Unit::Bytes as i32,
-                },
-                VolumeUsage {
-                    available: count(fs.files_available()),
-                    total: count(fs.files()),
-                    used: count(fs.files() - fs.files_free()),
-                    unit: Unit::Inodes as i32,
-                },
-            ]
-        } else {
-            vec![VolumeUsage {
-                total: i64::try_from(volume.size_bytes).unwrap_or(i64::MAX),
-                unit: Unit::Bytes as i32,
-                ..VolumeUsage::default()
-            }]
-        };
+        let usage = seen.usage.unwrap_or_else(|| vec![raw_usage(size)]);
         if let Some(bytes) = usage.first() {
             self.usage.volume_usage(&volume.id, bytes.used, bytes.total);
         }
@@ -520,9 +523,12 @@ impl NodeService {
             None => volume.access == "block",
         };
         if !block {
-            let mount =
-                mounted_at(&path)?.ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
-            if mount.devno != devno(Path::new(&volume.device_path))? {
+            let mount = self
+                .on_path(&path, mounted_at)
+                .await?
+                .ok_or_else(|| NodeError::NotStaged(volume.id.clone()))?;
+            let device_no = self.on_path(Path::new(&volume.device_path), devno).await?;
+            if mount.devno != device_no {
                 return Err(NodeError::NotStaged(volume.id.clone()));
             }
             self.mounter
@@ -532,6 +538,67 @@ impl NodeService {
         Ok(NodeExpandVolumeResponse {
             capacity_bytes: i64::try_from(volume.size_bytes).unwrap_or(i64::MAX),
         })
+    }
+}
+
+/// What a stats call finds at a volume's path.
+struct Seen {
+    /// Whether what is mounted there is the volume's device; None: nothing is.
+    on_device: Option<bool>,
+    /// Bytes and inodes of the volume's filesystem mounted there.
+    usage: Option<Vec<VolumeUsage>>,
+}
+
+/// Looks at `path` for the volume on `device`; None if there is no such path.
+/// Blocking: it stats and statvfs's a pod's path.
+fn look_at(path: &Path, device: &Path) -> Result<Option<Seen>, MountError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let device = devno(device)?;
+    let dir = path.is_dir();
+    let on_device = match mounted_at(path)? {
+        // A raw block volume is its device file, bound onto the path.
+        Some(_) if !dir => Some(devno(path)? == device),
+        Some(mount) => Some(mount.devno == device),
+        None => None,
+    };
+    let usage = if dir && on_device == Some(true) {
+        let fs = nix::sys::statvfs::statvfs(path).map_err(|err| MountError::Io {
+            path: path.display().to_string(),
+            source: err.into(),
+        })?;
+        let fragment = fs.fragment_size();
+        let bytes =
+            |blocks: u64| i64::try_from(blocks.saturating_mul(fragment)).unwrap_or(i64::MAX);
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        Some(vec![
+            VolumeUsage {
+                available: bytes(fs.blocks_available()),
+                total: bytes(fs.blocks()),
+                used: bytes(fs.blocks() - fs.blocks_free()),
+                unit: Unit::Bytes as i32,
+            },
+            VolumeUsage {
+                available: count(fs.files_available()),
+                total: count(fs.files()),
+                used: count(fs.files() - fs.files_free()),
+                unit: Unit::Inodes as i32,
+            },
+        ])
+    } else {
+        None
+    };
+    Ok(Some(Seen { on_device, usage }))
+}
+
+/// The size of a volume whose filesystem cannot be looked at (raw block, or
+/// not mounted there).
+fn raw_usage(total: i64) -> VolumeUsage {
+    VolumeUsage {
+        total,
+        unit: Unit::Bytes as i32,
+        ..VolumeUsage::default()
     }
 }
 
@@ -586,6 +653,33 @@ fn mount_options(capability: &VolumeCapability) -> Result<Vec<String>, NodeError
 fn create_dir(path: &Path) -> Result<(), MountError> {
     std::fs::create_dir_all(path).map_err(|source| MountError::Io {
         path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The file a raw block volume's device is bound onto, with its directory.
+fn create_device_file(target: &Path) -> Result<(), MountError> {
+    if let Some(parent) = target.parent() {
+        create_dir(parent)?;
+    }
+    if !target.exists() {
+        std::fs::File::create(target).map_err(|source| MountError::Io {
+            path: target.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes the unmounted target: kubelet's directory, or its device file.
+fn remove_target(target: &Path) -> Result<(), MountError> {
+    let removed = match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir(target),
+        Ok(_) => std::fs::remove_file(target),
+        Err(_) => Ok(()),
+    };
+    removed.map_err(|source| MountError::Io {
+        path: target.display().to_string(),
         source,
     })
 }
@@ -750,13 +844,15 @@ mod tests {
         let node = service();
         for (path, want) in [
             ("some/path", Code::NotFound),
-            ("/var/lib/kubelet/pods/none/volumes/x/mount", Code::NotFound),
             ("/etc", Code::InvalidArgument),
             ("/var/lib/kubelet/../../etc", Code::InvalidArgument),
         ] {
             let err = node.volume_path("v", path).unwrap_err();
             assert_eq!(Status::from(err).code(), want, "{path}");
         }
+        // A path that does not exist holds nothing (NOT_FOUND at the call).
+        let missing = Path::new("/var/lib/kubelet/pods/none/volumes/x/mount");
+        assert!(look_at(missing, Path::new("/dev/null")).unwrap().is_none());
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum DiskChange {
 
 impl DiskChange {
     fn event(&self) -> Event {
+        let (DiskChange::Joined { slot, .. }
+        | DiskChange::Refused { slot, .. }
+        | DiskChange::Vanished { slot }) = self;
         let (type_, reason, note) = match self {
             DiskChange::Joined { slot, vg } => (
                 EventType::Normal,
@@ -86,7 +89,9 @@ impl DiskChange {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Rescan".into(),
+            // Events of one reason, action and object are folded into one
+            // series: naming the disk in the action keeps one event per disk.
+            action: format!("Rescan {slot}"),
             secondary: None,
         }
     }
@@ -351,6 +356,7 @@ mod tests {
             assert_eq!(event["type"], "Warning");
             assert_eq!(event["regarding"]["name"], "node-a");
             assert_eq!(event["note"], "disk pci-b left alone: mounted");
+            assert_eq!(event["action"], "Rescan pci-b");
             send.send_response(Response::new(Body::from(
                 serde_json::to_vec(&event).unwrap(),
             )));

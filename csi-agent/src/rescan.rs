@@ -1,5 +1,7 @@
 //! The agent's disk loop: discover → plan → lvm → report, at start, every
-//! rescan interval, and whenever a block device comes or goes.
+//! rescan interval, and soon after a disk comes, goes or changes size. Each
+//! pass also reads the volume index afresh from LVM, for what was changed
+//! behind the agent's back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,9 @@ use crate::volumes::Volumes;
 /// Block devices show up in bursts (a disk, then its partitions): wait for
 /// the burst to end before looking.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Least time between the end of one pass and a pass a uevent asks for:
+/// disks that keep coming and going cost one pass per gap, not one each.
+const MIN_GAP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RescanError {
@@ -83,8 +88,12 @@ impl Rescanner {
                 }
             }
             inventory = self.take().await?;
-            if let Some(volumes) = &self.volumes {
-                volumes.invalidate();
+        }
+        if let Some(volumes) = &self.volumes {
+            match volumes.refresh().await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("volume index not refreshed: a change raced the read"),
+                Err(err) => tracing::warn!(error = %err, "volume index not refreshed"),
             }
         }
         self.metrics.observe(&inventory, started.elapsed());
@@ -129,21 +138,25 @@ impl Rescanner {
     pub async fn run(mut self, mut trigger: mpsc::Receiver<()>) {
         let mut interval = tokio::time::interval(self.config.rescan_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_pass = Instant::now();
         loop {
-            tokio::select! {
-                _ = interval.tick() => {}
+            let why = tokio::select! {
+                _ = interval.tick() => "interval",
                 Some(()) = trigger.recv() => {
-                    tokio::time::sleep(SETTLE).await;
-                    // Events that came during the settle are covered by this pass.
+                    let gap = MIN_GAP.saturating_sub(last_pass.elapsed());
+                    tokio::time::sleep(SETTLE.max(gap)).await;
+                    // Events that came meanwhile are covered by this pass.
                     while trigger.try_recv().is_ok() {}
                     interval.reset();
+                    "disk uevent"
                 }
-            }
-            let span = tracing::info_span!("rescan");
+            };
+            let span = tracing::info_span!("rescan", why);
             if let Err(err) = self.rescan().instrument(span).await {
                 self.metrics.rescan_failed();
                 tracing::error!(error = %err, "rescan failed");
             }
+            last_pass = Instant::now();
         }
     }
 }

@@ -200,19 +200,66 @@ struct Entry {
 
 /// What LVM said, kept true by this agent's own changes: it is the only
 /// writer of its tagged LVs, so one `lvs` and one `vgs` after start (or after
-/// anything went wrong, or the groups grew) are enough.
+/// anything went wrong, or the groups grew) are enough; the periodic rescan
+/// reads them again for what others did.
 #[derive(Debug, Default)]
 struct Index {
     volumes: BTreeMap<String, Entry>,
-    groups: HashMap<String, GroupSpace>,
+    groups: HashMap<String, Group>,
 }
 
-/// The index and a count of the changes made to it or behind it, so a
-/// rebuild that read LVM before a change cannot install what it read.
+/// A volume group as `vgs` read it, and the bytes its LVs that are not
+/// lvmlocal's take.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    size_bytes: u64,
+    extent_bytes: u64,
+    missing_pvs: u32,
+    other_bytes: u64,
+}
+
+impl Index {
+    /// Room in `vg`: what neither its volumes nor other LVs take. Derived
+    /// from the volumes each time, so a volume recorded twice (by a change
+    /// and by a rebuild that read it) is counted once.
+    fn space(&self, vg: &str) -> Option<GroupSpace> {
+        let group = self.groups.get(vg)?;
+        let own: u64 = self
+            .volumes
+            .values()
+            .filter(|entry| entry.volume.vg == vg)
+            .map(|entry| entry.volume.size_bytes)
+            .sum();
+        Some(GroupSpace {
+            size_bytes: group.size_bytes,
+            free_bytes: group
+                .size_bytes
+                .saturating_sub(group.other_bytes.saturating_add(own)),
+            extent_bytes: group.extent_bytes,
+            missing_pvs: group.missing_pvs,
+        })
+    }
+}
+
+/// The index, a count of the changes made to it or behind it, and the
+/// changes of LVM's space running now: a rebuild that a change overlapped
+/// cannot install what it read.
 #[derive(Debug, Default)]
 struct Cache {
     index: Option<Index>,
     generation: u64,
+    changing: usize,
+}
+
+/// An LVM command that changes a group's space is running: see [`Cache`].
+struct Changing<'a>(&'a Mutex<Cache>);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        let mut cache = self.0.lock().expect("index poisoned");
+        cache.changing -= 1;
+        cache.generation += 1;
+    }
 }
 
 /// Rebuilds of the index raced by changes before one result is used as it is.
@@ -246,6 +293,7 @@ impl Volumes {
                     .collect(),
                 locks: Mutex::default(),
                 cache: Mutex::default(),
+                rebuild: tokio::sync::Mutex::default(),
             }),
             in_flight: Arc::new(watch::channel(0).0),
         }
@@ -295,14 +343,19 @@ impl Volumes {
         self.shared.invalidate();
     }
 
+    /// Reads LVM afresh, for what was changed behind the agent's back, and
+    /// installs it unless one of the agent's own changes overlapped the
+    /// read (the next refresh catches up then). Whether it was installed.
+    pub async fn refresh(&self) -> Result<bool, VolumeError> {
+        self.shared.refresh().await
+    }
+
     /// Room left in the volume group of `media`, if this node has one.
     pub async fn space(&self, media: MediaClass) -> Result<Option<GroupSpace>, VolumeError> {
         let Some(vg) = self.shared.vg(media) else {
             return Ok(None);
         };
-        self.shared
-            .with_index(|index| index.groups.get(vg).copied())
-            .await
+        self.shared.with_index(|index| index.space(vg)).await
     }
 
     /// Every usable lvmlocal volume on this node, sorted by id.
@@ -345,14 +398,9 @@ impl Volumes {
         .await
     }
 
-    /// The volume as LVM reports it right now, health included: one `lvs` of
-    /// its group, leaving the index as it is.
-    pub async fn inspect(&self, id: &str) -> Result<Option<LocalVolume>, VolumeError> {
-        Ok(self.inspect_formatted(id).await?.map(|(volume, _)| volume))
-    }
-
-    /// [`Volumes::inspect`], with the filesystem recorded on the volume: a
-    /// decision to format reads LVM, not what the index remembers.
+    /// The volume as LVM reports it right now, with the filesystem recorded
+    /// on it: one `lvs` of its group, leaving the index as it is. A decision
+    /// to format reads LVM, not what the index remembers.
     pub async fn inspect_formatted(
         &self,
         id: &str,
@@ -423,6 +471,9 @@ struct Shared {
     /// (`<vg>/<id>`). A task takes a volume's before its group's.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: Mutex<Cache>,
+    /// Held while LVM is read for the index: callers that need the index
+    /// meanwhile wait for that read instead of starting their own.
+    rebuild: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -468,55 +519,102 @@ impl Shared {
         }
     }
 
+    fn changing(&self) -> Changing<'_> {
+        let mut cache = self.cache.lock().expect("index poisoned");
+        cache.changing += 1;
+        cache.generation += 1;
+        Changing(&self.cache)
+    }
+
+    /// The generation a rebuild starting now must still find to install
+    /// what it reads; None while a change of space is running.
+    fn quiet_generation(&self) -> Option<u64> {
+        let cache = self.cache.lock().expect("index poisoned");
+        (cache.changing == 0).then_some(cache.generation)
+    }
+
+    /// Installs `fresh` if nothing changed since `started`; hands it back
+    /// otherwise.
+    fn install(&self, started: Option<u64>, fresh: Index) -> Result<(), Index> {
+        let mut cache = self.cache.lock().expect("index poisoned");
+        if started.is_some_and(|g| g == cache.generation && cache.changing == 0) {
+            cache.index = Some(fresh);
+            Ok(())
+        } else {
+            Err(fresh)
+        }
+    }
+
     /// Runs `f` on the index, reading it from LVM first if needed.
     async fn with_index<R>(&self, f: impl FnOnce(&mut Index) -> R) -> Result<R, VolumeError> {
+        if let Some(index) = self.cache.lock().expect("index poisoned").index.as_mut() {
+            return Ok(f(index));
+        }
+        let _rebuilding = self.rebuild.lock().await;
         let mut attempt = 0;
         loop {
-            let generation = {
+            let started = {
                 let mut cache = self.cache.lock().expect("index poisoned");
                 if let Some(index) = cache.index.as_mut() {
                     return Ok(f(index));
                 }
-                cache.generation
+                (cache.changing == 0).then_some(cache.generation)
             };
-            let mut fresh = self.read_index().await?;
+            let fresh = self.read_index().await?;
             attempt += 1;
-            let mut cache = self.cache.lock().expect("index poisoned");
-            if let Some(index) = cache.index.as_mut() {
-                return Ok(f(index));
+            {
+                let mut cache = self.cache.lock().expect("index poisoned");
+                if let Some(index) = cache.index.as_mut() {
+                    return Ok(f(index));
+                }
             }
-            if cache.generation == generation {
-                return Ok(f(cache.index.insert(fresh)));
-            }
-            if attempt == REBUILD_ATTEMPTS {
-                return Ok(f(&mut fresh));
+            match self.install(started, fresh) {
+                Ok(()) => {
+                    let mut cache = self.cache.lock().expect("index poisoned");
+                    let index = cache.index.as_mut().expect("just installed");
+                    return Ok(f(index));
+                }
+                Err(mut fresh) if attempt == REBUILD_ATTEMPTS => return Ok(f(&mut fresh)),
+                Err(_) => {}
             }
         }
+    }
+
+    async fn refresh(&self) -> Result<bool, VolumeError> {
+        let _rebuilding = self.rebuild.lock().await;
+        let started = self.quiet_generation();
+        let fresh = self.read_index().await?;
+        Ok(self.install(started, fresh).is_ok())
     }
 
     async fn read_index(&self) -> Result<Index, VolumeError> {
         let lvs = self.lvm.lvs(None).await?;
         let vgs = self.lvm.vgs().await?;
-        Ok(Index {
-            volumes: lvs
-                .iter()
-                .filter_map(|lv| self.entry_of(lv))
-                .map(|entry| (entry.volume.id.clone(), entry))
-                .collect(),
-            groups: vgs
-                .into_iter()
-                .filter(|vg| self.media(&vg.name).is_some())
-                .map(|vg| {
-                    let space = GroupSpace {
-                        size_bytes: vg.size_bytes,
-                        free_bytes: vg.free_bytes,
-                        extent_bytes: vg.extent_bytes,
-                        missing_pvs: vg.missing_pvs,
-                    };
-                    (vg.name, space)
-                })
-                .collect(),
-        })
+        let volumes: BTreeMap<String, Entry> = lvs
+            .iter()
+            .filter_map(|lv| self.entry_of(lv))
+            .map(|entry| (entry.volume.id.clone(), entry))
+            .collect();
+        let groups = vgs
+            .into_iter()
+            .filter(|vg| self.media(&vg.name).is_some())
+            .map(|vg| {
+                let own: u64 = volumes
+                    .values()
+                    .filter(|entry| entry.volume.vg == vg.name)
+                    .map(|entry| entry.volume.size_bytes)
+                    .sum();
+                let used = vg.size_bytes.saturating_sub(vg.free_bytes);
+                let group = Group {
+                    size_bytes: vg.size_bytes,
+                    extent_bytes: vg.extent_bytes,
+                    missing_pvs: vg.missing_pvs,
+                    other_bytes: used.saturating_sub(own),
+                };
+                (vg.name, group)
+            })
+            .collect();
+        Ok(Index { volumes, groups })
     }
 
     fn entry_of(&self, lv: &Lv) -> Option<Entry> {
@@ -557,13 +655,9 @@ impl Shared {
             .await
     }
 
-    /// Puts `entry` in the index and takes `used` bytes (negative: gives
-    /// them back) from its group's free space.
-    fn record(&self, entry: Entry, used: i128) {
+    /// Puts `entry` in the index; its size counts against its group's room.
+    fn record(&self, entry: Entry) {
         self.apply(|index| {
-            if let Some(space) = index.groups.get_mut(&entry.volume.vg) {
-                space.free_bytes = (i128::from(space.free_bytes) - used).max(0) as u64;
-            }
             index.volumes.insert(entry.volume.id.clone(), entry);
         });
     }
@@ -613,15 +707,12 @@ impl Shared {
             // Its health is read afresh now that it is active.
             self.invalidate();
         }
-        self.record(
-            Entry {
-                volume: volume.clone(),
-                state: LvState::Ready,
-                state_tag: Some(ready),
-                active: true,
-            },
-            0,
-        );
+        self.record(Entry {
+            volume: volume.clone(),
+            state: LvState::Ready,
+            state_tag: Some(ready),
+            active: true,
+        });
         Ok(volume)
     }
 
@@ -646,7 +737,7 @@ impl Shared {
             return self.settled(entry, request.size_bytes).await;
         }
         let space = self
-            .with_index(|index| index.groups.get(&vg).copied())
+            .with_index(|index| index.space(&vg))
             .await?
             .ok_or(VolumeError::NoGroup(request.media))?;
         let size_bytes = round_up(request.size_bytes, space.extent_bytes);
@@ -664,6 +755,7 @@ impl Shared {
             format!("{ACCESS_TAG}{}", request.access),
         ];
         tags.extend(request.pvc.iter().map(|pvc| format!("{PVC_TAG}{pvc}")));
+        let changing = self.changing();
         if let Err(err) = self
             .lvm
             .lvcreate(&vg, &request.id, request.size_bytes, &tags)
@@ -688,7 +780,8 @@ impl Shared {
             state_tag: Some(LvState::Creating.tag()),
             active: true,
         };
-        self.record(entry.clone(), size_bytes as i128);
+        self.record(entry.clone());
+        drop(changing);
         drop(serial);
         self.finish_create(entry).await
     }
@@ -726,7 +819,7 @@ impl Shared {
         size_bytes: u64,
     ) -> Result<LocalVolume, VolumeError> {
         let space = self
-            .with_index(|index| index.groups.get(&volume.vg).copied())
+            .with_index(|index| index.space(&volume.vg))
             .await?
             .ok_or(VolumeError::NoGroup(volume.media))?;
         let new_size = round_up(size_bytes, space.extent_bytes);
@@ -738,6 +831,7 @@ impl Shared {
                 free: space.free_bytes,
             });
         }
+        let _changing = self.changing();
         if let Err(err) = self.lvm.lvextend(&volume.vg, &volume.id, size_bytes).await {
             self.invalidate();
             return Err(self.explain(err, &volume.vg, volume.media, extra).await);
@@ -755,15 +849,12 @@ impl Shared {
             requested_bytes: size_bytes,
             ..volume.clone()
         };
-        self.record(
-            Entry {
-                volume: grown.clone(),
-                state: LvState::Ready,
-                state_tag: Some(LvState::Ready.tag()),
-                active: true,
-            },
-            extra as i128,
-        );
+        self.record(Entry {
+            volume: grown.clone(),
+            state: LvState::Ready,
+            state_tag: Some(LvState::Ready.tag()),
+            active: true,
+        });
         Ok(grown)
     }
 
@@ -802,6 +893,7 @@ impl Shared {
             .await
             .map_err(LvmError::from)?;
         let _serial = self.lock(&vg).await;
+        let _changing = self.changing();
         if let Err(err) = self.lvm.lvremove(&vg, id).await {
             self.invalidate();
             return Err(err.into());
@@ -813,11 +905,7 @@ impl Shared {
             "LV zeroed and removed"
         );
         self.apply(|index| {
-            if index.volumes.remove(id).is_some()
-                && let Some(space) = index.groups.get_mut(&vg)
-            {
-                space.free_bytes += volume.size_bytes;
-            }
+            index.volumes.remove(id);
         });
         Ok(())
     }
@@ -854,7 +942,7 @@ impl Shared {
             active: lv.active(),
             ..entry
         };
-        self.record(entry.clone(), 0);
+        self.record(entry.clone());
         Ok(Some(entry))
     }
 
@@ -867,7 +955,7 @@ impl Shared {
         media: MediaClass,
         needed: u64,
     ) -> VolumeError {
-        if let Ok(space) = self.with_index(|index| index.groups.get(vg).copied()).await
+        if let Ok(space) = self.with_index(|index| index.space(vg)).await
             && let Some(space) = space
             && space.free_bytes < needed
         {
@@ -991,6 +1079,92 @@ mod tests {
             refusal(&entry).to_string(),
             "LV lvmlocal-nvme/v carries the tag lvmlocal.io/state=frozen, a state this agent does not know; left alone"
         );
+    }
+
+    fn entry(id: &str, size: u64) -> Entry {
+        Entry {
+            volume: crate::fake_lvm::local(id, MediaClass::Nvme, size),
+            state: LvState::Ready,
+            state_tag: Some(LvState::Ready.tag()),
+            active: true,
+        }
+    }
+
+    /// An index as a rebuild reads it: `other` bytes of LVs not lvmlocal's.
+    fn index(volumes: &[Entry], other: u64) -> Index {
+        let vg = "lvmlocal-nvme".to_owned();
+        Index {
+            volumes: volumes
+                .iter()
+                .map(|entry| (entry.volume.id.clone(), entry.clone()))
+                .collect(),
+            groups: [(
+                vg,
+                Group {
+                    size_bytes: 10 << 30,
+                    extent_bytes: 4 << 20,
+                    missing_pvs: 0,
+                    other_bytes: other,
+                },
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn a_volume_recorded_twice_takes_its_room_once() {
+        let mut index = index(&[entry("a", 1 << 30)], 2 << 30);
+        let free = |index: &Index| index.space("lvmlocal-nvme").unwrap().free_bytes;
+        assert_eq!(free(&index), 7 << 30);
+        // A rebuild already read the new LV; the change records it again.
+        for _ in 0..2 {
+            index.volumes.insert("b".into(), entry("b", 3 << 30));
+            assert_eq!(free(&index), 4 << 30);
+        }
+        index.volumes.remove("a");
+        assert_eq!(free(&index), 5 << 30);
+        assert!(index.space("lvmlocal-ssd").is_none());
+    }
+
+    fn shared() -> Shared {
+        let volumes = Volumes::new(Lvm::default(), &DiscoveryConfig::default());
+        Arc::try_unwrap(volumes.shared).ok().expect("one owner")
+    }
+
+    fn installed(shared: &Shared) -> Option<Vec<String>> {
+        let cache = shared.cache.lock().unwrap();
+        cache
+            .index
+            .as_ref()
+            .map(|index| index.volumes.keys().cloned().collect())
+    }
+
+    #[test]
+    fn a_rebuild_a_change_overlapped_is_not_installed() {
+        let shared = shared();
+        // The read began before the change and ended during it.
+        let started = shared.quiet_generation();
+        let changing = shared.changing();
+        let read = index(&[], 0);
+        assert!(shared.install(started, read).is_err());
+        // The read began during the change and ended after it.
+        let started = shared.quiet_generation();
+        assert_eq!(started, None);
+        drop(changing);
+        assert!(shared.install(started, index(&[], 0)).is_err());
+        // A change recorded between the start of a read and its end.
+        let started = shared.quiet_generation();
+        shared.apply(|_| {});
+        assert!(shared.install(started, index(&[], 0)).is_err());
+        assert_eq!(installed(&shared), None);
+        // Nothing in between: installed, and what the change did stays.
+        let started = shared.quiet_generation();
+        assert!(
+            shared
+                .install(started, index(&[entry("a", 1 << 30)], 0))
+                .is_ok()
+        );
+        assert_eq!(installed(&shared), Some(vec!["a".to_owned()]));
     }
 
     #[tokio::test]

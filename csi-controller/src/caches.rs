@@ -11,6 +11,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
+use lvmlocal_proto::runtime::watch_backoff;
 use tokio::sync::watch;
 
 /// Read-only views of the watch caches. Cheap to clone.
@@ -99,7 +100,7 @@ impl CacheFeed {
             Api::<LogicalVolume>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         // Managed fields are most of an object's size and never read.
         .modify(|lv| lv.managed_fields_mut().clear())
         .reflect(self.volumes)
@@ -116,7 +117,7 @@ impl CacheFeed {
             Api::<NodeLocalStorage>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(|nls| nls.managed_fields_mut().clear())
         .reflect(self.storage)
         .for_each(|event| {
@@ -129,7 +130,7 @@ impl CacheFeed {
             Api::<PartialObjectMeta<Node>>::all(client),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(|node| node.managed_fields_mut().clear())
         .reflect(self.nodes)
         .for_each(|event| {

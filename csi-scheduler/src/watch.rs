@@ -12,6 +12,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
+use lvmlocal_proto::runtime::watch_backoff;
 use serde::de::DeserializeOwned;
 
 use crate::extender::Extender;
@@ -61,7 +62,7 @@ async fn follow<K>(
     // Listed in pages (500 objects by default): a relist of 100,000 claims
     // then holds one page of whole objects in memory, not all of them.
     let config = watcher::Config::default();
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = watcher(api, config).backoff(watch_backoff()).boxed();
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {

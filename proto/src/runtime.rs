@@ -1,11 +1,14 @@
 //! Process plumbing shared by the three lvmlocal binaries: log setup,
-//! waiting for the orchestrator's stop signal, and the Kubernetes client.
+//! waiting for the orchestrator's stop signal, the Kubernetes client and the
+//! retry policy of its watches.
 
 use std::fmt;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kube::config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError};
+use kube::runtime::watcher::ExponentialBackoff;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -131,4 +134,79 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, Kube
         None => kube::Config::infer().await?,
     };
     Ok(kube::Client::try_from(config)?)
+}
+
+/// First and longest wait between two attempts of a failing watch.
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(250);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Retry delays of every watch: exponential up to [`WATCH_RETRY_MAX`] (plus
+/// up to as much again of jitter), back to the start as soon as the watch
+/// yields anything. kube's default backoff only forgets its failures after
+/// 120 s without one, so an API server back after an outage, or the 410
+/// that follows it, waited out up to a minute of earlier failures before
+/// the re-list.
+pub fn watch_backoff() -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(WATCH_RETRY_MIN)
+        .with_max_delay(WATCH_RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// Virtual time before each item of a watch that fails `failures`
+    /// times, yields once, then fails twice.
+    async fn gaps(failures: usize) -> Vec<Duration> {
+        let items = (0..failures)
+            .map(|_| Err(()))
+            .chain([Ok(()), Err(()), Err(())])
+            .collect::<Vec<Result<(), ()>>>();
+        let mut stream = futures::stream::iter(items)
+            .backoff(watch_backoff())
+            .boxed();
+        let mut last = Instant::now();
+        let mut gaps = Vec::new();
+        while stream.next().await.is_some() {
+            gaps.push(last.elapsed());
+            last = Instant::now();
+        }
+        gaps
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_retries_within_seconds_however_long_it_failed() {
+        let gaps = gaps(40).await;
+        assert_eq!(gaps.len(), 43);
+        let longest = WATCH_RETRY_MAX * 2;
+        assert!(
+            gaps.iter().all(|gap| *gap <= longest),
+            "a retry waited longer than {longest:?}: {gaps:?}"
+        );
+        assert!(
+            gaps[..40].iter().sum::<Duration>() > WATCH_RETRY_MAX * 20,
+            "failures are spaced out: {gaps:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_success_forgets_the_failures_before_it() {
+        let gaps = gaps(40).await;
+        // The retry after the first failure that follows the success waits
+        // the first delay again, not the longest.
+        assert!(
+            gaps[42] <= WATCH_RETRY_MIN * 2,
+            "the retry after a success waited {:?}",
+            gaps[42]
+        );
+    }
 }

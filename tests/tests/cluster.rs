@@ -952,7 +952,10 @@ fn disks_are_claimed_only_on_nodes_labelled_for_it() {
     let _serial = serial();
     let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
     let slot = "pci-0000:00:05.0-nvme-1";
-    let vm = Vm::new().nvme("nvme-a", 5, 2 * GIB);
+    let second = "pci-0000:00:06.0-nvme-1";
+    let vm = Vm::new()
+        .nvme("nvme-a", 5, 2 * GIB)
+        .nvme("nvme-b", 6, 2 * GIB);
     let node = NodeVm::start_labelled(&mut cluster, "vm-node", vm, &[]).unwrap();
     let reported = |state: &str, reason: &str, timeout: u64| {
         wait_for(
@@ -991,7 +994,42 @@ fn disks_are_claimed_only_on_nodes_labelled_for_it() {
         .unwrap();
     reported("member", "lvmlocal-nvme", 45);
     let pvs = node.sh("pvs --noheadings -o pv_name,vg_name").unwrap();
-    assert!(pvs.contains("lvmlocal-nvme"), "{pvs}");
+    assert_eq!(pvs.matches("lvmlocal-nvme").count(), 2, "{pvs}");
+    // Both disks joined in one pass; each has an event of its own.
+    let joined = wait_for(
+        "one DiskJoined event per disk",
+        Duration::from_secs(30),
+        || {
+            let list = cluster
+                .get(&[
+                    "events",
+                    "-n",
+                    NS,
+                    "--field-selector",
+                    "involvedObject.name=vm-node,reason=DiskJoined",
+                ])
+                .map_err(|err| format!("{err:#}"))?;
+            let notes: Vec<String> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|event| event["message"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            if notes.len() >= 2 {
+                Ok(notes)
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    assert_eq!(joined.len(), 2, "{joined:?}");
+    for disk in [slot, second] {
+        assert!(
+            joined.iter().any(|note| note.contains(disk)),
+            "no event names {disk}: {joined:?}"
+        );
+    }
     wait_for(
         "CSIStorageCapacity of the new group",
         Duration::from_secs(60),
