@@ -35,9 +35,10 @@ fi
 dpkg-deb -x "$work"/"$pkg"_*.deb "$work/kernel"
 depmod -b "$work/kernel" "$kver"
 
-# Storage, filesystems, the virtio-9p transport that carries the host root,
-# and the network card of tests that reach the host's forwarded ports.
-modules="virtio_pci virtio_net 9p 9pnet_virtio overlay nvme ahci sd_mod dm_mod dm_snapshot dm_thin_pool loop ext4 xfs crc32c_generic"
+# Storage, filesystems (fuse stands in for a hung one), the virtio-9p
+# transport that carries the host root, and the network card of tests that
+# reach the host's forwarded ports.
+modules="virtio_pci virtio_net 9p 9pnet_virtio overlay nvme ahci sd_mod dm_mod dm_snapshot dm_thin_pool loop ext4 xfs fuse crc32c_generic"
 root="$work/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,host,ctl,newroot,lib/modules}
 : > "$root/lib/modules/load-order"

@@ -279,6 +279,27 @@ vm_test!(
         );
         eventually("the first disk to join", || pv_count("lvmlocal-nvme") == 1);
 
+        // Device-mapper uevents (LVs coming and going) start no rescan.
+        let rescans = || {
+            let metrics = http_get("127.0.0.1:9808", "/metrics");
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("lvmlocal_agent_rescan_duration_seconds_count "))
+                .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+        };
+        eventually("the first rescan to be counted", || rescans() == 1);
+        for n in 0..3 {
+            let name = format!("dm-{n}");
+            run(
+                "lvcreate",
+                &["-n", &name, "-L", "16m", "-y", "lvmlocal-nvme"],
+            );
+            run("lvremove", &["-y", &format!("lvmlocal-nvme/{name}")]);
+        }
+        // Longer than the settle and the gap between two passes.
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(rescans(), 1, "a device-mapper uevent started a rescan");
+
         std::fs::write("/sys/bus/pci/rescan", "1").unwrap();
         // vgextend, then pvchange records the slot: wait for both.
         let joined = "lvmlocal.io/slot=pci-0000:00:06.0-nvme-1";
@@ -287,6 +308,7 @@ vm_test!(
                 .iter()
                 .any(|(_, vg, tags)| vg == "lvmlocal-nvme" && tags == joined)
         });
+        eventually("the rescan the disk's uevent started", || rescans() == 2);
         assert_eq!(pv_count("lvmlocal-nvme"), 2);
 
         eventually("metrics of the grown group", || {

@@ -5,8 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
 use lvmlocal_proto::csi::v1::{
-    CapacityRange, ControllerExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    CapacityRange, ControllerExpandVolumeRequest, NodeGetCapabilitiesRequest,
+    NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodeStageVolumeRequest,
     volume_capability::{AccessType, MountVolume},
 };
 use lvmlocal_tests::csi::{Agent, Csi, KUBELET_DIR, Walk, capability, create_request, walk};
@@ -213,6 +218,190 @@ vm_test!(
                 &["--noheadings", "-o", "lv_tags", "lvmlocal-nvme/crash-test"],
             );
             assert!(tags.contains("lvmlocal.io/access=xfs"), "{tags}");
+        });
+    }
+);
+
+/// How often the agent ran `program` successfully, from its metrics.
+fn runs_of(program: &str) -> u64 {
+    let metrics = http_get("127.0.0.1:9808", "/metrics");
+    let counter = format!(
+        r#"lvmlocal_agent_command_duration_seconds_count{{program="{program}",outcome="ok"}} "#
+    );
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&counter))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+/// Mounts a FUSE filesystem at `target` whose server never answers: every
+/// call that reaches it waits, as on a dead device or a stuck network
+/// mount. The returned device stays open as long as the hang should last.
+fn hang_at(target: &str) -> std::fs::File {
+    let fuse = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .expect("/dev/fuse (the fuse module)");
+    let options = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0",
+        fuse.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some("hung"),
+        target,
+        Some("fuse.hung"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .expect("mounting the hung filesystem");
+    fuse
+}
+
+vm_test!(
+    node_calls_cost_no_lvm_serialize_per_volume_and_survive_a_hung_path,
+    Vm::new().nvme("nvme-a", 5, 8 * GIB),
+    {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            // Only this test's calls change LVM: no periodic rescan.
+            std::fs::write("/run/lvmlocal-quiet.toml", "rescan_interval_secs = 3600\n").unwrap();
+            std::fs::create_dir_all("/run/lvmlocal").unwrap();
+            let (_agent, csi) = Agent::start_with_env(
+                &workspace_binary("csi-agent"),
+                Path::new(SOCKET),
+                "nvme",
+                &[("LVMLOCAL_CONFIG", "/run/lvmlocal-quiet.toml")],
+            )
+            .await
+            .unwrap();
+            let mut controller = csi.controller.clone();
+            let mut node = csi.node.clone();
+            let create = |name: &str| create_request(name, "nvme", Some("ext4"), GIB);
+            let staging = |id: &str| {
+                format!("{KUBELET_DIR}/plugins/kubernetes.io/csi/lvmlocal.io/{id}/globalmount")
+            };
+            let target =
+                |id: &str| format!("{KUBELET_DIR}/pods/p/volumes/kubernetes.io~csi/{id}/mount");
+            let stage = |id: &str| NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging(id),
+                volume_capability: Some(capability(Some("ext4"))),
+                ..NodeStageVolumeRequest::default()
+            };
+            let publish = |id: &str| NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging(id),
+                target_path: target(id),
+                volume_capability: Some(capability(Some("ext4"))),
+                ..NodePublishVolumeRequest::default()
+            };
+            let stats = |id: &str| NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: target(id),
+                ..NodeGetVolumeStatsRequest::default()
+            };
+            for id in ["used", "hung"] {
+                controller.create_volume(create(id)).await.unwrap();
+            }
+
+            // Concurrent stages of one volume: one runs, the others are
+            // told an operation is in progress; one format, one mount.
+            let mkfs_before = runs_of("mkfs.ext4");
+            let calls = (0..4).map(|_| {
+                let mut node = node.clone();
+                let request = stage("used");
+                async move { node.node_stage_volume(request).await }
+            });
+            let answers = futures::future::join_all(calls).await;
+            let aborted: Vec<_> = answers
+                .iter()
+                .filter_map(|answer| answer.as_ref().err())
+                .inspect(|status| {
+                    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+                    assert!(status.message().contains("in progress"), "{status:?}");
+                })
+                .collect();
+            assert!(!aborted.is_empty() && aborted.len() < 4, "{answers:?}");
+            assert_eq!(runs_of("mkfs.ext4"), mkfs_before + 1);
+            node.node_stage_volume(stage("used")).await.unwrap();
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert_eq!(mounts.matches(&staging("used")).count(), 1, "{mounts}");
+            for id in ["used", "hung"] {
+                node.node_stage_volume(stage(id)).await.unwrap();
+                node.node_publish_volume(publish(id)).await.unwrap();
+            }
+
+            // Stats while volumes are created: answered from the index,
+            // no LVM command, and nothing the creates need re-read.
+            let lvm = || (runs_of("lvs"), runs_of("vgs"));
+            let before = lvm();
+            let creates = (0..3).map(|n| {
+                let mut controller = controller.clone();
+                let request = create(&format!("new-{n}"));
+                async move { controller.create_volume(request).await }
+            });
+            let polls = (0..30).map(|_| {
+                let mut node = node.clone();
+                let request = stats("used");
+                async move { node.node_get_volume_stats(request).await }
+            });
+            let (created, polled) = tokio::join!(
+                futures::future::join_all(creates),
+                futures::future::join_all(polls)
+            );
+            for answer in created {
+                answer.unwrap();
+            }
+            for answer in polled {
+                let answer: NodeGetVolumeStatsResponse = answer.unwrap().into_inner();
+                assert!(answer.usage[0].total > 0, "{answer:?}");
+                let condition = answer.volume_condition.unwrap();
+                assert!(!condition.abnormal, "{condition:?}");
+            }
+            assert_eq!(lvm(), before, "stats or creates read LVM again");
+
+            // A hung filesystem over one volume's path (mounted on its
+            // directory, so even the lookup of the path waits): its stats
+            // answer an abnormal condition at the deadline, the agent goes on.
+            let hung_dir = Path::new(&target("hung")).parent().unwrap().to_owned();
+            let _hang = hang_at(hung_dir.to_str().unwrap());
+            let started = Instant::now();
+            let hung = tokio::time::timeout(
+                Duration::from_secs(60),
+                node.node_get_volume_stats(stats("hung")),
+            )
+            .await
+            .expect("the stats call on a hung path answers")
+            .unwrap()
+            .into_inner();
+            let took = started.elapsed();
+            println!("stats on a hung path answered in {took:?}");
+            let condition = hung.volume_condition.unwrap();
+            assert!(condition.abnormal, "{condition:?}");
+            assert!(
+                condition.message.contains("did not answer within"),
+                "{condition:?}"
+            );
+            let again = node
+                .node_get_volume_stats(stats("hung"))
+                .await
+                .unwrap()
+                .into_inner();
+            let condition = again.volume_condition.unwrap();
+            assert!(
+                condition.message.contains("has not answered"),
+                "{condition:?}"
+            );
+            node.node_get_capabilities(NodeGetCapabilitiesRequest {})
+                .await
+                .unwrap();
+            let healthy = node
+                .node_get_volume_stats(stats("used"))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!healthy.volume_condition.unwrap().abnormal);
+            assert!(http_get("127.0.0.1:9808", "/healthz").starts_with("HTTP/1.1 200"));
         });
     }
 );
