@@ -78,7 +78,8 @@ impl Rescanner {
         let started = Instant::now();
         let mut inventory = self.take().await?;
         let mut failures = Vec::new();
-        if !inventory.plan.actions.is_empty() {
+        let built = !inventory.plan.actions.is_empty();
+        if built {
             for action in &inventory.plan.actions {
                 tracing::info!(?action, "building volume group");
                 // One class failing must not keep the others from being built.
@@ -90,10 +91,14 @@ impl Rescanner {
             inventory = self.take().await?;
         }
         if let Some(volumes) = &self.volumes {
-            match volumes.refresh().await {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!("volume index not refreshed: a change raced the read"),
-                Err(err) => tracing::warn!(error = %err, "volume index not refreshed"),
+            let refreshed = volumes.refresh().await.unwrap_or_else(|err| {
+                tracing::warn!(error = %err, "volume index not refreshed");
+                false
+            });
+            // Groups built or grown must not wait for the next pass: the
+            // next call reads LVM itself.
+            if !refreshed && built {
+                volumes.invalidate();
             }
         }
         self.metrics.observe(&inventory, started.elapsed());

@@ -761,6 +761,7 @@ impl Shared {
             .lvcreate(&vg, &request.id, request.size_bytes, &tags)
             .await
         {
+            drop(changing);
             self.invalidate();
             return Err(self.explain(err, &vg, request.media, size_bytes).await);
         }
@@ -831,8 +832,9 @@ impl Shared {
                 free: space.free_bytes,
             });
         }
-        let _changing = self.changing();
+        let changing = self.changing();
         if let Err(err) = self.lvm.lvextend(&volume.vg, &volume.id, size_bytes).await {
+            drop(changing);
             self.invalidate();
             return Err(self.explain(err, &volume.vg, volume.media, extra).await);
         }

@@ -29,12 +29,15 @@ const STATS_PERIOD: Duration = Duration::from_secs(10);
 /// The load runs at least this long, so per-minute figures span a rescan.
 const LOAD_AT_LEAST: Duration = Duration::from_secs(90);
 const VG: &str = "lvmlocal-nvme";
+/// Volumes made at once while setting up the node.
+const SETUP_BATCH: usize = 4;
 
 fn main() -> anyhow::Result<ExitCode> {
     let mut args = std::env::args().skip(1);
     let agent = match (args.next().as_deref(), args.next()) {
-        (Some("--agent"), Some(path)) => std::fs::canonicalize(&path)
-            .with_context(|| format!("--agent {path}"))?,
+        (Some("--agent"), Some(path)) => {
+            std::fs::canonicalize(&path).with_context(|| format!("--agent {path}"))?
+        }
         (None, _) => workspace_binary("csi-agent"),
         _ => anyhow::bail!("usage: load-bench [--agent PATH]"),
     };
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let output = Vm::new()
         .nvme("load-a", 5, 160 * GIB)
         .memory_mib(3072)
+        .timeout(Duration::from_secs(2400))
         .stream(true)
         .run(&[
             exe.to_str().context("exe path")?,
@@ -216,9 +220,20 @@ async fn guest_side(agent: &Path) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let ids: Vec<String> = (0..VOLUMES).map(|i| format!("load-{i:03}")).collect();
-    for id in &ids {
-        create(&csi, id.clone()).await?;
-        publish(&csi, id).await?;
+    for batch in ids.chunks(SETUP_BATCH) {
+        let calls: Vec<_> = batch
+            .iter()
+            .map(|id| {
+                let (csi, id) = (csi.clone(), id.clone());
+                tokio::spawn(async move {
+                    create(&csi, id.clone()).await?;
+                    publish(&csi, &id).await
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await??;
+        }
     }
     println!(
         "{VOLUMES} volumes created and published in {:.1?}",
@@ -263,18 +278,22 @@ async fn guest_side(agent: &Path) -> anyhow::Result<()> {
     let mut stats = poller.await?;
     let minutes = window.as_secs_f64() / 60.0;
 
-    println!(
-        "load: {CHURN} creates + {CHURN} deletes done in {churn:.1?}; window {window:.1?}"
-    );
+    println!("load: {CHURN} creates + {CHURN} deletes done in {churn:.1?}; window {window:.1?}");
     let (floor_p50, floor_p99) = line(&format!("{CHURN} concurrent bare lvcreate"), &mut floor);
-    let (p50, p99) = line(&format!("{CHURN} concurrent CreateVolume under load"), &mut created);
+    let (p50, p99) = line(
+        &format!("{CHURN} concurrent CreateVolume under load"),
+        &mut created,
+    );
     println!(
         "{:<44} p50 {:>8.2}x  p99 {:>8.2}x",
         "CreateVolume / bare lvcreate",
         p50.as_secs_f64() / floor_p50.as_secs_f64(),
         p99.as_secs_f64() / floor_p99.as_secs_f64()
     );
-    line(&format!("{CHURN} concurrent DeleteVolume (zeroing)"), &mut deleted);
+    line(
+        &format!("{CHURN} concurrent DeleteVolume (zeroing)"),
+        &mut deleted,
+    );
     line("NodeGetVolumeStats under load", &mut stats);
     println!(
         "LVM commands per minute: {:.1}   rescans per minute: {:.2}",
