@@ -11,6 +11,7 @@ pub mod erase;
 #[cfg(test)]
 mod fake_lvm;
 pub mod fs_probe;
+pub mod heartbeat;
 pub mod inventory;
 pub mod lvm;
 pub mod metrics;
@@ -115,6 +116,16 @@ pub struct Args {
     /// Address of the `/healthz` and `/metrics` endpoints.
     #[arg(long, default_value = "0.0.0.0:9808")]
     pub metrics_address: SocketAddr,
+
+    /// Namespace of the node's heartbeat Lease: the driver's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lvmlocal")]
+    pub namespace: String,
+
+    /// Seconds the heartbeat lasts; it is renewed four times as often. The
+    /// extender and the controller call the node silent once it lapses.
+    #[arg(long, default_value_t = lvmlocal_proto::heartbeat::DEFAULT_DURATION.as_secs(),
+          value_parser = clap::value_parser!(u64).range(4..))]
+    pub heartbeat_seconds: u64,
 
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
@@ -300,12 +311,21 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     }
     let disks = tokio::spawn(rescanner.run(triggered));
 
+    let beat = client.clone().map(|client| {
+        tokio::spawn(heartbeat::run(
+            client,
+            args.namespace.clone(),
+            node.clone(),
+            Duration::from_secs(args.heartbeat_seconds),
+        ))
+    });
     let reconciler = client.map(|client| {
         tokio::spawn(reconciler::run(
             client,
             node.clone(),
             volumes.clone(),
             metrics.clone(),
+            volumes.lv_changes(),
         ))
     });
     let node_service = NodeService::new(
@@ -354,6 +374,9 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     }
     if let Some(reconciler) = reconciler {
         reconciler.abort();
+    }
+    if let Some(beat) = beat {
+        beat.abort();
     }
     metrics_server.abort();
     // Let calls in flight finish: an interrupted mount is retried, but cleanly.

@@ -1,5 +1,6 @@
 //! The agent's Prometheus metrics and its `/healthz` and `/metrics` endpoints.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::rpc::RpcMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +34,12 @@ pub struct VerdictLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabel {
+    pub media: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub error: String,
 }
@@ -49,6 +57,7 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     reconcile_failures: Family<ErrorLabel, Counter>,
     orphaned_volumes: Gauge,
+    abnormal_volumes: Family<ConditionLabel, Gauge>,
     volume_used: Family<VolumeLabel, Gauge>,
     volume_capacity: Family<VolumeLabel, Gauge>,
     /// Every external command the agent runs.
@@ -78,6 +87,7 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let reconcile_failures = Family::default();
         let orphaned_volumes = Gauge::default();
+        let abnormal_volumes = Family::default();
         let volume_used = Family::default();
         let volume_capacity = Family::default();
         let commands = CommandMetrics::default();
@@ -143,6 +153,11 @@ impl Metrics {
             "lvmlocal LVs on this node without a LogicalVolume object",
             orphaned_volumes.clone(),
         );
+        registry.register(
+            "abnormal_volumes",
+            "Volumes of this node whose condition is abnormal, by media class and reason",
+            abnormal_volumes.clone(),
+        );
         Self {
             registry,
             vg_size,
@@ -156,6 +171,7 @@ impl Metrics {
             reconcile_seconds,
             reconcile_failures,
             orphaned_volumes,
+            abnormal_volumes,
             volume_used,
             volume_capacity,
             commands,
@@ -231,6 +247,19 @@ impl Metrics {
     pub fn orphaned_volumes(&self, count: usize) {
         self.orphaned_volumes
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the abnormal volumes to these counts; a pair not given is 0.
+    pub fn abnormal_volumes(&self, counts: &HashMap<(MediaClass, String), usize>) {
+        self.abnormal_volumes.clear();
+        for ((media, reason), count) in counts {
+            self.abnormal_volumes
+                .get_or_create(&ConditionLabel {
+                    media: media.to_string(),
+                    reason: reason.clone(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{
     DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus,
+    VolumeCondition,
 };
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::volume::FsType;
@@ -48,6 +50,8 @@ const RETRY_FAILED: Duration = Duration::from_secs(60);
 const WAIT_FOR_PV: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Reason of the failure and the condition of a volume whose LV is gone.
+const LOST: &str = "VolumeLost";
 
 /// What to do about one `LogicalVolume`, given its LV on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,12 +111,18 @@ impl Failure {
         Some(Self::new(reason, err.to_string(), existing))
     }
 
+    /// The volume's condition, for a failure that amounts to one: a volume
+    /// that never existed is not abnormal, only not made.
+    fn condition(&self) -> Option<VolumeCondition> {
+        (self.reason == LOST).then(|| VolumeCondition::abnormal(LOST, self.message.clone()))
+    }
+
     /// The LV was made once and is gone. The device path stays in the
     /// status: it is what tells later reconciles (and the controller) that
     /// this volume had data, and a blank LV must not take its place.
     fn lost(device_path: String) -> Self {
         Self {
-            reason: "VolumeLost",
+            reason: LOST,
             message: format!(
                 "the LV {device_path} is gone from the node; a blank one is not made in its place"
             ),
@@ -202,6 +212,7 @@ pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
             size_bytes: Some(volume.size_bytes),
             message: None,
             observed_generation,
+            condition: Some(volume.condition()),
         },
         Outcome::Failed(failure) => LogicalVolumeStatus {
             phase: LogicalVolumePhase::Failed,
@@ -209,7 +220,24 @@ pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
             size_bytes: failure.size_bytes,
             message: Some(failure.message.clone()),
             observed_generation,
+            condition: failure.condition(),
         },
+    }
+}
+
+/// The condition worth telling of when it goes from `before` to `after`:
+/// abnormal for a new reason, or healthy again after being abnormal.
+fn turned<'a>(
+    before: Option<&VolumeCondition>,
+    after: Option<&'a VolumeCondition>,
+) -> Option<&'a VolumeCondition> {
+    let after = after?;
+    let was_abnormal = before.is_some_and(|b| b.abnormal);
+    match (was_abnormal, after.abnormal) {
+        (_, true) if before.is_some_and(|b| b.abnormal && b.reason == after.reason) => None,
+        (_, true) => Some(after),
+        (true, false) => Some(after),
+        (false, false) => None,
     }
 }
 
@@ -275,12 +303,15 @@ pub struct Context<B> {
     pub node: String,
     pub metrics: Arc<Metrics>,
     pvs: Api<PersistentVolume>,
+    client: Client,
     /// Woken when an LV becomes an orphan, so that it is reported now.
     pub orphan_audit: Arc<Notify>,
     /// Failures in a row per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Deletions already reported as waiting for their PersistentVolume.
     waiting: Mutex<HashSet<String>>,
+    /// The abnormal volumes of the node, for the metric: media, reason.
+    abnormal: Mutex<HashMap<String, (MediaClass, String)>>,
 }
 
 impl<B: VolumeBackend> Context<B> {
@@ -289,12 +320,14 @@ impl<B: VolumeBackend> Context<B> {
             volumes,
             api: Api::all(client.clone()),
             pvs: Api::all(client.clone()),
-            recorder: recorder(client, node),
+            recorder: recorder(client.clone(), node),
+            client,
             node: node.to_owned(),
             metrics,
             orphan_audit: Arc::default(),
             failures: Mutex::default(),
             waiting: Mutex::default(),
+            abnormal: Mutex::default(),
         }
     }
 
@@ -346,6 +379,7 @@ impl<B: VolumeBackend> Context<B> {
     /// says exactly that: a reconcile that changes nothing writes nothing.
     async fn report(&self, lv: &LogicalVolume, outcome: Outcome) -> Result<Action, Error> {
         let status = status(lv, &outcome);
+        self.count_condition(lv, status.condition.as_ref());
         if lv.status.as_ref() != Some(&status) {
             let patch = json!({
                 "apiVersion": LogicalVolume::api_version(&()),
@@ -371,6 +405,10 @@ impl<B: VolumeBackend> Context<B> {
                         .await;
                 }
             }
+            let before = lv.status.as_ref().and_then(|s| s.condition.as_ref());
+            if let Some(condition) = turned(before, status.condition.as_ref()) {
+                self.tell_claim(lv, condition).await;
+            }
         }
         Ok(match outcome {
             Outcome::Ready(_) => Action::requeue(RECHECK),
@@ -379,6 +417,77 @@ impl<B: VolumeBackend> Context<B> {
                 Action::requeue(RETRY_FAILED)
             }
         })
+    }
+
+    /// Keeps the count of abnormal volumes by media and reason current.
+    fn count_condition(&self, lv: &LogicalVolume, condition: Option<&VolumeCondition>) {
+        let mut abnormal = self.abnormal.lock().expect("condition table poisoned");
+        match condition.filter(|condition| condition.abnormal) {
+            Some(condition) => {
+                abnormal.insert(lv.name_any(), (lv.spec.media, condition.reason.clone()));
+            }
+            None => {
+                abnormal.remove(&lv.name_any());
+            }
+        }
+        let mut counts = HashMap::new();
+        for key in abnormal.values() {
+            *counts.entry(key.clone()).or_default() += 1;
+        }
+        self.metrics.abnormal_volumes(&counts);
+    }
+
+    /// Tells the claim `lv` serves, and `lv` itself, that its volume's health
+    /// changed: a Warning when it turned abnormal, Normal when it recovered.
+    /// An event lost is only logged.
+    async fn tell_claim(&self, lv: &LogicalVolume, condition: &VolumeCondition) {
+        let type_ = if condition.abnormal {
+            tracing::warn!(reason = %condition.reason, message = %condition.message, "volume abnormal");
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        if condition.reason != LOST {
+            // A lost volume's own event is its failure's.
+            self.event(
+                lv,
+                type_,
+                &condition.reason,
+                "Health",
+                condition.message.clone(),
+            )
+            .await;
+        }
+        let Some(pvc) = &lv.spec.pvc else {
+            return;
+        };
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.client.clone(), &pvc.namespace);
+        let claim = match claims.get_metadata(&pvc.name).await {
+            Ok(claim) => claim,
+            Err(err) => {
+                tracing::warn!(error = %err, pvc = %pvc.name, "cannot read the claim to tell it of its volume");
+                return;
+            }
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("PersistentVolumeClaim".to_owned()),
+            namespace: Some(pvc.namespace.clone()),
+            name: Some(pvc.name.clone()),
+            uid: claim.metadata.uid,
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_,
+            reason: condition.reason.clone(),
+            note: Some(format!("volume {}: {}", lv.name_any(), condition.message)),
+            action: "Health".into(),
+            secondary: Some(lv.object_ref(&())),
+        };
+        if let Err(err) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %err, pvc = %pvc.name, "cannot record event on the claim");
+        }
     }
 
     /// Records a Warning event on `lv`; an event lost is only logged.
@@ -484,6 +593,7 @@ async fn carry_out<B: VolumeBackend>(
                     source,
                 })?;
             tracing::info!("volume removed");
+            ctx.count_condition(lv, None);
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
             Ok(Action::await_change())
@@ -496,12 +606,14 @@ async fn carry_out<B: VolumeBackend>(
             );
             tracing::warn!(%device, "LogicalVolume deleted without intent; keeping its LV");
             ctx.warn(lv, "DeletedWithoutIntent", "Delete", note).await;
+            ctx.count_condition(lv, None);
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
             ctx.orphan_audit.notify_one();
             Ok(Action::await_change())
         }
         Plan::Release { finalizer } => {
+            ctx.count_condition(lv, None);
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
             Ok(Action::await_change())
@@ -519,15 +631,22 @@ pub fn error_policy<B>(lv: Arc<LogicalVolume>, _err: &Error, ctx: Arc<Context<B>
 }
 
 /// Reconciles the `LogicalVolume`s of `node` and watches for orphaned LVs;
-/// runs until the task is dropped.
+/// runs until the task is dropped. Every object is looked at again each
+/// time `lv_changes` moves (LVM showed a change the agent did not make), so
+/// a lost or failing LV shows in its status within a rescan.
 pub async fn run<B: VolumeBackend>(
     client: Client,
     node: String,
     volumes: Arc<B>,
     metrics: Arc<Metrics>,
+    lv_changes: tokio::sync::watch::Receiver<u64>,
 ) {
     let objects = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let controller = Controller::new(Api::<LogicalVolume>::all(client.clone()), objects);
+    let changed = futures::stream::unfold(lv_changes, |mut changes| async move {
+        changes.changed().await.ok().map(|()| ((), changes))
+    });
+    let controller = Controller::new(Api::<LogicalVolume>::all(client.clone()), objects)
+        .reconcile_all_on(changed);
     let context = Arc::new(Context::new(
         client.clone(),
         &node,
@@ -608,6 +727,7 @@ mod tests {
             size_bytes: Some(size),
             message: None,
             observed_generation: Some(generation),
+            condition: Some(VolumeCondition::healthy()),
         }
     }
 
@@ -916,6 +1036,7 @@ mod tests {
                     size_bytes: Some(GIB + EXTENT),
                     message: None,
                     observed_generation: Some(3),
+                    condition: Some(VolumeCondition::healthy()),
                 },
             ),
             (
@@ -931,6 +1052,7 @@ mod tests {
                     size_bytes: None,
                     message: Some("nvme: needs 1073741824 bytes, 0 free".into()),
                     observed_generation: Some(3),
+                    condition: None,
                 },
             ),
             (
@@ -946,12 +1068,36 @@ mod tests {
                     size_bytes: Some(GIB / 2),
                     message: Some("nvme: needs 536870912 bytes, 0 free".into()),
                     observed_generation: Some(3),
+                    condition: None,
+                },
+            ),
+            (
+                Outcome::Failed(Failure::lost("/dev/lvmlocal-nvme/pvc-1".into())),
+                LogicalVolumeStatus {
+                    phase: LogicalVolumePhase::Failed,
+                    device_path: Some("/dev/lvmlocal-nvme/pvc-1".into()),
+                    size_bytes: None,
+                    message: Some(Failure::lost("/dev/lvmlocal-nvme/pvc-1".into()).message),
+                    observed_generation: Some(3),
+                    condition: Some(VolumeCondition::abnormal(
+                        "VolumeLost",
+                        Failure::lost("/dev/lvmlocal-nvme/pvc-1".into()).message,
+                    )),
                 },
             ),
         ];
         for (outcome, want) in cases {
             assert_eq!(status(&lv, &outcome), want, "{outcome:?}");
         }
+        let mut partial = local("pvc-1", MediaClass::Nvme, GIB);
+        partial.healthy = false;
+        let condition = status(&lv, &Outcome::Ready(partial)).condition.unwrap();
+        assert!(condition.abnormal);
+        assert_eq!(condition.reason, "VolumeUnhealthy");
+        assert!(
+            condition.message.contains("/dev/lvmlocal-nvme/pvc-1"),
+            "{condition:?}"
+        );
     }
 
     /// What the agent writes, read back the way the controller reads it.
@@ -1028,6 +1174,21 @@ mod tests {
     }
 
     #[test]
+    fn only_a_change_of_health_is_told() {
+        let healthy = VolumeCondition::healthy();
+        let lost = VolumeCondition::abnormal("VolumeLost", "gone");
+        let unhealthy = VolumeCondition::abnormal("VolumeUnhealthy", "partial");
+        assert_eq!(turned(None, Some(&healthy)), None);
+        assert_eq!(turned(Some(&healthy), Some(&healthy)), None);
+        assert_eq!(turned(None, Some(&lost)), Some(&lost));
+        assert_eq!(turned(Some(&healthy), Some(&lost)), Some(&lost));
+        assert_eq!(turned(Some(&lost), Some(&lost)), None);
+        assert_eq!(turned(Some(&unhealthy), Some(&lost)), Some(&lost));
+        assert_eq!(turned(Some(&unhealthy), Some(&healthy)), Some(&healthy));
+        assert_eq!(turned(Some(&lost), None), None);
+    }
+
+    #[test]
     fn backoff_doubles_up_to_five_minutes() {
         let secs: Vec<u64> = [0, 1, 2, 3, 4, 8, 9, 10, 100, u32::MAX]
             .into_iter()
@@ -1089,6 +1250,7 @@ mod tests {
                         "devicePath": "/dev/lvmlocal-nvme/pvc-1",
                         "sizeBytes": 1073741824u64,
                         "observedGeneration": 1,
+                        "condition": {"abnormal": false, "reason": "Healthy", "message": "healthy"},
                     },
                 })
             );

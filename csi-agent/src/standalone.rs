@@ -46,6 +46,7 @@ impl LvTagStore {
             // Each change is carried out before the store answers: there is
             // never an older generation to wait for.
             generation: 1,
+            condition: Some(local.condition()),
         })
     }
 }
@@ -92,6 +93,7 @@ impl Store for LvTagStore {
                     lv_exists: false,
                 },
                 generation: 1,
+                condition: None,
             }),
             Err(err) => Err(StoreError::unavailable("creating the logical volume", err)),
         }
@@ -157,6 +159,7 @@ impl Store for LvTagStore {
                 allocated_bytes: space.size_bytes - space.free_bytes,
                 extent_bytes: space.extent_bytes,
                 degraded: space.missing_pvs > 0,
+                silent: None,
             })
             .into_iter()
             .collect())

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::crd::VolumeCondition;
 use lvmlocal_proto::extent::round_up;
 use tokio::sync::watch;
 
@@ -178,6 +179,24 @@ pub struct LocalVolume {
     pub healthy: bool,
 }
 
+impl LocalVolume {
+    /// The volume's health as the cluster is told it.
+    pub fn condition(&self) -> VolumeCondition {
+        if self.healthy {
+            VolumeCondition::healthy()
+        } else {
+            VolumeCondition::abnormal(
+                "VolumeUnhealthy",
+                format!(
+                    "the LV {} is inactive, or LVM reports it partial (a disk of its volume \
+                     group is missing) or in need of repair",
+                    self.device_path
+                ),
+            )
+        }
+    }
+}
+
 /// Room in one volume group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupSpace {
@@ -206,6 +225,17 @@ struct Entry {
 struct Index {
     volumes: BTreeMap<String, Entry>,
     groups: HashMap<String, Group>,
+}
+
+impl Index {
+    /// What a change behind the agent's back would show in: each volume
+    /// as the cluster is told it.
+    fn summary(&self) -> Vec<LocalVolume> {
+        self.volumes
+            .values()
+            .map(|entry| entry.volume.clone())
+            .collect()
+    }
 }
 
 /// A volume group as `vgs` read it, and the bytes its LVs that are not
@@ -294,6 +324,7 @@ impl Volumes {
                 locks: Mutex::default(),
                 cache: Mutex::default(),
                 rebuild: tokio::sync::Mutex::default(),
+                lv_changes: watch::channel(0).0,
             }),
             in_flight: Arc::new(watch::channel(0).0),
         }
@@ -341,6 +372,12 @@ impl Volumes {
     /// groups changed under the index (a disk joined) or a command failed.
     pub fn invalidate(&self) {
         self.shared.invalidate();
+    }
+
+    /// Moves each time a refresh finds the volumes changed behind the
+    /// agent's back.
+    pub fn lv_changes(&self) -> watch::Receiver<u64> {
+        self.shared.lv_changes.subscribe()
     }
 
     /// Reads LVM afresh, for what was changed behind the agent's back, and
@@ -474,6 +511,9 @@ struct Shared {
     /// Held while LVM is read for the index: callers that need the index
     /// meanwhile wait for that read instead of starting their own.
     rebuild: tokio::sync::Mutex<()>,
+    /// Bumped when a refresh installs volumes that differ from those it
+    /// replaced: LVM changed behind the agent's back.
+    lv_changes: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -584,7 +624,17 @@ impl Shared {
         let _rebuilding = self.rebuild.lock().await;
         let started = self.quiet_generation();
         let fresh = self.read_index().await?;
-        Ok(self.install(started, fresh).is_ok())
+        let after = fresh.summary();
+        let before = {
+            let cache = self.cache.lock().expect("index poisoned");
+            cache.index.as_ref().map(Index::summary)
+        };
+        let installed = self.install(started, fresh).is_ok();
+        // After an invalidation nothing is known to compare with: tell.
+        if installed && before.as_ref() != Some(&after) {
+            self.lv_changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(installed)
     }
 
     async fn read_index(&self) -> Result<Index, VolumeError> {

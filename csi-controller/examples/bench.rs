@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use csi_controller::caches;
 use csi_controller::kube_store::KubeStore;
 use fake_api::{
-    ApiHandle, LV_PATH, client, logical_volume, node, node_storage, ready, respond, status,
-    watch_events,
+    ApiHandle, LV_PATH, client, heartbeat, logical_volume, node, node_storage, ready, respond,
+    status, watch_events,
 };
 use http::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -117,6 +117,14 @@ fn serve_watches(mut handle: ApiHandle) -> mpsc::UnboundedSender<Value> {
                         &list("NodeLocalStorageList", "lvmlocal.io/v1alpha1", items),
                     );
                 }
+                ("/apis/coordination.k8s.io/v1/namespaces/lvmlocal/leases", false) => {
+                    let items = (0..NODES).map(|i| heartbeat(&node_name(i))).collect();
+                    respond(
+                        send,
+                        StatusCode::OK,
+                        &list("LeaseList", "coordination.k8s.io/v1", items),
+                    );
+                }
                 ("/api/v1/nodes", false) => {
                     let items = (0..NODES).map(|i| node(&node_name(i))).collect();
                     respond(
@@ -199,7 +207,7 @@ async fn main() {
     let (watch_client, watch_handle) = client();
     let events = serve_watches(watch_handle);
     let (caches, feed) = caches::caches();
-    tokio::spawn(feed.run(watch_client));
+    tokio::spawn(feed.run(watch_client, "lvmlocal".to_owned()));
     let started = Instant::now();
     caches.synced().await;
     let synced_in = started.elapsed();

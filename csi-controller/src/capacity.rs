@@ -9,12 +9,14 @@ use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
 use lvmlocal_proto::placement::NodeCapacity;
 
 /// The volume groups of `media` on existing nodes, each charged with the
-/// `LogicalVolume`s placed on it (including those being made or removed).
+/// `LogicalVolume`s placed on it (including those being made or removed),
+/// and marked with why its agent counts as silent (`silence`), if it does.
 pub fn capacities(
     media: MediaClass,
     storage: &[Arc<NodeLocalStorage>],
     volumes: &[Arc<LogicalVolume>],
     nodes: &HashSet<String>,
+    silence: impl Fn(&str) -> Option<String>,
 ) -> Vec<NodeCapacity> {
     let mut allocated: HashMap<&str, u64> = HashMap::new();
     for lv in volumes.iter().filter(|lv| lv.spec.media == media) {
@@ -28,6 +30,7 @@ pub fn capacities(
             let group = nls.status.as_ref()?.media(media)?;
             let node = nls.spec.node_name.clone();
             Some(NodeCapacity {
+                silent: silence(&node),
                 allocated_bytes: allocated.get(node.as_str()).copied().unwrap_or(0),
                 node,
                 total_bytes: group.total_bytes,
@@ -92,13 +95,15 @@ mod tests {
             lv("v3", "b", 10, None),
         ];
         let nodes: HashSet<String> = ["a".to_owned(), "b".to_owned()].into();
-        let mut got = capacities(MediaClass::Nvme, &storage, &volumes, &nodes);
+        let quiet = |node: &str| (node == "b").then(|| "silent".to_owned());
+        let mut got = capacities(MediaClass::Nvme, &storage, &volumes, &nodes, quiet);
         got.sort_by(|x, y| x.node.cmp(&y.node));
         let summary: Vec<(&str, u64, u64)> = got
             .iter()
             .map(|c| (c.node.as_str(), c.allocated_bytes, c.free_bytes()))
             .collect();
-        assert_eq!(summary, [("a", 42, 58), ("b", 10, 90)]);
-        assert!(capacities(MediaClass::Hdd, &storage, &volumes, &nodes).is_empty());
+        assert_eq!(summary, [("a", 42, 58), ("b", 10, 0)]);
+        assert_eq!(got[1].silent.as_deref(), Some("silent"));
+        assert!(capacities(MediaClass::Hdd, &storage, &volumes, &nodes, quiet).is_empty());
     }
 }

@@ -241,6 +241,11 @@ impl Store for KubeStore {
             &self.caches.storage(),
             &self.caches.volumes(),
             &self.caches.node_names(),
+            |node| {
+                self.caches
+                    .silence(node, std::time::Instant::now())
+                    .map(|silence| silence.to_string())
+            },
         ))
     }
 }

@@ -73,6 +73,10 @@ pub struct Args {
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
 
+    /// The driver's namespace, where the agents' heartbeat Leases are.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lvmlocal")]
+    pub namespace: String,
+
     /// Size of a volume whose CreateVolume sets no capacity.
     #[arg(long, default_value_t = 1 << 30)]
     pub default_volume_size_bytes: u64,
@@ -186,7 +190,7 @@ async fn serve_when_leader(
     };
 
     let (caches, feed) = caches::caches();
-    tokio::spawn(feed.run(client.clone()));
+    tokio::spawn(feed.run(client.clone(), args.namespace.clone()));
     if until_stopped(caches.synced(), &stopping).await.is_none() {
         return Ok(());
     }

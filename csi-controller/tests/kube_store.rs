@@ -48,7 +48,7 @@ async fn controller(volumes: Vec<Value>) -> Cluster {
         vec![node("node-a")],
     );
     let (caches, feed) = caches::caches();
-    tokio::spawn(feed.run(watch_client));
+    tokio::spawn(feed.run(watch_client, "lvmlocal".to_owned()));
     tokio::time::timeout(Duration::from_secs(5), caches.synced())
         .await
         .expect("caches sync");
@@ -514,7 +514,7 @@ async fn slow_agent_is_deadline_exceeded() {
         vec![node("node-a")],
     );
     let (caches, feed) = caches::caches();
-    tokio::spawn(feed.run(watch_client));
+    tokio::spawn(feed.run(watch_client, "lvmlocal".to_owned()));
     caches.synced().await;
     let (crud_client, mut api) = client();
     let settings = ControllerSettings {

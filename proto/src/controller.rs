@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::csi::v1::controller_get_volume_response;
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{Rpc, Type as CapabilityType, rpc};
-use crate::csi::v1::list_volumes_response::Entry;
+use crate::csi::v1::list_volumes_response::{self, Entry};
 use crate::csi::v1::validate_volume_capabilities_response::Confirmed;
 use crate::csi::v1::{
     self as csi, ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
@@ -55,12 +56,14 @@ impl Default for ControllerSettings {
 }
 
 /// The capabilities a CO may rely on; nothing else is implemented.
-const CAPABILITIES: [rpc::Type; 5] = [
+const CAPABILITIES: [rpc::Type; 7] = [
     rpc::Type::CreateDeleteVolume,
     rpc::Type::ExpandVolume,
     rpc::Type::GetCapacity,
     rpc::Type::ListVolumes,
     rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::GetVolume,
+    rpc::Type::VolumeCondition,
 ];
 
 pub struct ControllerService<S> {
@@ -224,7 +227,10 @@ impl<S: Store> ControllerService<S> {
             .iter()
             .map(|volume| Entry {
                 volume: Some(csi_volume(volume, reported_size(volume))),
-                status: None,
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(condition(volume)),
+                }),
             })
             .collect();
         Ok(ListVolumesResponse {
@@ -257,6 +263,22 @@ impl<S: Store> ControllerService<S> {
             available_capacity: available,
             maximum_volume_size: Some(available),
             minimum_volume_size: None,
+        })
+    }
+
+    async fn get_volume(
+        &self,
+        req: ControllerGetVolumeRequest,
+    ) -> Result<ControllerGetVolumeResponse, CsiError> {
+        let id = validate::volume_id(&req.volume_id)?;
+        Span::current().record("volume", id.as_str());
+        let volume = self.live(&id).await?;
+        Ok(ControllerGetVolumeResponse {
+            volume: Some(csi_volume(&volume, reported_size(&volume))),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: Vec::new(),
+                volume_condition: Some(condition(&volume)),
+            }),
         })
     }
 
@@ -341,6 +363,31 @@ fn csi_volume(volume: &Volume, capacity_bytes: i64) -> csi::Volume {
         accessible_topology: vec![Topology {
             segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), volume.node.clone())]),
         }],
+    }
+}
+
+/// The volume's health as the CO is told it: the node's word, or until the
+/// node has one, what the volume's state says.
+fn condition(volume: &Volume) -> csi::VolumeCondition {
+    if let Some(condition) = &volume.condition {
+        return csi::VolumeCondition {
+            abnormal: condition.abnormal,
+            message: condition.message.clone(),
+        };
+    }
+    match &volume.state {
+        VolumeState::Failed { message, .. } => csi::VolumeCondition {
+            abnormal: true,
+            message: message.clone(),
+        },
+        VolumeState::Pending => csi::VolumeCondition {
+            abnormal: false,
+            message: "not yet made on its node".to_owned(),
+        },
+        VolumeState::Ready { .. } | VolumeState::Deleting => csi::VolumeCondition {
+            abnormal: false,
+            message: "healthy".to_owned(),
+        },
     }
 }
 
@@ -499,12 +546,10 @@ impl<S: Store> Controller for ControllerService<S> {
 
     async fn controller_get_volume(
         &self,
-        _: Request<ControllerGetVolumeRequest>,
+        request: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         self.metrics
-            .observe("ControllerGetVolume", async {
-                unsupported("ControllerGetVolume")
-            })
+            .observe("ControllerGetVolume", self.get_volume(request.into_inner()))
             .await
     }
 

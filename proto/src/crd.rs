@@ -212,6 +212,38 @@ pub struct LogicalVolumeStatus {
     /// The `metadata.generation` this status answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The health of a volume that was made: what ControllerGetVolume and
+    /// the external health monitor report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<VolumeCondition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCondition {
+    pub abnormal: bool,
+    /// `Healthy`, `VolumeUnhealthy` (LVM reports the LV inactive or
+    /// partial) or `VolumeLost` (the LV is gone from its node).
+    pub reason: String,
+    pub message: String,
+}
+
+impl VolumeCondition {
+    pub fn healthy() -> Self {
+        Self {
+            abnormal: false,
+            reason: "Healthy".to_owned(),
+            message: "healthy".to_owned(),
+        }
+    }
+
+    pub fn abnormal(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            abnormal: true,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod crd;
 pub mod extender;
 pub mod extent;
+pub mod heartbeat;
 mod media;
 mod names;
 pub mod params;

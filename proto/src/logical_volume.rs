@@ -30,6 +30,10 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
         size_bytes: lv.spec.size_bytes,
         state: state_of(lv),
         generation: lv.metadata.generation.unwrap_or(0),
+        condition: lv
+            .status
+            .as_ref()
+            .and_then(|status| status.condition.clone()),
     })
 }
 
@@ -129,6 +133,7 @@ mod tests {
             size_bytes: size,
             message: (phase == LogicalVolumePhase::Failed).then(|| "not enough space".into()),
             observed_generation: observed,
+            condition: None,
         }
     }
 

@@ -21,6 +21,9 @@ pub struct NodeCapacity {
     pub extent_bytes: u64,
     /// Some disk of the group is missing: no new volumes there.
     pub degraded: bool,
+    /// Why the node's agent counts as silent, if it does: no new volumes
+    /// there either, since nobody would make them.
+    pub silent: Option<String>,
 }
 
 impl NodeCapacity {
@@ -29,7 +32,7 @@ impl NodeCapacity {
     /// cannot both take the last space; LVM's own figure still caps it, so
     /// an LV that no store knows of (an orphan) is not handed out twice.
     pub fn free_bytes(&self) -> u64 {
-        if self.degraded {
+        if self.degraded || self.silent.is_some() {
             return 0;
         }
         self.reported_free_bytes
@@ -53,6 +56,8 @@ pub enum PlacementError {
     NoVolumeGroup { node: String, media: MediaClass },
     #[error("the {media} volume group of node {node} is degraded (a disk is missing)")]
     Degraded { node: String, media: MediaClass },
+    #[error("node {node} cannot take new volumes: {reason}")]
+    Silent { node: String, reason: String },
     #[error("node {node} has {free} bytes of {media} free; the volume needs {needed}")]
     Insufficient {
         node: String,
@@ -178,6 +183,12 @@ pub fn check_fits(
     media: MediaClass,
     needed: u64,
 ) -> Result<(), PlacementError> {
+    if let Some(reason) = &capacity.silent {
+        return Err(PlacementError::Silent {
+            node: capacity.node.clone(),
+            reason: reason.clone(),
+        });
+    }
     if capacity.degraded {
         return Err(PlacementError::Degraded {
             node: capacity.node.clone(),
@@ -211,6 +222,7 @@ mod tests {
             allocated_bytes: allocated,
             extent_bytes: 4 * MIB,
             degraded: false,
+            silent: None,
         }
     }
 
@@ -244,6 +256,7 @@ mod tests {
                 allocated_bytes: allocated,
                 extent_bytes: 1,
                 degraded,
+                silent: None,
             };
             assert_eq!(capacity.free_bytes(), want, "{capacity:?}");
         }
@@ -389,9 +402,21 @@ mod tests {
         );
         let degraded = NodeCapacity {
             degraded: true,
+            silent: None,
             ..group("n", 10 * GIB, 0)
         };
         let err = check_fits(&degraded, media, 1).unwrap_err();
         assert!(matches!(err, PlacementError::Degraded { .. }), "{err}");
+        let silent = NodeCapacity {
+            silent: Some("the lvmlocal agent has no heartbeat".into()),
+            ..group("n", 10 * GIB, 0)
+        };
+        assert_eq!(silent.free_bytes(), 0);
+        let err = check_fits(&silent, media, 1).unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert_eq!(
+            err.to_string(),
+            "node n cannot take new volumes: the lvmlocal agent has no heartbeat"
+        );
     }
 }

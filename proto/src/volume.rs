@@ -1,6 +1,7 @@
 //! What a volume is, whichever store keeps it: its id, how it is accessed,
 //! and the state its node reports.
 
+use crate::crd::VolumeCondition;
 use std::fmt;
 use std::str::FromStr;
 
@@ -164,6 +165,8 @@ pub struct Volume {
     /// The store's count of changes to what is asked (Kubernetes'
     /// `metadata.generation`); a report about an older generation is stale.
     pub generation: i64,
+    /// The node's last word on the volume's health; None until it has one.
+    pub condition: Option<VolumeCondition>,
 }
 
 impl Volume {
@@ -296,6 +299,7 @@ mod tests {
             size_bytes: 100,
             state: VolumeState::Pending,
             generation: 1,
+            condition: None,
         };
         assert!(!volume.settled());
         volume.state = VolumeState::Ready { size_bytes: 50 };

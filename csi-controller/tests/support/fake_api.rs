@@ -121,6 +121,25 @@ pub fn node(name: &str) -> Value {
     })
 }
 
+/// The heartbeat Lease of `node`'s agent, as the agent writes it.
+pub fn heartbeat(node: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": format!("lvmlocal-agent-{node}"),
+            "namespace": "lvmlocal",
+            "resourceVersion": "7",
+            "labels": {"lvmlocal.io/heartbeat": "agent"}
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": 40,
+            "renewTime": "2026-01-01T00:00:00.000000Z"
+        }
+    })
+}
+
 fn list(kind: &str, api_version: &str, items: &[Value]) -> Value {
     json!({
         "kind": kind,
@@ -153,8 +172,8 @@ pub fn watch_events() -> (
 
 /// Serves the caches' list and watch requests: the given objects on
 /// listing, and on the `LogicalVolume` watch each event sent on the
-/// returned channel (`{"type": "MODIFIED", "object": ...}`). Other
-/// watches stay open and quiet.
+/// returned channel (`{"type": "MODIFIED", "object": ...}`). Every node
+/// has a heartbeat. Other watches stay open and quiet.
 pub fn serve_watches(
     mut handle: ApiHandle,
     volumes: Vec<Value>,
@@ -162,6 +181,10 @@ pub fn serve_watches(
     nodes: Vec<Value>,
 ) -> mpsc::UnboundedSender<Value> {
     let (events_tx, watches_tx) = watch_events();
+    let leases: Vec<Value> = nodes
+        .iter()
+        .map(|node| heartbeat(node["metadata"]["name"].as_str().unwrap()))
+        .collect();
     tokio::spawn(async move {
         let mut quiet = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
@@ -185,6 +208,18 @@ pub fn serve_watches(
                     StatusCode::OK,
                     &list("NodeLocalStorageList", "lvmlocal.io/v1alpha1", &storage),
                 ),
+                ("/apis/coordination.k8s.io/v1/namespaces/lvmlocal/leases", false) => {
+                    let query = request.uri().query().unwrap_or_default();
+                    assert!(
+                        query.contains("labelSelector=lvmlocal.io%2Fheartbeat%3Dagent"),
+                        "heartbeats are listed by their label: {query}"
+                    );
+                    respond(
+                        send,
+                        StatusCode::OK,
+                        &list("LeaseList", "coordination.k8s.io/v1", &leases),
+                    );
+                }
                 ("/api/v1/nodes", false) => respond(
                     send,
                     StatusCode::OK,

@@ -133,6 +133,7 @@ impl Store for MemoryStore {
                 size_bytes: new.size_bytes,
                 state: VolumeState::Pending,
                 generation: 1,
+                condition: None,
             });
         }
         let stored = self.volumes.lock().unwrap()[&new.id].clone();
@@ -211,6 +212,7 @@ impl Store for MemoryStore {
                     allocated_bytes: allocated,
                     extent_bytes: EXTENT,
                     degraded: false,
+                    silent: None,
                 }
             })
             .collect())
