@@ -11,6 +11,7 @@ pub mod gc;
 pub mod http;
 pub mod kube_store;
 pub mod leader;
+pub mod recovery;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,6 +91,15 @@ pub struct Args {
     /// its deleted LogicalVolumes are removed.
     #[arg(long, default_value_t = 3600)]
     pub node_gone_grace_seconds: u64,
+
+    /// Seconds a node's agent must have been silent, with the Node
+    /// NotReady, before the claims that opted in to recovery are recreated.
+    #[arg(long, default_value_t = 300)]
+    pub recovery_silence_seconds: u64,
+
+    /// Most claims recreated after a loss in any one minute.
+    #[arg(long, default_value_t = 5)]
+    pub recovery_max_per_minute: usize,
 
     #[command(flatten)]
     pub log: LogArgs,
@@ -199,6 +209,15 @@ async fn serve_when_leader(
         caches.clone(),
         Duration::from_secs(args.node_gone_grace_seconds),
         Duration::from_secs(60),
+    ));
+    tokio::spawn(recovery::run(
+        client.clone(),
+        caches.clone(),
+        recovery::Settings {
+            silence_grace: Duration::from_secs(args.recovery_silence_seconds),
+            per_minute: args.recovery_max_per_minute,
+            every: Duration::from_secs(10),
+        },
     ));
 
     let settings = ControllerSettings {
