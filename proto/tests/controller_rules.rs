@@ -150,6 +150,8 @@ async fn capabilities_are_advertised() {
         rpc::Type::GetCapacity,
         rpc::Type::ListVolumes,
         rpc::Type::SingleNodeMultiWriter,
+        rpc::Type::GetVolume,
+        rpc::Type::VolumeCondition,
     ] {
         assert!(types.contains(&(want as i32)), "{want:?} missing");
     }
@@ -659,4 +661,43 @@ async fn identity_names_the_driver() {
         .unwrap()
         .into_inner();
     assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test]
+async fn get_volume_reports_the_volume_and_its_condition() {
+    let svc = service(Agent::Instant);
+    let made = create(&svc, create_req("pvc-get", GIB as i64)).await.unwrap();
+    let got = svc
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: made.volume_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.as_ref(), Some(&made));
+    let condition = got.status.unwrap().volume_condition.unwrap();
+    assert!(!condition.abnormal, "{condition:?}");
+
+    let unknown = svc
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: "pvc-none".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad = svc
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: "../etc".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let listed = svc
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = listed.entries[0].status.as_ref().unwrap();
+    assert!(!status.volume_condition.as_ref().unwrap().abnormal);
 }

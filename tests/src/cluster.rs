@@ -837,9 +837,23 @@ impl Cluster {
     }
 
     /// A node whose storage is only what this NodeLocalStorage says: no
-    /// agent carries out its volumes.
+    /// agent carries out its volumes, and its heartbeat lasts a day.
     pub fn add_paper_node(&self, name: &str, media: &str, total: u64) -> anyhow::Result<()> {
         self.add_node(name)?;
+        self.apply(&serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": format!("lvmlocal-agent-{name}"),
+                "namespace": NAMESPACE,
+                "labels": {"lvmlocal.io/heartbeat": "agent"},
+            },
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": 86400,
+                "renewTime": "2026-01-01T00:00:00.000000Z",
+            },
+        }))?;
         self.apply(&serde_json::json!({
             "apiVersion": "lvmlocal.io/v1alpha1",
             "kind": "NodeLocalStorage",
@@ -942,16 +956,22 @@ impl NodeVm {
 
     /// Starts the agent in the guest, in a session of its own.
     pub fn start_agent(&self) -> anyhow::Result<()> {
+        self.start_agent_with(&[])
+    }
+
+    /// Starts the agent in the guest with `extra` arguments.
+    pub fn start_agent_with(&self, extra: &[&str]) -> anyhow::Result<()> {
         let agent = workspace_binary("csi-agent");
         let script = format!(
             "mkdir -p /run/lvmlocal\n\
-             KUBECONFIG={} NODE_NAME={} RUST_LOG=info setsid {} \
-             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 \
+             KUBECONFIG={} NODE_NAME={} POD_NAMESPACE={NAMESPACE} RUST_LOG=info setsid {} \
+             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 {} \
              >> /run/vmbed/agent.log 2>&1 &\n\
              echo $! > /run/vmbed/agent.pid\n",
             self.kubeconfig.display(),
             self.name,
-            agent.display()
+            agent.display(),
+            extra.join(" "),
         );
         self.sh(&script).map(drop)
     }

@@ -123,14 +123,31 @@ pub fn disk_at(place: &str) -> String {
 
 /// The whole HTTP/1.1 response to a GET of `path` from a server on `address`.
 pub fn http_get(address: &str, path: &str) -> String {
+    http(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The whole response (status line, headers, body) to a POST of JSON `body`.
+pub fn http_post(address: &str, path: &str, body: &str) -> String {
+    http(
+        address,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn http(address: &str, request: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)
         .unwrap_or_else(|err| panic!("connecting to {address}: {err}"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending the request");
+    stream
+        .write_all(request.as_bytes())
+        .expect("sending the request");
     let mut response = String::new();
     stream
         .read_to_string(&mut response)

@@ -1040,3 +1040,235 @@ fn disks_are_claimed_only_on_nodes_labelled_for_it() {
     )
     .unwrap();
 }
+
+/// Marks each LogicalVolume of `node` that has no status yet Ready, as an
+/// agent would: for a paper node, whose volumes nobody makes.
+fn stand_in_for_agent(cluster: &Cluster, node: &str) -> Result<(), String> {
+    for llv in cluster.list("logicalvolumes").map_err(|e| e.to_string())? {
+        if llv["spec"]["nodeName"] != node || !llv["status"].is_null() {
+            continue;
+        }
+        let name = llv["metadata"]["name"].as_str().unwrap_or_default();
+        let size = llv["spec"]["sizeBytes"].clone();
+        let status = json!({
+            "phase": "Ready",
+            "devicePath": format!("/dev/lvmlocal-{}/{name}", llv["spec"]["media"].as_str().unwrap_or_default()),
+            "sizeBytes": size,
+            "observedGeneration": llv["metadata"]["generation"],
+            "condition": {"abnormal": false, "reason": "Healthy", "message": "healthy"},
+        });
+        cluster
+            .patch_status("logicalvolume", name, &status)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn uid(cluster: &Cluster, kind: &str, name: &str) -> Option<String> {
+    cluster
+        .get(&[kind, name, "-n", NS])
+        .ok()
+        .and_then(|object| object["metadata"]["uid"].as_str().map(str::to_owned))
+}
+
+/// A StatefulSet of `replicas` pods, each with one claim of the SSD class
+/// that opts in to being recreated when its volume is lost.
+fn opted_in_stateful_set(name: &str, replicas: u32, size: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "serviceName": name,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "db", "image": "busybox",
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]},
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data",
+                    "annotations": {"lvmlocal.io/on-node-loss": "recreate"}},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "lvmlocal-ssd",
+                    "resources": {"requests": {"storage": size}},
+                },
+            }],
+        },
+    })
+}
+
+#[test]
+fn lost_nodes_and_volumes_are_told_and_opted_in_claims_move() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    cluster.add_paper_node("paper", "ssd", 2 * GIB).unwrap();
+    let node = node_vm(&mut cluster, "vm-node");
+    // Rescans every 5 s, so an LV removed behind the agent's back shows at
+    // once; a heartbeat of 8 s, so its silence shows soon.
+    node.kill_agent().unwrap();
+    node.start_agent_with(&["--rescan-interval-secs", "5", "--heartbeat-seconds", "8"])
+        .unwrap();
+
+    // A claim on paper without the opt-in, and a StatefulSet of two replicas
+    // with it: binpack puts one replica on each node.
+    cluster
+        .apply(&claim("keep-me", "lvmlocal-ssd", "256Mi"))
+        .unwrap();
+    let mut keeper = pod("keeper", &["keep-me"]);
+    keeper["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": "paper"});
+    cluster.apply(&keeper).unwrap();
+    cluster
+        .apply(&opted_in_stateful_set("db", 2, "1536Mi"))
+        .unwrap();
+    let claims = ["keep-me", "data-db-0", "data-db-1"];
+    wait_for("every claim Bound", Duration::from_secs(240), || {
+        stand_in_for_agent(&cluster, "paper")?;
+        let unbound: Vec<&str> = claims
+            .iter()
+            .copied()
+            .filter(|name| {
+                cluster
+                    .get(&["pvc", name, "-n", NS])
+                    .map_or(true, |pvc| pvc["status"]["phase"] != "Bound")
+            })
+            .collect();
+        unbound
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("{unbound:?}\n{}", events(&cluster, "db")))
+    })
+    .unwrap();
+    assert_eq!(selected_node(&cluster, "keep-me"), "paper");
+    let on_paper: Vec<&str> = ["data-db-0", "data-db-1"]
+        .into_iter()
+        .filter(|name| selected_node(&cluster, name) == "paper")
+        .collect();
+    assert_eq!(on_paper.len(), 1, "one replica per node");
+    let moved = on_paper[0];
+    let moved_uid = uid(&cluster, "pvc", moved).unwrap();
+    let stayed = if moved == "data-db-0" {
+        "data-db-1"
+    } else {
+        "data-db-0"
+    };
+    let stayed_uid = uid(&cluster, "pvc", stayed).unwrap();
+    let kept_uid = uid(&cluster, "pvc", "keep-me").unwrap();
+
+    // The Node object deleted: the opted-in claim is deleted and made again
+    // by the StatefulSet, on the node that is left; the other is kept, and
+    // an event says why.
+    cluster.kubectl(&["delete", "node", "paper"]).unwrap();
+    wait_for(
+        &format!("{moved} recreated on vm-node and Bound"),
+        Duration::from_secs(240),
+        || {
+            let pvc = cluster
+                .get(&["pvc", moved, "-n", NS])
+                .map_err(|e| e.to_string())?;
+            let fresh = pvc["metadata"]["uid"].as_str() != Some(moved_uid.as_str());
+            let bound = pvc["status"]["phase"] == "Bound";
+            (fresh && bound)
+                .then_some(())
+                .ok_or_else(|| format!("{}\n{}", pvc["status"], events(&cluster, moved)))
+        },
+    )
+    .unwrap();
+    assert_eq!(selected_node(&cluster, moved), "vm-node");
+    assert_eq!(
+        uid(&cluster, "pvc", stayed).as_deref(),
+        Some(stayed_uid.as_str())
+    );
+    wait_for("keep-me told it is kept", Duration::from_secs(60), || {
+        let said = events(&cluster, "keep-me");
+        said.contains("NodeDeleted").then_some(()).ok_or(said)
+    })
+    .unwrap();
+    let said = events(&cluster, "keep-me");
+    assert!(
+        said.contains("node paper was deleted")
+            && said.contains("the claim is kept: annotate it lvmlocal.io/on-node-loss=recreate"),
+        "{said}"
+    );
+    assert_eq!(
+        uid(&cluster, "pvc", "keep-me").as_deref(),
+        Some(kept_uid.as_str())
+    );
+
+    // An LV removed behind the agent's back: its LogicalVolume and its
+    // claim say so, and the claim, without the opt-in, is kept.
+    cluster
+        .apply(&claim("fragile", "lvmlocal-ssd", "256Mi"))
+        .unwrap();
+    cluster.apply(&pod("fragile", &["fragile"])).unwrap();
+    wait_bound(&cluster, "fragile", Duration::from_secs(120));
+    let fragile = lv_of(&cluster, "fragile");
+    node.sh(&format!("lvremove -y lvmlocal-ssd/{fragile}"))
+        .unwrap();
+    wait_for("fragile reported lost", Duration::from_secs(120), || {
+        let llv = cluster
+            .get(&["logicalvolume", &fragile])
+            .map_err(|e| e.to_string())?;
+        let condition = &llv["status"]["condition"];
+        (condition["abnormal"] == true && condition["reason"] == "VolumeLost")
+            .then_some(())
+            .ok_or(llv["status"].to_string())
+    })
+    .unwrap();
+    wait_for("fragile's claim told", Duration::from_secs(60), || {
+        let said = events(&cluster, "fragile");
+        (said.contains("VolumeLost")
+            && said.contains("is gone from the node")
+            && said.contains("the claim is kept"))
+        .then_some(())
+        .ok_or(said)
+    })
+    .unwrap();
+    assert!(
+        !node
+            .lvs()
+            .unwrap()
+            .contains_key(&format!("lvmlocal-ssd/{fragile}")),
+        "no blank LV is made in the lost one's place"
+    );
+
+    // The agent stopped: once its heartbeat lapses, GetCapacity gives 0 for
+    // the node, and the extender refuses it, naming the reason.
+    node.kill_agent().unwrap();
+    wait_for(
+        "vm-node's capacity at 0",
+        Duration::from_secs(120),
+        || match cluster.storage_capacity("vm-node", "lvmlocal-ssd") {
+            Ok(Some(0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    cluster
+        .apply(&claim("late", "lvmlocal-ssd", "256Mi"))
+        .unwrap();
+    cluster.apply(&pod("late", &["late"])).unwrap();
+    let late = cluster.get(&["pod", "late", "-n", NS]).unwrap();
+    let args = json!({"Pod": late, "Nodes": null, "NodeNames": ["vm-node"]});
+    wait_for(
+        "the extender refusing vm-node",
+        Duration::from_secs(60),
+        || {
+            let answer = lvmlocal_tests::guest::http_post(
+                &format!("127.0.0.1:{}", cluster.extender_port),
+                "/lvmlocal/filter",
+                &args.to_string(),
+            );
+            answer
+                .contains("the lvmlocal agent has not renewed its heartbeat")
+                .then_some(())
+                .ok_or(answer)
+        },
+    )
+    .unwrap();
+    let pending = cluster.get(&["pod", "late", "-n", NS]).unwrap();
+    assert!(pending["spec"]["nodeName"].is_null(), "{pending}");
+}

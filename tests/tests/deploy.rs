@@ -724,6 +724,11 @@ async fn scheduler_wiring_matches_the_extender() {
     let line = command_line(scheduler);
     assert_eq!(line[0], "csi-scheduler");
     let parsed = csi_scheduler::Args::try_parse_from(&line).unwrap();
+    // The heartbeat Leases it watches are in its own namespace.
+    assert_eq!(
+        env_field(scheduler, "POD_NAMESPACE").as_deref(),
+        Some("metadata.namespace")
+    );
     let listen = i32::from(parsed.listen.port());
     assert_eq!(named_port(scheduler, "http"), listen);
     for probe in ["liveness", "readiness", "startup"] {
@@ -914,6 +919,30 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
             .iter()
             .all(|r| r.verbs.iter().all(|v| v == "list" || v == "watch"))
     );
+    // The agents' heartbeat Leases, read in the driver's namespace only.
+    let role: Role = one(&objects, "Role", "lvmlocal-scheduler");
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let role = role.rules.unwrap();
+    assert!(allows(
+        &role,
+        "coordination.k8s.io",
+        "leases",
+        &["list", "watch"]
+    ));
+    assert!(!allows(&role, "coordination.k8s.io", "leases", &["update"]));
+    let binding: RoleBinding = one(&objects, "RoleBinding", "lvmlocal-scheduler");
+    assert_eq!(
+        (
+            binding.role_ref.kind.as_str(),
+            binding.role_ref.name.as_str()
+        ),
+        ("Role", "lvmlocal-scheduler")
+    );
+    assert!(binding.subjects.iter().flatten().any(|s| {
+        s.kind == "ServiceAccount"
+            && s.name == "lvmlocal-scheduler"
+            && s.namespace.as_deref() == Some(NAMESPACE)
+    }));
 
     for role in objects_of::<ClusterRole>(&objects, "ClusterRole") {
         for rule in role.rules.unwrap() {
@@ -1107,6 +1136,8 @@ fn overlays_make_their_one_change() {
             "ClusterRole -/lvmlocal-scheduler",
             "ClusterRoleBinding -/lvmlocal-scheduler",
             "Deployment lvmlocal/lvmlocal-scheduler",
+            "Role lvmlocal/lvmlocal-scheduler",
+            "RoleBinding lvmlocal/lvmlocal-scheduler",
             "Service lvmlocal/lvmlocal-scheduler",
             "ServiceAccount lvmlocal/lvmlocal-scheduler",
         ]
