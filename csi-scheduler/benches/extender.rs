@@ -22,12 +22,14 @@ use csi_scheduler::metrics::Metrics;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
 use lvmlocal_proto::extender::ExtenderArgs;
+use lvmlocal_proto::heartbeat;
 use lvmlocal_proto::params::Placement;
 use nix::time::{ClockId, clock_gettime};
 use serde_json::{Value, json};
@@ -124,6 +126,28 @@ fn storage(i: usize, rng: &mut Lcg) -> NodeLocalStorage {
             "hdd": group(MediaClass::Hdd, (32_000 + rng.below(32_000)) * GI),
             "disks": disks,
         }
+    }))
+    .unwrap()
+}
+
+/// The heartbeat Lease of node `i`'s agent. It lasts an hour, not the
+/// agents' 40 s, so that no node falls silent while the benchmark runs.
+fn heartbeat(i: usize) -> Lease {
+    serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": heartbeat::lease_name(&node_name(i)),
+            "namespace": "lvmlocal",
+            "labels": {heartbeat::LABEL: heartbeat::LABEL_VALUE},
+            "resourceVersion": "48230",
+        },
+        "spec": {
+            "holderIdentity": node_name(i),
+            "leaseDurationSeconds": 3600,
+            "acquireTime": "2025-06-01T08:00:00.000000Z",
+            "renewTime": "2025-06-01T09:41:17.205817Z",
+        },
     }))
     .unwrap()
 }
@@ -242,6 +266,13 @@ fn load_cluster(extender: &Extender) {
         inventory.apply_storage(Event::InitApply(storage(i, &mut rng)));
     }
     inventory.apply_storage(Event::InitDone);
+
+    let now = Instant::now();
+    inventory.apply_lease(Event::Init, now);
+    for i in 0..NODES {
+        inventory.apply_lease(Event::InitApply(heartbeat(i)), now);
+    }
+    inventory.apply_lease(Event::InitDone, now);
 
     inventory.apply_volume(Event::Init);
     for v in 0..VOLUMES {
@@ -488,7 +519,7 @@ fn main() {
     let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20));
     println!();
     println!(
-        "cluster: {NODES} nodes, {VOLUMES} volumes, {VOLUMES} bound claims; loaded in {loaded_in:.2?}"
+        "cluster: {NODES} nodes with a heartbeat each, {VOLUMES} volumes, {VOLUMES} bound claims; loaded in {loaded_in:.2?}"
     );
     println!("the 3-claim pod fits on {passing} of {NODES} nodes");
     println!(

@@ -5,6 +5,7 @@
 use std::fmt::{self, Write};
 use std::ops::{Index, IndexMut};
 
+use lvmlocal_proto::heartbeat::Silence;
 use lvmlocal_proto::{MediaClass, extent};
 
 use crate::needs::ClaimNeed;
@@ -70,6 +71,9 @@ pub enum Refusal {
     /// The node has no `NodeLocalStorage`: no agent runs there, or it has not
     /// reported yet.
     NoStorage,
+    /// The node's agent has not renewed its heartbeat: it would not create
+    /// the volume, and what it last reported may be out of date.
+    AgentSilent(Silence),
     /// The node has no volume group of this class.
     NoVolumeGroup(MediaClass),
     /// The group of this class is missing a disk.
@@ -85,13 +89,17 @@ pub enum Refusal {
 impl Refusal {
     /// Whether freeing space (e.g. by preempting pods) could never help.
     pub fn is_unresolvable(&self) -> bool {
-        matches!(self, Refusal::NoStorage | Refusal::NoVolumeGroup(_))
+        matches!(
+            self,
+            Refusal::NoStorage | Refusal::AgentSilent(_) | Refusal::NoVolumeGroup(_)
+        )
     }
 
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::NoStorage => "no_node_storage",
+            Refusal::AgentSilent(_) => "agent_silent",
             Refusal::NoVolumeGroup(_) => "no_volume_group",
             Refusal::Degraded { .. } => "degraded",
             Refusal::Short { .. } => "insufficient_space",
@@ -103,6 +111,7 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::NoStorage => f.write_str("no lvmlocal storage on this node"),
+            Refusal::AgentSilent(silence) => write!(f, "{silence}"),
             Refusal::NoVolumeGroup(media) => write!(f, "{media}: no volume group on this node"),
             Refusal::Degraded { media, vg_name } => {
                 write!(f, "{media}: volume group {vg_name} is missing a disk")
@@ -139,13 +148,23 @@ pub enum Verdict {
     /// They fit; bytes left free per class once they are placed (zero for
     /// classes the pod does not use).
     Fits(PerMedia<u64>),
-    /// They do not; every reason, in media-class order.
+    /// They do not; every reason, those about the whole node first, then
+    /// the media classes in order.
     Refused(Vec<Refusal>),
 }
 
 impl Verdict {
     pub fn fits(&self) -> bool {
         matches!(self, Verdict::Fits(_))
+    }
+
+    /// Refused for a reason about the whole node, on top of any others.
+    pub fn also_refused(self, refusal: Refusal) -> Verdict {
+        let mut refusals = vec![refusal];
+        if let Verdict::Refused(others) = self {
+            refusals.extend(others);
+        }
+        Verdict::Refused(refusals)
     }
 }
 
@@ -356,5 +375,29 @@ mod tests {
             "ssd: volume group lvmlocal-ssd is missing a disk; hdd: no volume group on this node"
         );
         assert_eq!(explain(&[short]), "nvme: needs 200Gi, 120Gi free");
+    }
+
+    #[test]
+    fn a_silent_agent_refuses_the_whole_node_for_good() {
+        let silent = Refusal::AgentSilent(Silence::For(std::time::Duration::from_secs(52)));
+        assert_eq!(
+            silent.to_string(),
+            "the lvmlocal agent has not renewed its heartbeat for 52s"
+        );
+        assert!(silent.is_unresolvable());
+        assert_eq!(silent.kind(), "agent_silent");
+        let short = Refusal::Short {
+            media: MediaClass::Nvme,
+            needed_bytes: GI,
+            free_bytes: 0,
+        };
+        assert_eq!(
+            Verdict::Refused(vec![short.clone()]).also_refused(silent.clone()),
+            Verdict::Refused(vec![silent.clone(), short])
+        );
+        assert_eq!(
+            Verdict::Fits(PerMedia::default()).also_refused(silent.clone()),
+            Verdict::Refused(vec![silent])
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The extender's view of the cluster, fed by watch events: the volume groups
 //! of each node, the space its `LogicalVolume`s take, the claims being
-//! provisioned, the StorageClasses, and the reservations.
+//! provisioned, the StorageClasses, the agents' heartbeats, and the
+//! reservations.
 //!
 //! Free space of a class on a node = the volume group's `totalBytes` − the
 //! sizes of the `LogicalVolume`s placed there − the claims kube-scheduler has
@@ -17,12 +18,14 @@ use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
+use lvmlocal_proto::heartbeat::{self, Beat, Silence};
 
 use crate::capacity::{MediaCapacity, NodeCapacity, PerMedia, Refusal, Verdict, fit};
 use crate::needs::{Catalog, ClaimKey, ClaimState, ClassKind, ClassRecord, PodNeeds};
@@ -55,21 +58,24 @@ impl PodRef {
     }
 }
 
-/// The four kinds of object the inventory mirrors.
+/// The five kinds of object the inventory mirrors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     NodeLocalStorage,
     LogicalVolume,
     PersistentVolumeClaim,
     StorageClass,
+    /// The agents' heartbeat Leases.
+    Lease,
 }
 
 impl Source {
-    pub const ALL: [Source; 4] = [
+    pub const ALL: [Source; 5] = [
         Source::NodeLocalStorage,
         Source::LogicalVolume,
         Source::PersistentVolumeClaim,
         Source::StorageClass,
+        Source::Lease,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -78,6 +84,7 @@ impl Source {
             Source::LogicalVolume => "logicalvolumes",
             Source::PersistentVolumeClaim => "persistentvolumeclaims",
             Source::StorageClass => "storageclasses",
+            Source::Lease => "leases",
         }
     }
 }
@@ -93,6 +100,8 @@ struct NodeRecord {
     placed: PerMedia<u64>,
     /// Bytes of claims sent to the node whose volume does not exist yet.
     in_flight: PerMedia<u64>,
+    /// The agent's heartbeat; `None` while the node has no heartbeat Lease.
+    beat: Option<Beat>,
 }
 
 #[derive(Debug)]
@@ -177,6 +186,10 @@ pub struct Inventory {
     volumes: Table<Box<str>, VolumeRecord>,
     claims: Table<ClaimKey, ClaimState>,
     classes: Table<Box<str>, ClassRecord>,
+    /// Heartbeat Leases by name, with the node each speaks for: a Lease that
+    /// leaves the label selector is deleted without the label, so its node
+    /// cannot be read from it then.
+    leases: Table<Box<str>, NodeId>,
     /// Claims that have a `LogicalVolume`, with how many.
     with_volume: HashMap<ClaimKey, u32>,
     /// Pending claims that carry a selected node.
@@ -197,6 +210,7 @@ impl Inventory {
                 Source::LogicalVolume => !self.volumes.synced,
                 Source::PersistentVolumeClaim => !self.claims.synced,
                 Source::StorageClass => !self.classes.synced,
+                Source::Lease => !self.leases.synced,
             })
             .collect()
     }
@@ -220,6 +234,7 @@ impl Inventory {
             seen: 0,
             placed: PerMedia::default(),
             in_flight: PerMedia::default(),
+            beat: None,
         });
         self.node_ids.insert(name.into(), id);
         id
@@ -391,6 +406,50 @@ impl Inventory {
         }
     }
 
+    /// Applies a heartbeat Lease event seen at `now`, the reader's clock the
+    /// heartbeat is judged on.
+    pub fn apply_lease(&mut self, event: Event<Lease>, now: Instant) {
+        match event {
+            Event::Init => self.leases.relist(),
+            Event::Apply(lease) | Event::InitApply(lease) => {
+                let name = lease.name_any();
+                let Some(node) = heartbeat::node_of(&lease) else {
+                    // No longer speaks for a node: as if deleted.
+                    self.forget_lease(&name);
+                    return;
+                };
+                let id = self.intern(node);
+                let record = &mut self.nodes[id as usize];
+                record.beat = Some(Beat::observe(record.beat.as_ref(), &lease, now));
+                if let Some(old) = self.leases.upsert(name.into(), id)
+                    && old != id
+                {
+                    self.nodes[old as usize].beat = None;
+                }
+            }
+            Event::Delete(lease) => self.forget_lease(&lease.name_any()),
+            Event::InitDone => {
+                for (_, gone) in self.leases.sweep() {
+                    self.nodes[gone as usize].beat = None;
+                }
+            }
+        }
+    }
+
+    fn forget_lease(&mut self, name: &str) {
+        if let Some(id) = self.leases.remove(name) {
+            self.nodes[id as usize].beat = None;
+        }
+    }
+
+    /// Why the agent of a node with lvmlocal storage counts as silent at
+    /// `now`, if it does; a node without storage has no agent to hear from.
+    fn silence(&self, id: NodeId, now: Instant) -> Option<Silence> {
+        let node = &self.nodes[id as usize];
+        node.storage.as_ref()?;
+        heartbeat::silence(node.beat.as_ref(), now)
+    }
+
     /// Recomputes what claims in flight add to their nodes. There are only
     /// as many as pods kube-scheduler has just placed, so this is cheap.
     fn recount_in_flight(&mut self) {
@@ -491,7 +550,12 @@ impl Inventory {
                 let Some(id) = *id else {
                     return Verdict::Refused(vec![Refusal::NoStorage]);
                 };
-                let verdict = fit(&needs.claims, self.capacity(id, needs, pinned).as_ref());
+                let mut verdict = fit(&needs.claims, self.capacity(id, needs, pinned).as_ref());
+                // What a silent agent reported may be stale, and it would
+                // not create the volume anyway.
+                if let Some(silence) = self.silence(id, now) {
+                    verdict = verdict.also_refused(Refusal::AgentSilent(silence));
+                }
                 if verdict.fits() {
                     approved.push(id);
                 }

@@ -53,6 +53,10 @@ pub struct Args {
     #[arg(long, default_value_t = 256 << 20)]
     pub max_request_bytes: usize,
 
+    /// Namespace of the agents' heartbeat Leases: the driver's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lvmlocal")]
+    pub namespace: String,
+
     /// Kubeconfig to reach the API server; in-cluster configuration if unset.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -100,7 +104,11 @@ pub async fn run(args: Args) -> Result<(), StartError> {
             source,
         })?;
 
-    let watching = tokio::spawn(watch::follow_cluster(client, extender.clone()));
+    let watching = tokio::spawn(watch::follow_cluster(
+        client,
+        args.namespace.clone(),
+        extender.clone(),
+    ));
     let expiring = tokio::spawn(expire_reservations(
         extender.clone(),
         policy.reservation_ttl,
@@ -112,6 +120,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         path_prefix = %args.path_prefix,
         default_placement = %args.default_placement,
         reservation_ttl_seconds = args.reservation_ttl_seconds,
+        namespace = %args.namespace,
         "csi-scheduler started"
     );
     let served = axum::serve(listener, app)

@@ -73,6 +73,8 @@ fn help_lists_the_flags() {
         "--reservation-ttl-seconds",
         "--max-request-bytes",
         "--kubeconfig",
+        "--namespace",
+        "POD_NAMESPACE",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }

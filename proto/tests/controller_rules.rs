@@ -666,7 +666,9 @@ async fn identity_names_the_driver() {
 #[tokio::test]
 async fn get_volume_reports_the_volume_and_its_condition() {
     let svc = service(Agent::Instant);
-    let made = create(&svc, create_req("pvc-get", GIB as i64)).await.unwrap();
+    let made = create(&svc, create_req("pvc-get", GIB as i64))
+        .await
+        .unwrap();
     let got = svc
         .controller_get_volume(Request::new(ControllerGetVolumeRequest {
             volume_id: made.volume_id.clone(),

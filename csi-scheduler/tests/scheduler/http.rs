@@ -3,6 +3,7 @@
 //! NodeList as the API server serves them, and `null` for the unused field.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -10,6 +11,7 @@ use axum::http::{Request, StatusCode, header};
 use csi_scheduler::extender::Extender;
 use csi_scheduler::http::router;
 use csi_scheduler::metrics::Metrics;
+use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass::{Hdd, Nvme, Ssd};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -207,13 +209,13 @@ async fn before_the_caches_are_listed_the_extender_asks_to_retry() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         text,
-        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses\n"
+        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses, leases\n"
     );
     let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
     assert_eq!(result["NodeNames"], Value::Null);
     assert_eq!(
         result["Error"],
-        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses"
+        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses, leases"
     );
     let (status, _) = call(&app, "POST", "/prioritize", with_names(POD, &["node-a"])).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -408,4 +410,47 @@ async fn an_unusable_class_fails_every_node_for_good_with_its_reason() {
     let reason = failed["node-a"].as_str().unwrap();
     assert!(reason.contains("storage class nvme"), "{reason}");
     assert_eq!(failed["node-b"], failed["node-a"]);
+}
+
+#[tokio::test]
+async fn a_node_whose_agent_is_silent_fails_for_good_with_the_reason() {
+    let (app, extender) = app_with("", true);
+    {
+        let mut inventory = extender.inventory();
+        // node-e's agent has no heartbeat Lease; node-c's last renewal was
+        // seen a minute ago (node-c also lacks an HDD group).
+        inventory.apply_lease(Event::Delete(heartbeat("node-e", 1)), Instant::now());
+        let a_minute_ago = Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .expect("the clock has run for a minute");
+        inventory.apply_lease(Event::Apply(heartbeat("node-c", 2)), a_minute_ago);
+    }
+    let result = post_json(
+        &app,
+        "/filter",
+        with_names(POD, &["node-a", "node-c", "node-d", "node-e"]),
+    )
+    .await;
+    assert_eq!(result["NodeNames"], json!(["node-a"]));
+    assert_eq!(result["FailedNodes"], json!({}));
+    let unresolvable = &result["FailedAndUnresolvableNodes"];
+    assert_eq!(
+        unresolvable["node-c"],
+        "the lvmlocal agent has not renewed its heartbeat for 60s; hdd: no volume group on this node"
+    );
+    assert_eq!(
+        unresolvable["node-e"],
+        "the lvmlocal agent has no heartbeat"
+    );
+    // Without storage, no heartbeat is expected.
+    assert_eq!(unresolvable["node-d"], "no lvmlocal storage on this node");
+
+    let scores = post_json(&app, "/prioritize", with_names(POD, &["node-a", "node-e"])).await;
+    assert_eq!(
+        scores,
+        json!([{"Host": "node-a", "Score": 10}, {"Host": "node-e", "Score": 0}])
+    );
+    let (_, text) = call(&app, "GET", "/metrics", String::new()).await;
+    let line = r#"lvmlocal_scheduler_filtered_nodes_total{reason="agent_silent"} 2"#;
+    assert!(text.contains(line), "no {line:?} in\n{text}");
 }

@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use csi_scheduler::capacity::Verdict;
+use csi_scheduler::capacity::{Refusal, Verdict, explain};
 use csi_scheduler::inventory::{Inventory, PodRef, Source};
 use csi_scheduler::needs::{ClaimKey, ClaimNeed, PodNeeds};
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass::{self, Hdd, Nvme};
+use lvmlocal_proto::heartbeat::Silence;
 
 use crate::support::*;
 
@@ -16,6 +17,14 @@ const TTL: Duration = Duration::from_secs(30);
 /// Free bytes of `media` on `node`, asked with a pod that needs nothing:
 /// nothing is reserved for it, so asking changes nothing.
 fn free(inventory: &mut Inventory, node: &str, media: MediaClass) -> Option<u64> {
+    match probe(inventory, node, media, Instant::now()) {
+        Verdict::Fits(left) => Some(left[media]),
+        Verdict::Refused(_) => None,
+    }
+}
+
+/// The verdict on `node` at `now` for a pod that needs nothing of `media`.
+fn probe(inventory: &mut Inventory, node: &str, media: MediaClass, now: Instant) -> Verdict {
     let probe = PodNeeds {
         claims: vec![ClaimNeed {
             key: ClaimKey::new("probe", "probe"),
@@ -29,10 +38,7 @@ fn free(inventory: &mut Inventory, node: &str, media: MediaClass) -> Option<u64>
         uid: "probe".into(),
         name: "probe/probe".into(),
     };
-    match &inventory.assess(&pod, &probe, &[node], Instant::now(), TTL)[0] {
-        Verdict::Fits(left) => Some(left[media]),
-        Verdict::Refused(_) => None,
-    }
+    inventory.assess(&pod, &probe, &[node], now, TTL).remove(0)
 }
 
 /// Runs `pod`'s assessment on `nodes` and returns which fit.
@@ -293,9 +299,111 @@ fn unsynced_until_every_kind_is_listed() {
     inventory.apply_class(Event::InitDone);
     assert_eq!(
         inventory.unsynced(),
-        [Source::LogicalVolume, Source::PersistentVolumeClaim]
+        [
+            Source::LogicalVolume,
+            Source::PersistentVolumeClaim,
+            Source::Lease
+        ]
     );
     inventory.apply_volume(Event::InitDone);
     inventory.apply_claim(Event::InitDone);
+    inventory.apply_lease(Event::Init, Instant::now());
+    inventory.apply_lease(Event::InitDone, Instant::now());
     assert!(inventory.unsynced().is_empty());
+}
+
+#[test]
+fn a_node_whose_agent_is_silent_is_refused_for_good() {
+    let mut cluster = two_nodes();
+    cluster
+        .storages
+        .push(storage("node-c", &[(Nvme, 100 * GI)]));
+    cluster.claims.push(claim("db", "data", "nvme", 10 * GI));
+    let mut inventory = inventory(&cluster);
+    let start = Instant::now();
+    // node-c's agent never wrote a heartbeat; node-b's last one was renewed
+    // when the inventory was built; node-a's agent is still renewing.
+    inventory.apply_lease(Event::Delete(heartbeat("node-c", 1)), start);
+    let later = start + Duration::from_secs(52);
+    inventory.apply_lease(Event::Apply(heartbeat("node-a", 2)), later);
+
+    let db = pod("db", "db-0", "uid-db", &["data"]);
+    let needs = PodNeeds::of(&db, &inventory).unwrap();
+    let nodes = ["node-a", "node-b", "node-c", "node-d"];
+    let verdicts = inventory.assess(&PodRef::of(&db), &needs, &nodes, later, TTL);
+    assert!(verdicts[0].fits(), "{verdicts:?}");
+    let refusals: Vec<&[Refusal]> = verdicts[1..]
+        .iter()
+        .map(|verdict| match verdict {
+            Verdict::Refused(refusals) => &refusals[..],
+            Verdict::Fits(_) => panic!("{verdicts:?}"),
+        })
+        .collect();
+    assert_eq!(
+        explain(refusals[0]),
+        "the lvmlocal agent has not renewed its heartbeat for 52s"
+    );
+    assert!(refusals[0][0].is_unresolvable());
+    assert_eq!(refusals[1], [Refusal::AgentSilent(Silence::Never)]);
+    assert_eq!(explain(refusals[1]), "the lvmlocal agent has no heartbeat");
+    // A node without lvmlocal storage has no agent to hear from.
+    assert_eq!(refusals[2], [Refusal::NoStorage]);
+    // Only the beating node holds a reservation.
+    let held = inventory.reservations().get("uid-db").unwrap();
+    assert_eq!(held.nodes, [inventory.node_id("node-a").unwrap()]);
+}
+
+#[test]
+fn heartbeats_follow_their_leases() {
+    let mut inventory = inventory(&Cluster {
+        storages: vec![storage("node-a", &[(Nvme, 100 * GI)])],
+        ..Cluster::default()
+    });
+    let silent = |verdict: Verdict| match verdict {
+        Verdict::Fits(_) => None,
+        Verdict::Refused(refusals) => match refusals[..] {
+            [Refusal::AgentSilent(silence)] => Some(silence),
+            _ => panic!("{refusals:?}"),
+        },
+    };
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    inventory.apply_lease(Event::Apply(heartbeat("node-a", 10)), at(0));
+    assert_eq!(silent(probe(&mut inventory, "node-a", Nvme, at(40))), None);
+    assert_eq!(
+        silent(probe(&mut inventory, "node-a", Nvme, at(41))),
+        Some(Silence::For(Duration::from_secs(41)))
+    );
+    // Read again unchanged it is no renewal; moved on it is.
+    inventory.apply_lease(Event::Apply(heartbeat("node-a", 10)), at(41));
+    assert!(silent(probe(&mut inventory, "node-a", Nvme, at(41))).is_some());
+    inventory.apply_lease(Event::Apply(heartbeat("node-a", 11)), at(41));
+    assert_eq!(silent(probe(&mut inventory, "node-a", Nvme, at(80))), None);
+
+    // A relist that still has it keeps when it was last seen to move.
+    inventory.apply_lease(Event::Init, at(90));
+    inventory.apply_lease(Event::InitApply(heartbeat("node-a", 11)), at(90));
+    inventory.apply_lease(Event::InitDone, at(90));
+    assert_eq!(
+        silent(probe(&mut inventory, "node-a", Nvme, at(90))),
+        Some(Silence::For(Duration::from_secs(49)))
+    );
+    // One that does not have it drops it.
+    inventory.apply_lease(Event::Init, at(91));
+    inventory.apply_lease(Event::InitDone, at(91));
+    assert_eq!(
+        silent(probe(&mut inventory, "node-a", Nvme, at(91))),
+        Some(Silence::Never)
+    );
+
+    inventory.apply_lease(Event::Apply(heartbeat("node-a", 12)), at(100));
+    assert_eq!(silent(probe(&mut inventory, "node-a", Nvme, at(100))), None);
+    // A Lease that loses its label leaves the watch as deleted, unlabelled.
+    let mut unlabelled = heartbeat("node-a", 12);
+    unlabelled.metadata.labels = None;
+    inventory.apply_lease(Event::Delete(unlabelled), at(101));
+    assert_eq!(
+        silent(probe(&mut inventory, "node-a", Nvme, at(101))),
+        Some(Silence::Never)
+    );
 }

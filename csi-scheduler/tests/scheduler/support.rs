@@ -1,14 +1,18 @@
 //! Cluster objects for the extender's tests, written as the API server would
 //! serve them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
 use lvmlocal_proto::extender::ExtenderArgs;
+use lvmlocal_proto::heartbeat;
 use serde_json::{Value, json};
 
 use csi_scheduler::extender::{Extender, Policy};
@@ -38,6 +42,7 @@ pub fn synced(inventory: &mut Inventory) {
     inventory.apply_volume(Event::InitDone);
     inventory.apply_claim(Event::InitDone);
     inventory.apply_class(Event::InitDone);
+    inventory.apply_lease(Event::InitDone, Instant::now());
 }
 
 /// A node's `NodeLocalStorage` with one group per `(class, total bytes)`.
@@ -60,6 +65,27 @@ pub fn storage(node: &str, groups: &[(MediaClass, u64)]) -> NodeLocalStorage {
         "metadata": {"name": node, "resourceVersion": "1"},
         "spec": {"nodeName": node},
         "status": status,
+    }))
+    .unwrap()
+}
+
+/// The heartbeat Lease of `node`'s agent as the agent writes it, lasting
+/// 40 s; `renewed` (seconds since the epoch) is only compared for change.
+pub fn heartbeat(node: &str, renewed: i64) -> Lease {
+    serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": heartbeat::lease_name(node),
+            "namespace": "lvmlocal",
+            "labels": {heartbeat::LABEL: heartbeat::LABEL_VALUE},
+            "resourceVersion": "1",
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": 40,
+            "renewTime": Timestamp::from_second(renewed).unwrap().to_string(),
+        },
     }))
     .unwrap()
 }
@@ -165,10 +191,13 @@ pub fn names_args(pod: &Pod, nodes: &[&str]) -> ExtenderArgs {
     }
 }
 
-/// Applies the cluster's objects as watch events.
+/// Applies the cluster's objects as watch events, with a heartbeat just
+/// renewed by the agent of each node that has storage.
 pub fn apply_all(inventory: &mut Inventory, cluster: &Cluster) {
+    let now = Instant::now();
     for nls in &cluster.storages {
         inventory.apply_storage(Event::Apply(nls.clone()));
+        inventory.apply_lease(Event::Apply(heartbeat(&nls.name_any(), 1)), now);
     }
     for class in &cluster.classes {
         inventory.apply_class(Event::Apply(class.clone()));

@@ -25,6 +25,7 @@ const NLS: &str = "/apis/lvmlocal.io/v1alpha1/nodelocalstorages";
 const LV: &str = "/apis/lvmlocal.io/v1alpha1/logicalvolumes";
 const PVC: &str = "/api/v1/persistentvolumeclaims";
 const SC: &str = "/apis/storage.k8s.io/v1/storageclasses";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/lvmlocal/leases";
 
 /// What the scripted API server serves: the list of each path, and the open
 /// watch stream of each path to push events into.
@@ -137,26 +138,45 @@ async fn events_from_the_api_server_move_the_extenders_decisions() {
             "storage.k8s.io/v1",
             classes().iter().map(value).collect(),
         );
+        server.set_list(
+            LEASES,
+            "LeaseList",
+            "coordination.k8s.io/v1",
+            vec![
+                value(&heartbeat("node-a", 1)),
+                value(&heartbeat("node-b", 1)),
+            ],
+        );
     }
     let (transport, handle) = tower_test::mock::pair::<Request<Body>, Response<ApiBody>>();
     let api = tokio::spawn(serve(handle, server.clone()));
     let client = kube::Client::new(transport, "default");
     let extender = Arc::new(Extender::new(policy(), Metrics::new()));
-    let watching = tokio::spawn(follow_cluster(client, extender.clone()));
+    let watching = tokio::spawn(follow_cluster(client, "lvmlocal".into(), extender.clone()));
 
     eventually("the first listings", || {
         extender.inventory().unsynced().is_empty()
     })
     .await;
-    eventually("all four watches", || {
-        server.lock().unwrap().watches.len() == 4
+    eventually("all five watches", || {
+        server.lock().unwrap().watches.len() == 5
     })
     .await;
     {
         let server = server.lock().unwrap();
-        for path in [NLS, LV, PVC, SC] {
+        // Of Leases, only the heartbeats in the driver's namespace.
+        let heartbeats = "&labelSelector=lvmlocal.io%2Fheartbeat%3Dagent";
+        for (path, selector) in [
+            (NLS, ""),
+            (LV, ""),
+            (PVC, ""),
+            (SC, ""),
+            (LEASES, heartbeats),
+        ] {
             assert!(
-                server.requests.contains(&format!("{path}?&limit=500")),
+                server
+                    .requests
+                    .contains(&format!("{path}?{selector}&limit=500")),
                 "{:?}",
                 server.requests
             );
@@ -165,6 +185,7 @@ async fn events_from_the_api_server_move_the_extenders_decisions() {
                     .requests
                     .iter()
                     .any(|request| request.starts_with(path)
+                        && request.contains(selector)
                         && request.contains("watch=true")
                         && request.contains("resourceVersion=1000")),
                 "{:?}",
@@ -257,6 +278,28 @@ async fn events_from_the_api_server_move_the_extenders_decisions() {
         metrics.contains(r#"lvmlocal_scheduler_watch_errors_total{resource="logicalvolumes"} 1"#),
         "{metrics}"
     );
+
+    // node-b's heartbeat Lease goes away, then comes back.
+    server
+        .lock()
+        .unwrap()
+        .push(LEASES, "DELETED", value(&heartbeat("node-b", 1)));
+    eventually("node-b's agent is silent", || {
+        passing(&extender) == ["node-a"]
+    })
+    .await;
+    assert_eq!(
+        filter(&extender).failed_and_unresolvable_nodes.unwrap()["node-b"],
+        "the lvmlocal agent has no heartbeat"
+    );
+    server
+        .lock()
+        .unwrap()
+        .push(LEASES, "ADDED", value(&heartbeat("node-b", 2)));
+    eventually("node-b's agent beats again", || {
+        passing(&extender) == ["node-a", "node-b"]
+    })
+    .await;
 
     watching.abort();
     api.abort();
