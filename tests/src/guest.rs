@@ -129,18 +129,6 @@ pub fn http_get(address: &str, path: &str) -> String {
     )
 }
 
-/// The whole response (status line, headers, body) to a POST of JSON `body`.
-pub fn http_post(address: &str, path: &str, body: &str) -> String {
-    http(
-        address,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-}
-
 fn http(address: &str, request: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)
