@@ -236,6 +236,7 @@ impl Store for KubeStore {
     }
 
     async fn capacities(&self, media: MediaClass) -> Result<Vec<NodeCapacity>, StoreError> {
+        let now = std::time::Instant::now();
         Ok(capacities(
             media,
             &self.caches.storage(),
@@ -243,7 +244,7 @@ impl Store for KubeStore {
             &self.caches.node_names(),
             |node| {
                 self.caches
-                    .silence(node, std::time::Instant::now())
+                    .silence(node, now)
                     .map(|silence| silence.to_string())
             },
         ))

@@ -22,7 +22,6 @@ use k8s_openapi::api::core::v1::{
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
-use lvmlocal_proto::DRIVER_NAME;
 use lvmlocal_proto::crd::{LogicalVolume, PvcRef};
 use lvmlocal_proto::heartbeat::Silence;
 use lvmlocal_proto::logical_volume::names_volume;
@@ -377,7 +376,7 @@ impl Recovery {
             secondary: None,
         };
         if let Err(err) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %err, reason, driver = DRIVER_NAME, "cannot record event");
+            tracing::warn!(error = %err, reason, "cannot record event");
         }
     }
 }

@@ -956,22 +956,16 @@ impl NodeVm {
 
     /// Starts the agent in the guest, in a session of its own.
     pub fn start_agent(&self) -> anyhow::Result<()> {
-        self.start_agent_with(&[])
-    }
-
-    /// Starts the agent in the guest with `extra` arguments.
-    pub fn start_agent_with(&self, extra: &[&str]) -> anyhow::Result<()> {
         let agent = workspace_binary("csi-agent");
         let script = format!(
             "mkdir -p /run/lvmlocal\n\
              KUBECONFIG={} NODE_NAME={} POD_NAMESPACE={NAMESPACE} RUST_LOG=info setsid {} \
-             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 {} \
+             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 \
              >> /run/vmbed/agent.log 2>&1 &\n\
              echo $! > /run/vmbed/agent.pid\n",
             self.kubeconfig.display(),
             self.name,
-            agent.display(),
-            extra.join(" "),
+            agent.display()
         );
         self.sh(&script).map(drop)
     }
