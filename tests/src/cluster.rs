@@ -956,23 +956,37 @@ impl NodeVm {
 
     /// Starts the agent in the guest, in a session of its own.
     pub fn start_agent(&self) -> anyhow::Result<()> {
+        self.start_agent_with(&[])
+    }
+
+    /// Starts the agent in the guest with these extra arguments.
+    pub fn start_agent_with(&self, extra: &[&str]) -> anyhow::Result<()> {
         let agent = workspace_binary("csi-agent");
+        // A background job of a non-interactive shell shares the shell's
+        // process group, so setsid makes the session without forking and
+        // `$!` is the agent, the leader of its session and group.
         let script = format!(
             "mkdir -p /run/lvmlocal\n\
              KUBECONFIG={} NODE_NAME={} POD_NAMESPACE={NAMESPACE} RUST_LOG=info setsid {} \
-             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 \
+             --csi-endpoint unix:///run/lvmlocal/csi.sock --metrics-address 127.0.0.1:9808 {} \
              >> /run/vmbed/agent.log 2>&1 &\n\
              echo $! > /run/vmbed/agent.pid\n",
             self.kubeconfig.display(),
             self.name,
-            agent.display()
+            agent.display(),
+            extra.join(" "),
         );
         self.sh(&script).map(drop)
     }
 
-    /// SIGKILLs the agent's whole session.
+    /// SIGKILLs the agent's whole process group, as a crash would, and
+    /// waits until the agent is dead.
     pub fn kill_agent(&self) -> anyhow::Result<()> {
-        self.sh("kill -KILL -- -$(cat /run/vmbed/agent.pid); sleep 0.2")
+        // dash's kill takes `-PID` for a group, but not after `--`.
+        self.sh("p=$(cat /run/vmbed/agent.pid)\n\
+             [ -n \"$p\" ] || { echo no agent pid; exit 1; }\n\
+             kill -KILL -$p\n\
+             while [ -e /proc/$p ] && ! grep -q '^State:.Z' /proc/$p/status; do sleep 0.1; done\n")
             .map(drop)
     }
 

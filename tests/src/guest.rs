@@ -129,6 +129,18 @@ pub fn http_get(address: &str, path: &str) -> String {
     )
 }
 
+/// The whole HTTP/1.1 response to a POST of the JSON `body` to `path`.
+pub fn http_post(address: &str, path: &str, body: &str) -> String {
+    http(
+        address,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
 fn http(address: &str, request: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)

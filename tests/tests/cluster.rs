@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lvmlocal_tests::cluster::{Cluster, NodeVm, Options, TOPOLOGY_KEY};
+use lvmlocal_tests::cluster::{Cluster, NAMESPACE, NodeVm, Options, TOPOLOGY_KEY};
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::{GIB, HOST_FROM_GUEST, Vm};
 use serde_json::{Value, json};
@@ -1229,4 +1229,64 @@ fn lost_nodes_and_volumes_are_told_and_opted_in_claims_move() {
             .contains_key(&format!("lvmlocal-ssd/{fragile}")),
         "no blank LV is made in the lost one's place"
     );
+
+    // The agent stopped: once its heartbeat is past due, the node takes no
+    // new volume. GetCapacity gives 0 there and the extender refuses it,
+    // naming the silence.
+    node.kill_agent().unwrap();
+    node.start_agent_with(&["--heartbeat-seconds", "8"])
+        .unwrap();
+    wait_for("the 8 s heartbeat", Duration::from_secs(120), || {
+        let lease = cluster
+            .get(&["lease", "lvmlocal-agent-vm-node", "-n", NAMESPACE])
+            .map_err(|e| e.to_string())?;
+        (lease["spec"]["leaseDurationSeconds"] == 8)
+            .then_some(())
+            .ok_or(lease["spec"].to_string())
+    })
+    .unwrap();
+    cluster
+        .apply(&claim("stranded", "lvmlocal-nvme", "256Mi"))
+        .unwrap();
+    let filter = json!({
+        "Pod": pod("stranded", &["stranded"]),
+        "Nodes": null,
+        "NodeNames": ["vm-node"],
+    })
+    .to_string();
+    let extender = format!("127.0.0.1:{}", cluster.extender_port);
+    let answer = lvmlocal_tests::guest::http_post(&extender, "/lvmlocal/filter", &filter);
+    assert!(answer.contains(r#""NodeNames":["vm-node"]"#), "{answer}");
+    assert!(
+        cluster
+            .storage_capacity("vm-node", "lvmlocal-nvme")
+            .unwrap()
+            > Some(0),
+        "the live agent's node has room"
+    );
+    node.kill_agent().unwrap();
+    wait_for(
+        "no capacity on the silent node",
+        Duration::from_secs(120),
+        || match cluster.storage_capacity("vm-node", "lvmlocal-nvme") {
+            Ok(Some(0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    wait_for(
+        "the extender refuses the silent node",
+        Duration::from_secs(60),
+        || {
+            let answer = lvmlocal_tests::guest::http_post(&extender, "/lvmlocal/filter", &filter);
+            answer
+                .contains("the lvmlocal agent has not renewed its heartbeat")
+                .then_some(())
+                .ok_or(answer)
+        },
+    )
+    .unwrap();
+    let answer = lvmlocal_tests::guest::http_post(&extender, "/lvmlocal/filter", &filter);
+    assert!(answer.contains("FailedAndUnresolvableNodes"), "{answer}");
+    assert!(!answer.contains(r#""NodeNames":["vm-node"]"#), "{answer}");
 }
