@@ -3,13 +3,15 @@
 //! capacity of each node. Reads that decide idempotency go to the API
 //! server; waiting, listing and capacity use the watch caches.
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::ObjectMeta;
+use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec};
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
+use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
 use lvmlocal_proto::placement::NodeCapacity;
 use lvmlocal_proto::store::{Store, StoreError};
 use lvmlocal_proto::volume::{NewVolume, Volume, VolumeId};
@@ -21,6 +23,23 @@ use crate::capacity::capacities;
 
 /// Field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "lvmlocal-controller";
+
+/// What publishes the controller's events, under its name.
+pub fn recorder(client: Client) -> Recorder {
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: None,
+    };
+    Recorder::new(client, reporter)
+}
+
+/// Publishes an event about `regarding`; an event lost is only logged, as
+/// the action it tells of is already done or decided.
+pub async fn tell(recorder: &Recorder, regarding: &ObjectReference, event: Event) {
+    if let Err(err) = recorder.publish(&event, regarding).await {
+        tracing::warn!(error = %err, reason = %event.reason, "cannot record event");
+    }
+}
 
 /// The Kubernetes [`Store`].
 #[derive(Clone)]
@@ -49,18 +68,7 @@ impl KubeStore {
             .map_err(|err| {
                 StoreError::unavailable(format!("cannot list the PersistentVolumes of {id}"), err)
             })?;
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": lv.resource_version(),
-                "annotations": { DELETE_INTENT: intent(&pvs) },
-            }
-        });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..PatchParams::default()
-        };
-        self.api
-            .patch(&id, &params, &Patch::Merge(&patch))
+        record_intent(&self.api, lv, &intent(&pvs))
             .await
             .map_err(|err| {
                 StoreError::unavailable(
@@ -68,6 +76,48 @@ impl KubeStore {
                     err,
                 )
             })
+    }
+}
+
+/// Records on `lv` who asks for its deletion and why, the evidence the
+/// admission policy and the agent look for; refused if `lv` changed since
+/// it was read. Returns the object as written.
+pub async fn record_intent(
+    api: &Api<LogicalVolume>,
+    lv: &LogicalVolume,
+    intent: &str,
+) -> Result<LogicalVolume, kube::Error> {
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": lv.resource_version(),
+            "annotations": { DELETE_INTENT: intent },
+        }
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    api.patch(&lv.name_any(), &params, &Patch::Merge(&patch))
+        .await
+}
+
+/// Deletes `lv` if it is still the object as read, intent included; gone
+/// already is not an error.
+pub async fn delete_as_read(
+    api: &Api<LogicalVolume>,
+    lv: &LogicalVolume,
+) -> Result<(), kube::Error> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: lv.uid(),
+            resource_version: lv.resource_version(),
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&lv.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(err) => Err(err),
     }
 }
 
@@ -97,6 +147,8 @@ impl Store for KubeStore {
                 // Set from the first moment, so no deletion can slip in
                 // before the agent has seen the object and made the LV.
                 finalizers: Some(vec![LV_FINALIZER.to_owned()]),
+                annotations: (new.on_node_loss == OnNodeLoss::Recreate)
+                    .then(|| [(ON_NODE_LOSS.to_owned(), OnNodeLoss::Recreate.to_string())].into()),
                 ..ObjectMeta::default()
             },
             spec: LogicalVolumeSpec {
@@ -178,21 +230,9 @@ impl Store for KubeStore {
         if lv.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: lv.uid(),
-                resource_version: lv.resource_version(),
-            }),
-            ..DeleteParams::default()
-        };
-        match self.api.delete(id.as_str(), &params).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-            Err(err) => Err(StoreError::unavailable(
-                format!("cannot delete LogicalVolume {id}"),
-                err,
-            )),
-        }
+        delete_as_read(&self.api, &lv).await.map_err(|err| {
+            StoreError::unavailable(format!("cannot delete LogicalVolume {id}"), err)
+        })
     }
 
     async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StoreError> {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod kube_store;
 pub mod leader;
 pub mod recovery;
+pub mod unclaimed;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use tonic::transport::Server;
 
 use crate::kube_store::KubeStore;
 use crate::leader::{Leadership, LeaseError, LeaseSettings};
+use crate::unclaimed::UnclaimedMetrics;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -97,9 +99,16 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     pub recovery_silence_seconds: u64,
 
-    /// Most claims recreated after a loss in any one minute.
+    /// Most claims recreated after a loss, and most unclaimed volumes
+    /// collected, in any one minute.
     #[arg(long, default_value_t = 5)]
     pub recovery_max_per_minute: usize,
+
+    /// Seconds a LogicalVolume must have had no PersistentVolume and no
+    /// claim waiting for it before it is reported, and collected if its
+    /// class chose lvmlocal.io/on-node-loss=recreate.
+    #[arg(long, default_value_t = 900)]
+    pub unclaimed_grace_seconds: u64,
 
     #[command(flatten)]
     pub log: LogArgs,
@@ -142,8 +151,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
     let metrics = RpcMetrics::default();
+    let unclaimed = UnclaimedMetrics::default();
     let mut registry = Registry::with_prefix("lvmlocal");
     metrics.register(&mut registry);
+    unclaimed.register(&mut registry);
     let http_listener = TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| RunError::Http {
@@ -164,7 +175,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         %metrics_address,
         "csi-controller started"
     );
-    let work = serve_when_leader(&args, client, metrics, &socket, stopping);
+    let work = serve_when_leader(&args, client, metrics, unclaimed, &socket, stopping);
     tokio::pin!(work);
     tokio::select! {
         result = &mut work => result,
@@ -183,6 +194,7 @@ async fn serve_when_leader(
     args: &Args,
     client: Client,
     metrics: RpcMetrics,
+    unclaimed: UnclaimedMetrics,
     socket: &Path,
     stopping: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
@@ -217,6 +229,18 @@ async fn serve_when_leader(
             silence_grace: Duration::from_secs(args.recovery_silence_seconds),
             per_minute: args.recovery_max_per_minute,
             every: Duration::from_secs(10),
+        },
+    ));
+    tokio::spawn(unclaimed::run(
+        client.clone(),
+        caches.clone(),
+        unclaimed,
+        unclaimed::Settings {
+            grace: Duration::from_secs(args.unclaimed_grace_seconds),
+            per_minute: args.recovery_max_per_minute,
+            // Each sweep lists every PersistentVolume.
+            every: Duration::from_secs(args.unclaimed_grace_seconds / 4)
+                .clamp(Duration::from_secs(5), Duration::from_secs(60)),
         },
     ));
 

@@ -2,7 +2,8 @@
 //!
 //! A local volume does not survive its node. For a replicated store that
 //! rebuilds a replica by itself, the way out is a new claim elsewhere: so,
-//! only for claims that opt in with [`ON_NODE_LOSS`]` = recreate`, the
+//! only for claims that opt in with [`ON_NODE_LOSS`]` = recreate` (on the
+//! claim, or as a parameter of its StorageClass), the
 //! controller deletes the claim (and the pod still holding it), and the
 //! StatefulSet makes both again on a node that is alive. It acts on positive
 //! evidence only, checked against the API server at the moment of acting:
@@ -16,22 +17,18 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{
-    Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
-};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::crd::{LogicalVolume, PvcRef};
 use lvmlocal_proto::heartbeat::Silence;
 use lvmlocal_proto::logical_volume::names_volume;
+use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
 
 use crate::caches::Caches;
-use crate::kube_store::FIELD_MANAGER;
+use crate::kube_store::{recorder, tell};
 
-/// The claim annotation that opts in; its one value is [`RECREATE`].
-pub const ON_NODE_LOSS: &str = "lvmlocal.io/on-node-loss";
-pub const RECREATE: &str = "recreate";
 /// The condition reason the agent gives a volume whose LV is gone.
 const VOLUME_LOST: &str = "VolumeLost";
 
@@ -71,6 +68,8 @@ pub struct Loss {
     pub node: String,
     pub claim: PvcRef,
     pub cause: Cause,
+    /// What the volume's StorageClass chose, recorded on it at creation.
+    pub recorded: OnNodeLoss,
 }
 
 /// The losses the caches show: live volumes serving a claim whose node is
@@ -111,17 +110,29 @@ pub fn losses(
             node: node.clone(),
             claim: claim.clone(),
             cause,
+            recorded: recorded(lv),
         });
     }
     found
 }
 
-/// Whether the claim asked to be recreated when its volume is lost.
-pub fn opted_in(claim: &PersistentVolumeClaim) -> bool {
-    claim
-        .annotations()
+/// The choice recorded on a `LogicalVolume`: its StorageClass's parameter,
+/// or an operator's annotation on the object itself.
+pub fn recorded(lv: &LogicalVolume) -> OnNodeLoss {
+    lv.annotations()
         .get(ON_NODE_LOSS)
-        .is_some_and(|value| value.trim() == RECREATE)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_default()
+}
+
+/// What to do with a claim whose volume is lost: the claim's own annotation
+/// if it has a valid one, else what its class chose. A value that does not
+/// parse keeps the claim.
+pub fn choice(claim: &PersistentVolumeClaim, recorded: OnNodeLoss) -> OnNodeLoss {
+    match claim.annotations().get(ON_NODE_LOSS) {
+        Some(value) => value.parse().unwrap_or(OnNodeLoss::Keep),
+        None => recorded,
+    }
 }
 
 /// Whether a Node object says it is not Ready.
@@ -211,15 +222,11 @@ enum RecoveryError {
 
 impl Recovery {
     fn new(client: Client, per_minute: usize) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: None,
-        };
         Self {
             nodes: Api::all(client.clone()),
             volumes: Api::all(client.clone()),
             pvs: Api::all(client.clone()),
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: recorder(client.clone()),
             client,
             limit: RateLimit::new(per_minute),
             told: HashSet::new(),
@@ -248,11 +255,12 @@ impl Recovery {
         }
         let uid = claim.uid().unwrap_or_default();
         let says = loss.cause.says(&loss.node);
-        if !opted_in(&claim) {
+        if choice(&claim, loss.recorded) == OnNodeLoss::Keep {
             if self.told.insert((uid, loss.cause)) {
                 let note = format!(
-                    "{says}; the claim is kept: annotate it {ON_NODE_LOSS}={RECREATE} to let \
-                     lvmlocal delete it so its StatefulSet recreates it on another node"
+                    "{says}; the claim is kept: annotate it {ON_NODE_LOSS}=recreate (or set that \
+                     parameter on its StorageClass) to let lvmlocal delete it so its \
+                     StatefulSet recreates it on another node"
                 );
                 tracing::warn!(%note, "lost volume kept");
                 self.tell(&claim, EventType::Warning, loss.cause.reason(), note)
@@ -359,7 +367,7 @@ impl Recovery {
         Ok(())
     }
 
-    /// An event on the claim; an event lost is only logged.
+    /// An event on the claim.
     async fn tell(
         &self,
         claim: &PersistentVolumeClaim,
@@ -367,7 +375,6 @@ impl Recovery {
         reason: &str,
         note: String,
     ) {
-        let reference: ObjectReference = claim.object_ref(&());
         let event = Event {
             type_,
             reason: reason.into(),
@@ -375,9 +382,7 @@ impl Recovery {
             action: "Recover".into(),
             secondary: None,
         };
-        if let Err(err) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %err, reason, "cannot record event");
-        }
+        tell(&self.recorder, &claim.object_ref(&()), event).await;
     }
 }
 
@@ -454,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn only_recreate_opts_in() {
+    fn the_claim_decides_over_its_class_and_only_recreate_opts_in() {
         let claim = |value: Option<&str>| {
             let mut claim = PersistentVolumeClaim::default();
             if let Some(value) = value {
@@ -464,9 +469,25 @@ mod tests {
             }
             claim
         };
-        assert!(opted_in(&claim(Some("recreate"))));
-        assert!(!opted_in(&claim(Some("keep"))));
-        assert!(!opted_in(&claim(None)));
+        use OnNodeLoss::{Keep, Recreate};
+        for (annotation, class, chosen) in [
+            (Some("recreate"), Keep, Recreate),
+            (Some("keep"), Recreate, Keep),
+            (Some("yes"), Recreate, Keep),
+            (None, Recreate, Recreate),
+            (None, Keep, Keep),
+        ] {
+            assert_eq!(
+                choice(&claim(annotation), class),
+                chosen,
+                "{annotation:?} {class}"
+            );
+        }
+        let mut lv = (*lv("a", "n", None)).clone();
+        assert_eq!(recorded(&lv), Keep);
+        lv.annotations_mut()
+            .insert(ON_NODE_LOSS.to_owned(), "recreate".to_owned());
+        assert_eq!(recorded(&lv), Recreate);
     }
 
     #[test]

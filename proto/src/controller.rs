@@ -130,6 +130,7 @@ impl<S: Store> ControllerService<S> {
             access: req.access,
             size_bytes,
             pvc: req.pvc.clone(),
+            on_node_loss: req.on_node_loss,
         })
     }
 

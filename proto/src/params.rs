@@ -12,6 +12,9 @@ pub const MEDIA_PARAM: &str = "lvmlocal.io/media";
 pub const FS_TYPE_PARAM: &str = "csi.storage.k8s.io/fstype";
 /// StorageClass parameter overriding the extender's default placement.
 pub const PLACEMENT_PARAM: &str = "lvmlocal.io/placement";
+/// StorageClass parameter, and claim annotation, choosing what happens to a
+/// claim whose volume is lost with its node or disk: [`OnNodeLoss`].
+pub const ON_NODE_LOSS: &str = "lvmlocal.io/on-node-loss";
 /// Added by csi-provisioner's `--extra-create-metadata`.
 pub const PVC_NAME_PARAM: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE_PARAM: &str = "csi.storage.k8s.io/pvc/namespace";
@@ -58,6 +61,48 @@ impl FromStr for Placement {
     }
 }
 
+/// What becomes of a claim whose volume is lost, and of a volume left with
+/// no claim: kept for an operator to decide (the default), or given up so
+/// that a StatefulSet recreates the claim elsewhere and the leftover is
+/// collected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum OnNodeLoss {
+    #[default]
+    Keep,
+    Recreate,
+}
+
+impl OnNodeLoss {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OnNodeLoss::Keep => "keep",
+            OnNodeLoss::Recreate => "recreate",
+        }
+    }
+}
+
+impl fmt::Display for OnNodeLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{ON_NODE_LOSS} must be keep or recreate, not {0:?}")]
+pub struct ParseOnNodeLossError(String);
+
+impl FromStr for OnNodeLoss {
+    type Err = ParseOnNodeLossError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "keep" => Ok(OnNodeLoss::Keep),
+            "recreate" => Ok(OnNodeLoss::Recreate),
+            _ => Err(ParseOnNodeLossError(s.to_owned())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +115,16 @@ mod tests {
             assert!(bad.parse::<Placement>().is_err(), "{bad:?}");
         }
         assert_eq!(Placement::Spread.to_string(), "spread");
+    }
+
+    #[test]
+    fn on_node_loss_is_keep_unless_recreate_is_spelt() {
+        assert_eq!(OnNodeLoss::default(), OnNodeLoss::Keep);
+        assert_eq!(" recreate".parse(), Ok(OnNodeLoss::Recreate));
+        assert_eq!("keep".parse(), Ok(OnNodeLoss::Keep));
+        for bad in ["", "Recreate", "delete", "yes"] {
+            let err = bad.parse::<OnNodeLoss>().unwrap_err();
+            assert!(err.to_string().contains(ON_NODE_LOSS), "{err}");
+        }
     }
 }

@@ -14,8 +14,8 @@ use crate::csi::v1::{
     VolumeCapability,
 };
 use crate::params::{
-    FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM, PV_NAME_PARAM, PVC_NAME_PARAM,
-    PVC_NAMESPACE_PARAM, Placement,
+    FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, OnNodeLoss, PLACEMENT_PARAM, PV_NAME_PARAM,
+    PVC_NAME_PARAM, PVC_NAMESPACE_PARAM, ParseOnNodeLossError, Placement,
 };
 use crate::{MediaClass, ParseMediaClassError, TOPOLOGY_KEY};
 use tonic::Code;
@@ -61,8 +61,10 @@ pub enum Invalid {
     Media(#[from] ParseMediaClassError),
     #[error("parameter {PLACEMENT_PARAM} must be binpack or spread, not {0:?}")]
     Placement(String),
+    #[error("parameter {0}")]
+    OnNodeLoss(#[from] ParseOnNodeLossError),
     #[error(
-        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM} and {PLACEMENT_PARAM}"
+        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM}, {PLACEMENT_PARAM} and {ON_NODE_LOSS}"
     )]
     UnknownParameter(String),
     #[error("parameters {PVC_NAME_PARAM} and {PVC_NAMESPACE_PARAM} come together")]
@@ -135,6 +137,7 @@ pub struct CreateRequest {
     pub size: SizeRange,
     pub nodes: NodeChoice,
     pub pvc: Option<PvcRef>,
+    pub on_node_loss: OnNodeLoss,
 }
 
 /// A checked ControllerExpandVolume.
@@ -176,6 +179,7 @@ pub struct Parameters {
     pub media: Option<MediaClass>,
     pub fs_type: Option<FsType>,
     pub pvc: Option<PvcRef>,
+    pub on_node_loss: OnNodeLoss,
 }
 
 /// Checks a volume id from a CO request; shared with the Node service.
@@ -216,6 +220,7 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
         size,
         nodes,
         pvc: params.pvc,
+        on_node_loss: params.on_node_loss,
     })
 }
 
@@ -348,6 +353,7 @@ pub fn parameters(params: &HashMap<String, String>) -> Result<Parameters, Invali
             FS_TYPE_PARAM => parsed.fs_type = Some(value.parse()?),
             PLACEMENT_PARAM if value.parse::<Placement>().is_ok() => {}
             PLACEMENT_PARAM => return Err(Invalid::Placement(value.clone())),
+            ON_NODE_LOSS => parsed.on_node_loss = value.parse()?,
             PVC_NAME_PARAM => pvc_name = Some(value.clone()),
             PVC_NAMESPACE_PARAM => pvc_namespace = Some(value.clone()),
             PV_NAME_PARAM => {}
@@ -456,6 +462,7 @@ mod tests {
             (MEDIA_PARAM, "ssd"),
             (FS_TYPE_PARAM, "xfs"),
             (PLACEMENT_PARAM, "spread"),
+            (ON_NODE_LOSS, "recreate"),
             (PVC_NAME_PARAM, "data-0"),
             (PVC_NAMESPACE_PARAM, "db"),
             (PV_NAME_PARAM, PVC),
@@ -485,6 +492,7 @@ mod tests {
                     namespace: "db".into(),
                     name: "data-0".into()
                 }),
+                on_node_loss: OnNodeLoss::Recreate,
             }
         );
     }
@@ -504,6 +512,7 @@ mod tests {
         );
         assert_eq!(got.nodes, NodeChoice::default());
         assert_eq!(got.pvc, None);
+        assert_eq!(got.on_node_loss, OnNodeLoss::Keep);
         req.capacity_range = Some(CapacityRange::default());
         assert_eq!(
             create(&req).unwrap().size,
@@ -636,6 +645,14 @@ mod tests {
                     r.parameters.insert(PLACEMENT_PARAM.into(), "random".into());
                 },
                 Invalid::Placement("random".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                "bad choice on node loss",
+                |r| {
+                    r.parameters.insert(ON_NODE_LOSS.into(), "delete".into());
+                },
+                Invalid::OnNodeLoss("delete".parse::<OnNodeLoss>().unwrap_err()),
                 Code::InvalidArgument,
             ),
             (

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use crate::MediaClass;
 use crate::crd::PvcRef;
+use crate::params::OnNodeLoss;
 use sha2::{Digest, Sha256};
 
 /// Longest volume id: a Kubernetes label-sized name, which is also a valid
@@ -207,6 +208,9 @@ pub struct NewVolume {
     pub access: Access,
     pub size_bytes: u64,
     pub pvc: Option<PvcRef>,
+    /// The class's choice, kept with the volume: a claim deleted meanwhile
+    /// can no longer say it.
+    pub on_node_loss: OnNodeLoss,
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ pub struct Options {
     pub placement: &'static str,
     /// csi-controller's --volume-wait-seconds.
     pub volume_wait_secs: u64,
+    /// csi-controller's --unclaimed-grace-seconds; None: deploy's.
+    pub unclaimed_grace_secs: Option<u64>,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
         Self {
             placement: "binpack",
             volume_wait_secs: 20,
+            unclaimed_grace_secs: None,
         }
     }
 }
@@ -614,24 +617,24 @@ impl Cluster {
             "controller",
         )?;
         let _ = fs::remove_file(self.controller_socket());
-        let args = self.deploy_args(
-            "lvmlocal-controller",
-            "controller",
-            &[
-                (
-                    "--csi-endpoint",
-                    format!("unix://{}", self.controller_socket().display()),
-                ),
-                (
-                    "--metrics-address",
-                    format!("127.0.0.1:{}", self.controller_metrics_port),
-                ),
-                (
-                    "--volume-wait-seconds",
-                    self.options.volume_wait_secs.to_string(),
-                ),
-            ],
-        )?;
+        let mut overrides = vec![
+            (
+                "--csi-endpoint",
+                format!("unix://{}", self.controller_socket().display()),
+            ),
+            (
+                "--metrics-address",
+                format!("127.0.0.1:{}", self.controller_metrics_port),
+            ),
+            (
+                "--volume-wait-seconds",
+                self.options.volume_wait_secs.to_string(),
+            ),
+        ];
+        if let Some(grace) = self.options.unclaimed_grace_secs {
+            overrides.push(("--unclaimed-grace-seconds", grace.to_string()));
+        }
+        let args = self.deploy_args("lvmlocal-controller", "controller", &overrides)?;
         let mut command = Command::new(workspace_binary("csi-controller"));
         command
             .args(args)

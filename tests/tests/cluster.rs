@@ -132,9 +132,21 @@ fn wait_bound(cluster: &Cluster, name: &str, timeout: Duration) -> Value {
 
 /// The messages of the events about object `name` in the test namespace.
 fn events(cluster: &Cluster, name: &str) -> String {
+    events_in(cluster, &["-n", NS], name)
+}
+
+/// The messages of the events about object `name` in any namespace, for
+/// cluster-scoped objects.
+fn all_events(cluster: &Cluster, name: &str) -> String {
+    events_in(cluster, &["-A"], name)
+}
+
+fn events_in(cluster: &Cluster, scope: &[&str], name: &str) -> String {
     let selector = format!("involvedObject.name={name}");
+    let mut args = vec!["events", "--field-selector", &selector];
+    args.extend_from_slice(scope);
     cluster
-        .get(&["events", "-n", NS, "--field-selector", &selector])
+        .get(&args)
         .map(|list| {
             list["items"]
                 .as_array()
@@ -1104,7 +1116,11 @@ fn opted_in_stateful_set(name: &str, replicas: u32, size: &str) -> Value {
 #[test]
 fn lost_nodes_and_volumes_are_told_and_opted_in_claims_move() {
     let _serial = serial();
-    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let mut cluster = Cluster::start(Options {
+        unclaimed_grace_secs: Some(20),
+        ..Options::default()
+    })
+    .expect("starting the cluster");
     cluster.add_paper_node("paper", "ssd", 2 * GIB).unwrap();
     let node = node_vm(&mut cluster, "vm-node");
 
@@ -1229,6 +1245,113 @@ fn lost_nodes_and_volumes_are_told_and_opted_in_claims_move() {
             .contains_key(&format!("lvmlocal-ssd/{fragile}")),
         "no blank LV is made in the lost one's place"
     );
+
+    // A class may opt in too: the API server takes its parameter and
+    // refuses a wrong value, and CreateVolume records the choice on the
+    // volume. Volumes left with no PV and no claim (Retain, then the PV
+    // deleted by hand) are reported; the opted-in one is collected, LV and
+    // all, the other kept.
+    let mut class: Value = cluster.get(&["storageclass", "lvmlocal-ssd"]).unwrap();
+    class["metadata"] = json!({"name": "lvmlocal-ssd-recreate"});
+    class["reclaimPolicy"] = "Retain".into();
+    class["parameters"]["lvmlocal.io/on-node-loss"] = "delete".into();
+    let refused = cluster.apply(&class).expect_err("a wrong choice");
+    assert!(
+        format!("{refused:#}").contains("lvmlocal.io/on-node-loss must be keep or recreate"),
+        "{refused:#}"
+    );
+    class["parameters"]["lvmlocal.io/on-node-loss"] = "recreate".into();
+    cluster.apply(&class).unwrap();
+    class["metadata"] = json!({"name": "lvmlocal-ssd-retain"});
+    class["parameters"]
+        .as_object_mut()
+        .unwrap()
+        .remove("lvmlocal.io/on-node-loss");
+    cluster.apply(&class).unwrap();
+    let mut left = Vec::new();
+    let mut pvs = Vec::new();
+    for (name, class) in [
+        ("collected", "lvmlocal-ssd-recreate"),
+        ("kept", "lvmlocal-ssd-retain"),
+    ] {
+        cluster.apply(&claim(name, class, "64Mi")).unwrap();
+        cluster.apply(&pod(name, &[name])).unwrap();
+        let pvc = wait_bound(&cluster, name, Duration::from_secs(120));
+        pvs.push(pvc["spec"]["volumeName"].as_str().unwrap().to_owned());
+        left.push(lv_of(&cluster, name));
+    }
+    let [collected, kept] = [left[0].clone(), left[1].clone()];
+    let llv = cluster.get(&["logicalvolume", &collected]).unwrap();
+    assert_eq!(
+        llv["metadata"]["annotations"]["lvmlocal.io/on-node-loss"], "recreate",
+        "{llv}"
+    );
+    let llv = cluster.get(&["logicalvolume", &kept]).unwrap();
+    assert!(
+        llv["metadata"]["annotations"]["lvmlocal.io/on-node-loss"].is_null(),
+        "{llv}"
+    );
+    for name in ["collected", "kept"] {
+        delete_pod(&cluster, name);
+        cluster.kubectl(&["delete", "pvc", name, "-n", NS]).unwrap();
+    }
+    for lv in [&collected, &kept] {
+        wait_for(
+            &format!("PV {lv} Released"),
+            Duration::from_secs(60),
+            || {
+                let pv = cluster.get(&["pv", lv]).map_err(|e| e.to_string())?;
+                (pv["status"]["phase"] == "Released")
+                    .then_some(())
+                    .ok_or(pv["status"].to_string())
+            },
+        )
+        .unwrap();
+        cluster.kubectl(&["delete", "pv", lv]).unwrap();
+    }
+    wait_for(
+        "the opted-in leftover collected",
+        Duration::from_secs(180),
+        || {
+            let gone = cluster
+                .kubectl(&["get", "logicalvolume", &collected, "--ignore-not-found"])
+                .map_err(|e| e.to_string())?
+                .trim()
+                .is_empty();
+            let lvs = node.lvs().map_err(|e| e.to_string())?;
+            (gone && !lvs.contains_key(&format!("lvmlocal-ssd/{collected}")))
+                .then_some(())
+                .ok_or(format!("{lvs:?}\n{}", all_events(&cluster, &collected)))
+        },
+    )
+    .unwrap();
+    assert!(
+        all_events(&cluster, &collected).contains("collecting it"),
+        "{}",
+        all_events(&cluster, &collected)
+    );
+    let said = all_events(&cluster, &kept);
+    assert!(
+        said.contains("Unclaimed") && said.contains("it is kept"),
+        "{said}"
+    );
+    assert!(
+        node.lvs()
+            .unwrap()
+            .contains_key(&format!("lvmlocal-ssd/{kept}")),
+        "the leftover without the opt-in keeps its LV"
+    );
+    wait_for("the leftover counted", Duration::from_secs(60), || {
+        let metrics = lvmlocal_tests::guest::http_get(
+            &format!("127.0.0.1:{}", cluster.controller_metrics_port),
+            "/metrics",
+        );
+        metrics
+            .contains(r#"lvmlocal_controller_unclaimed_volumes{media="ssd"} 1"#)
+            .then_some(())
+            .ok_or(metrics)
+    })
+    .unwrap();
 
     // The agent stopped: once its heartbeat is past due, the node takes no
     // new volume. GetCapacity gives 0 there and the extender refuses it,

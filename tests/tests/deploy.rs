@@ -32,7 +32,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use lvmlocal_proto::crd::DELETE_INTENT;
-use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, PLACEMENT_PARAM};
+use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
@@ -442,7 +442,7 @@ fn csi_driver_and_storage_classes_use_the_drivers_names() {
         let parameters = class.parameters.clone().unwrap();
         for key in parameters.keys() {
             assert!(
-                [MEDIA_PARAM, FS_TYPE_PARAM, PLACEMENT_PARAM].contains(&key.as_str()),
+                [MEDIA_PARAM, FS_TYPE_PARAM, PLACEMENT_PARAM, ON_NODE_LOSS].contains(&key.as_str()),
                 "{name}: csi-controller refuses parameter {key}"
             );
         }
@@ -1436,7 +1436,8 @@ fn example_stateful_set_spreads_nvme_volumes_over_nodes() {
 }
 
 /// The admission policy checks StorageClasses with the names the driver
-/// reads: every parameter, media class, filesystem and placement.
+/// reads: every parameter, media class, filesystem, placement and choice
+/// on node loss.
 #[test]
 fn storage_class_policy_knows_the_drivers_names() {
     let objects = render("deploy/base");
@@ -1454,11 +1455,12 @@ fn storage_class_policy_knows_the_drivers_names() {
         MEDIA_PARAM,
         PLACEMENT_PARAM,
         FS_TYPE_PARAM,
+        ON_NODE_LOSS,
         "csi.storage.k8s.io/",
     ]
     .into_iter()
     .chain(MediaClass::ALL.iter().map(|media| media.as_str()))
-    .chain(["ext4", "xfs", "binpack", "spread"])
+    .chain(["ext4", "xfs", "binpack", "spread", "keep", "recreate"])
     {
         assert!(
             text.contains(&format!("\\\"{name}\\\"")),
