@@ -124,6 +124,8 @@ pub fn local(id: &str, media: MediaClass, size_bytes: u64) -> LocalVolume {
         pvc: Some("db/data-0".into()),
         device_path: format!("/dev/lvmlocal-{media}/{id}"),
         healthy: true,
+        dm_name: None,
+        kernel_errors: None,
     }
 }
 

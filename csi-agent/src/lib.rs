@@ -13,6 +13,7 @@ mod fake_lvm;
 pub mod fs_probe;
 pub mod heartbeat;
 pub mod inventory;
+pub mod kernel_log;
 pub mod lvm;
 pub mod metrics;
 pub mod mount;
@@ -30,7 +31,7 @@ pub mod uevent;
 pub mod volumes;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ use crate::claim::{NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
+use crate::kernel_log::KernelErrors;
 use crate::lvm::Lvm;
 use crate::metrics::Metrics;
 use crate::mount::Mounter;
@@ -210,6 +212,8 @@ impl DiscoveryArgs {
 /// How long shutdown waits for LV changes in flight: within the default
 /// 30 s termination grace period, with room for the rest of the exit.
 const CHANGES_DRAIN: Duration = Duration::from_secs(20);
+/// Where the kernel logs filesystem and I/O errors.
+const KERNEL_LOG: &str = "/dev/kmsg";
 
 pub async fn run(args: Args) -> Result<(), AgentError> {
     match args.command {
@@ -281,7 +285,8 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let config = args.discovery.resolve()?;
     let runner = Runner::default().with_metrics(metrics.commands.clone());
     let lvm = Lvm::new(runner.clone());
-    let volumes = Arc::new(Volumes::new(lvm, &config));
+    let kernel_errors = KernelErrors::default();
+    let volumes = Arc::new(Volumes::new(lvm, &config, kernel_errors.clone()));
     let mut rescanner = Rescanner::new(
         config.clone(),
         args.discovery.sources(),
@@ -306,8 +311,11 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         .node
         .clone()
         .map(|node| tokio::spawn(node.watch(trigger.clone())));
-    if let Err(err) = uevent::watch(trigger) {
+    if let Err(err) = uevent::watch(trigger.clone()) {
         tracing::warn!(error = %err, "no uevents; disks are found by periodic rescans only");
+    }
+    if let Err(err) = kernel_log::watch(Path::new(KERNEL_LOG), kernel_errors, trigger) {
+        tracing::warn!(error = %err, path = KERNEL_LOG, "no kernel log; filesystem errors go unseen");
     }
     let disks = tokio::spawn(rescanner.run(triggered));
 

@@ -92,7 +92,7 @@ impl Lvm {
         args.extend([
             "--nosuffix",
             "-o",
-            "lv_name,vg_name,lv_size,lv_tags,lv_attr,lv_path",
+            "lv_name,vg_name,lv_size,lv_tags,lv_attr,lv_path,lv_kernel_minor",
         ]);
         args.extend(vg);
         let cmd = Cmd::new("lvs", args);
@@ -273,6 +273,8 @@ pub struct Lv {
     /// minor, state (`a` active), device open, target type, zeroing, health.
     pub attr: String,
     pub path: String,
+    /// Minor number of its device-mapper device while active.
+    pub kernel_minor: Option<u32>,
 }
 
 impl Lv {
@@ -369,6 +371,10 @@ fn parse_lv(row: &Row) -> Result<Lv, String> {
         tags: tags(row, "lv_tags")?,
         attr: field(row, "lv_attr")?.to_owned(),
         path: field(row, "lv_path")?.to_owned(),
+        // -1 while inactive; absent from reports of older tools.
+        kernel_minor: field(row, "lv_kernel_minor")
+            .ok()
+            .and_then(|minor| minor.parse().ok()),
     })
 }
 
@@ -477,6 +483,7 @@ mod tests {
             tags: vec![],
             attr: attr.into(),
             path: "/dev/g/v".into(),
+            kernel_minor: Some(3),
         };
         assert!(lv("-wi-ao----").active() && lv("-wi-ao----").open());
         assert!(lv("-wi-a-----").active() && !lv("-wi-a-----").open());

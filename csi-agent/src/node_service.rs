@@ -484,17 +484,19 @@ impl NodeService {
                 path: req.volume_path.clone(),
             });
         };
-        let (abnormal, message) = match (volume.healthy, seen.on_device) {
-            (false, _) => (
+        let (abnormal, message) = match (volume.healthy, seen.on_device, seen.unreadable) {
+            (false, _, _) => (
                 true,
                 format!("logical volume {} is not active or unhealthy", volume.id),
             ),
-            (true, None) => (true, format!("{} is not mounted", path.display())),
-            (true, Some(false)) => (
+            (true, _, _) if volume.kernel_errors.is_some() => (true, volume.condition().message),
+            (true, _, Some(unreadable)) => (true, unreadable),
+            (true, None, None) => (true, format!("{} is not mounted", path.display())),
+            (true, Some(false), None) => (
                 true,
                 format!("{} is mounted from another device", path.display()),
             ),
-            (true, Some(true)) => (false, "healthy".to_owned()),
+            (true, Some(true), None) => (false, "healthy".to_owned()),
         };
         let usage = seen.usage.unwrap_or_else(|| vec![raw_usage(size)]);
         if let Some(bytes) = usage.first() {
@@ -547,49 +549,73 @@ struct Seen {
     on_device: Option<bool>,
     /// Bytes and inodes of the volume's filesystem mounted there.
     usage: Option<Vec<VolumeUsage>>,
+    /// Why the filesystem mounted there could not be read (a filesystem
+    /// shut down after an error answers EIO).
+    unreadable: Option<String>,
 }
 
 /// Looks at `path` for the volume on `device`; None if there is no such path.
 /// Blocking: it stats and statvfs's a pod's path.
 fn look_at(path: &Path, device: &Path) -> Result<Option<Seen>, MountError> {
-    if !path.exists() {
-        return Ok(None);
-    }
     let device = devno(device)?;
-    let dir = path.is_dir();
+    let dir = match std::fs::metadata(path) {
+        Ok(meta) => meta.is_dir(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // A filesystem shut down after an error fails even a stat of its root.
+        Err(err) => {
+            return Ok(Some(Seen {
+                on_device: mounted_at(path)?.map(|mount| mount.devno == device),
+                usage: None,
+                unreadable: Some(format!("cannot read {}: {err}", path.display())),
+            }));
+        }
+    };
     let on_device = match mounted_at(path)? {
         // A raw block volume is its device file, bound onto the path.
         Some(_) if !dir => Some(devno(path)? == device),
         Some(mount) => Some(mount.devno == device),
         None => None,
     };
-    let usage = if dir && on_device == Some(true) {
-        let fs = nix::sys::statvfs::statvfs(path).map_err(|err| MountError::Io {
-            path: path.display().to_string(),
-            source: err.into(),
-        })?;
-        let fragment = fs.fragment_size();
-        let bytes =
-            |blocks: u64| i64::try_from(blocks.saturating_mul(fragment)).unwrap_or(i64::MAX);
-        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        Some(vec![
-            VolumeUsage {
-                available: bytes(fs.blocks_available()),
-                total: bytes(fs.blocks()),
-                used: bytes(fs.blocks() - fs.blocks_free()),
-                unit: Unit::Bytes as i32,
-            },
-            VolumeUsage {
-                available: count(fs.files_available()),
-                total: count(fs.files()),
-                used: count(fs.files() - fs.files_free()),
-                unit: Unit::Inodes as i32,
-            },
-        ])
+    let (usage, unreadable) = if dir && on_device == Some(true) {
+        match nix::sys::statvfs::statvfs(path) {
+            Ok(fs) => (Some(usage_of(&fs)), None),
+            Err(err) => (
+                None,
+                Some(format!(
+                    "cannot read the filesystem at {}: {err}",
+                    path.display()
+                )),
+            ),
+        }
     } else {
-        None
+        (None, None)
     };
-    Ok(Some(Seen { on_device, usage }))
+    Ok(Some(Seen {
+        on_device,
+        usage,
+        unreadable,
+    }))
+}
+
+/// Bytes and inodes of a filesystem.
+fn usage_of(fs: &nix::sys::statvfs::Statvfs) -> Vec<VolumeUsage> {
+    let fragment = fs.fragment_size();
+    let bytes = |blocks: u64| i64::try_from(blocks.saturating_mul(fragment)).unwrap_or(i64::MAX);
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    vec![
+        VolumeUsage {
+            available: bytes(fs.blocks_available()),
+            total: bytes(fs.blocks()),
+            used: bytes(fs.blocks() - fs.blocks_free()),
+            unit: Unit::Bytes as i32,
+        },
+        VolumeUsage {
+            available: count(fs.files_available()),
+            total: count(fs.files()),
+            used: count(fs.files() - fs.files_free()),
+            unit: Unit::Inodes as i32,
+        },
+    ]
 }
 
 /// The size of a volume whose filesystem cannot be looked at (raw block, or
@@ -807,6 +833,7 @@ mod tests {
             Arc::new(Volumes::new(
                 Lvm::new(Runner::default()),
                 &DiscoveryConfig::default(),
+                crate::kernel_log::KernelErrors::default(),
             )),
             Mounter::default(),
             RpcMetrics::default(),
@@ -867,6 +894,8 @@ mod tests {
             pvc: None,
             device_path: "/dev/lvmlocal-nvme/v".into(),
             healthy: true,
+            dm_name: None,
+            kernel_errors: None,
         };
         let xfs = volume("xfs");
         assert_eq!(

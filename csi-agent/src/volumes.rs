@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::DiscoveryConfig;
 use crate::erase::Eraser;
+use crate::kernel_log::{DeviceErrors, KernelErrors};
 use crate::lvm::{Lv, Lvm, LvmError};
 
 /// Marks an LV as lvmlocal's.
@@ -163,6 +164,10 @@ pub struct VolumeRequest {
     pub pvc: Option<String>,
 }
 
+/// The condition reason of a volume whose device the kernel logged errors
+/// for.
+pub const FILESYSTEM_ERRORS: &str = "FilesystemErrors";
+
 /// A volume as it is on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalVolume {
@@ -177,22 +182,35 @@ pub struct LocalVolume {
     pub device_path: String,
     /// `lv_attr` reports it active and without a health problem.
     pub healthy: bool,
+    /// Its device-mapper device (`dm-3`) while active, as LVM last said.
+    pub dm_name: Option<String>,
+    /// Filesystem or I/O errors the kernel logged for that device.
+    pub kernel_errors: Option<DeviceErrors>,
 }
 
 impl LocalVolume {
     /// The volume's health as the cluster is told it.
     pub fn condition(&self) -> VolumeCondition {
-        if self.healthy {
-            VolumeCondition::healthy()
-        } else {
-            VolumeCondition::abnormal(
+        if !self.healthy {
+            return VolumeCondition::abnormal(
                 "VolumeUnhealthy",
                 format!(
                     "the LV {} is inactive, or LVM reports it partial (a disk of its volume \
                      group is missing) or in need of repair",
                     self.device_path
                 ),
-            )
+            );
+        }
+        match &self.kernel_errors {
+            None => VolumeCondition::healthy(),
+            Some(errors) => VolumeCondition::abnormal(
+                FILESYSTEM_ERRORS,
+                format!(
+                    "the kernel logged {} filesystem or I/O error(s) for {}, the last: {}; \
+                     unmount it and check it (e2fsck -f, xfs_repair)",
+                    errors.count, self.device_path, errors.last
+                ),
+            ),
         }
     }
 }
@@ -230,10 +248,16 @@ struct Index {
 impl Index {
     /// What a change behind the agent's back would show in: each volume
     /// as the cluster is told it.
+    /// What tells that LVM changed behind the agent's back. A volume the
+    /// agent just made is recorded before its device name is known: that
+    /// name coming in is no change.
     fn summary(&self) -> Vec<LocalVolume> {
         self.volumes
             .values()
-            .map(|entry| entry.volume.clone())
+            .map(|entry| LocalVolume {
+                dm_name: None,
+                ..entry.volume.clone()
+            })
             .collect()
     }
 }
@@ -311,9 +335,12 @@ impl Drop for InFlight {
 }
 
 impl Volumes {
-    pub fn new(lvm: Lvm, config: &DiscoveryConfig) -> Self {
+    /// Volumes of the groups `config` names, with what the kernel logs
+    /// about their devices from `kernel`.
+    pub fn new(lvm: Lvm, config: &DiscoveryConfig, kernel: KernelErrors) -> Self {
         Self {
             shared: Arc::new(Shared {
+                kernel,
                 eraser: Eraser::new(lvm.runner().clone()),
                 lvm,
                 groups: config
@@ -514,6 +541,7 @@ struct Shared {
     /// Bumped when a refresh installs volumes that differ from those it
     /// replaced: LVM changed behind the agent's back.
     lv_changes: watch::Sender<u64>,
+    kernel: KernelErrors,
 }
 
 impl Shared {
@@ -673,6 +701,7 @@ impl Shared {
         }
         let media = self.media(&lv.vg)?;
         let attr: Vec<char> = lv.attr.chars().collect();
+        let dm_name = lv.kernel_minor.map(|minor| format!("dm-{minor}"));
         let volume = LocalVolume {
             id: lv.name.clone(),
             media,
@@ -687,6 +716,9 @@ impl Shared {
             device_path: lv.path.clone(),
             // State 'a'ctive, health '-' (no partial, refresh or mismatch).
             healthy: lv.active() && attr.get(8).is_none_or(|h| *h == '-'),
+            // Device-mapper names its devices by minor number.
+            dm_name: dm_name.clone(),
+            kernel_errors: dm_name.and_then(|name| self.kernel.of(&name)),
         };
         Some(Entry {
             volume,
@@ -826,6 +858,8 @@ impl Shared {
                 access: request.access.clone(),
                 pvc: request.pvc.clone(),
                 healthy: true,
+                dm_name: None,
+                kernel_errors: None,
             },
             state: LvState::Creating,
             state_tag: Some(LvState::Creating.tag()),
@@ -950,6 +984,10 @@ impl Shared {
             self.invalidate();
             return Err(err.into());
         }
+        // The next LV may get the same device name; its errors are its own.
+        if let Some(dm_name) = &volume.dm_name {
+            self.kernel.forget(dm_name);
+        }
         tracing::info!(
             volume = id,
             vg,
@@ -1063,6 +1101,49 @@ fn volume_key(vg: &str, id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_is_unhealthy_first_then_has_filesystem_errors() {
+        let mut volume = crate::fake_lvm::local("v", MediaClass::Ssd, 1 << 30);
+        assert!(!volume.condition().abnormal);
+        volume.kernel_errors = Some(DeviceErrors {
+            count: 2,
+            last: "EXT4-fs error (device dm-3): boom".into(),
+        });
+        let condition = volume.condition();
+        assert!(condition.abnormal);
+        assert_eq!(condition.reason, FILESYSTEM_ERRORS);
+        assert!(
+            condition.message.contains("2 filesystem or I/O error(s)")
+                && condition.message.contains("EXT4-fs error (device dm-3): boom"),
+            "{condition:?}"
+        );
+        volume.healthy = false;
+        assert_eq!(volume.condition().reason, "VolumeUnhealthy");
+    }
+
+    /// A volume the agent just made is recorded without its device name;
+    /// the refresh that learns the name is not a change behind its back.
+    #[test]
+    fn learning_the_device_name_is_no_change() {
+        let entry = |dm_name: Option<&str>| Entry {
+            volume: LocalVolume {
+                dm_name: dm_name.map(str::to_owned),
+                ..crate::fake_lvm::local("v", MediaClass::Ssd, 1 << 30)
+            },
+            state: LvState::Ready,
+            state_tag: None,
+            active: true,
+        };
+        let index = |entry: Entry| Index {
+            volumes: [("v".to_owned(), entry)].into(),
+            groups: HashMap::new(),
+        };
+        assert_eq!(
+            index(entry(None)).summary(),
+            index(entry(Some("dm-3"))).summary()
+        );
+    }
 
     fn tags(tags: &[&str]) -> Vec<String> {
         tags.iter().map(|tag| tag.to_string()).collect()
@@ -1179,7 +1260,11 @@ mod tests {
     }
 
     fn shared() -> Shared {
-        let volumes = Volumes::new(Lvm::default(), &DiscoveryConfig::default());
+        let volumes = Volumes::new(
+            Lvm::default(),
+            &DiscoveryConfig::default(),
+            KernelErrors::default(),
+        );
         Arc::try_unwrap(volumes.shared).ok().expect("one owner")
     }
 
@@ -1221,7 +1306,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_outlives_its_dropped_caller_and_shutdown_waits_for_it() {
-        let volumes = Arc::new(Volumes::new(Lvm::default(), &DiscoveryConfig::default()));
+        let volumes = Arc::new(Volumes::new(
+            Lvm::default(),
+            &DiscoveryConfig::default(),
+            KernelErrors::default(),
+        ));
         let (started, is_started) = tokio::sync::oneshot::channel();
         let (finish, finishing) = tokio::sync::oneshot::channel::<()>();
         let (done, is_done) = tokio::sync::oneshot::channel();

@@ -405,3 +405,104 @@ vm_test!(
         });
     }
 );
+
+vm_test!(
+    filesystem_errors_the_kernel_logs_make_a_volume_abnormal,
+    Vm::new().nvme("nvme-a", 5, 4 * GIB),
+    {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let (_agent, csi) = start_agent().await;
+            let mut controller = csi.controller.clone();
+            let mut node = csi.node.clone();
+            let staging = |id: &str| {
+                format!("{KUBELET_DIR}/plugins/kubernetes.io/csi/lvmlocal.io/{id}/globalmount")
+            };
+            let stats = |id: &str| NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: staging(id),
+                ..NodeGetVolumeStatsRequest::default()
+            };
+            let volumes = [
+                ("broken-ext4", "ext4"),
+                ("broken-xfs", "xfs"),
+                ("sound", "ext4"),
+            ];
+            for (id, fs) in volumes {
+                controller
+                    .create_volume(create_request(id, "nvme", Some(fs), GIB))
+                    .await
+                    .unwrap();
+                node.node_stage_volume(NodeStageVolumeRequest {
+                    volume_id: id.into(),
+                    staging_target_path: staging(id),
+                    volume_capability: Some(capability(Some(fs))),
+                    ..NodeStageVolumeRequest::default()
+                })
+                .await
+                .unwrap();
+                let condition = node
+                    .node_get_volume_stats(stats(id))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .volume_condition
+                    .unwrap();
+                assert!(!condition.abnormal, "{id}: {condition:?}");
+            }
+
+            // A real error in the kernel's ext4, and a real XFS shutdown.
+            let minor = run(
+                "lvs",
+                &[
+                    "--noheadings",
+                    "-o",
+                    "lv_kernel_minor",
+                    "lvmlocal-nvme/broken-ext4",
+                ],
+            );
+            let dm = format!("dm-{}", minor.trim());
+            std::fs::write(
+                format!("/sys/fs/ext4/{dm}/trigger_fs_error"),
+                "injected by the test",
+            )
+            .unwrap();
+            run("xfs_io", &["-x", "-c", "shutdown", &staging("broken-xfs")]);
+
+            for (id, said) in [
+                ("broken-ext4", "injected by the test"),
+                ("broken-xfs", "Shutting down filesystem"),
+            ] {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let condition = node
+                        .node_get_volume_stats(stats(id))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .volume_condition
+                        .unwrap();
+                    if condition.abnormal && condition.message.contains(said) {
+                        assert!(
+                            condition.message.contains("filesystem or I/O error"),
+                            "{id}: {condition:?}"
+                        );
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{id}: {condition:?}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            let condition = node
+                .node_get_volume_stats(stats("sound"))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume_condition
+                .unwrap();
+            assert!(
+                !condition.abnormal,
+                "another volume's errors are not its: {condition:?}"
+            );
+        });
+    }
+);
