@@ -1115,7 +1115,9 @@ mod tests {
         assert_eq!(condition.reason, FILESYSTEM_ERRORS);
         assert!(
             condition.message.contains("2 filesystem or I/O error(s)")
-                && condition.message.contains("EXT4-fs error (device dm-3): boom"),
+                && condition
+                    .message
+                    .contains("EXT4-fs error (device dm-3): boom"),
             "{condition:?}"
         );
         volume.healthy = false;
