@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes components the cluster tests run (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl, csi-provisioner, csi-resizer,
-# csi-sanity) from their Go modules at the versions in scripts/versions.env,
+# csi-sanity, helm) from their Go modules at the versions in scripts/versions.env,
 # into target/components/bin. A binary already built at its version is kept,
 # so a second run builds nothing; Go's module and build caches make a build
 # in a fresh clone a link step.
@@ -92,4 +92,11 @@ sidecar csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$CSI_RESIZER"
 if ! current csi-sanity "$CSI_SANITY"; then
     GOBIN=$bin go install -trimpath "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY"
     stamp csi-sanity "$CSI_SANITY"
+fi
+
+if ! current helm "$HELM"; then
+    GOBIN=$bin go install -trimpath \
+        -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM" \
+        "helm.sh/helm/v4/cmd/helm@$HELM"
+    stamp helm "$HELM"
 fi

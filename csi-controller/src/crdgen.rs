@@ -13,9 +13,18 @@ pub const CRDS_PATH: &str = "deploy/base/crds/lvmlocal.io.yaml";
 pub const REGENERATE: &str =
     "cargo run -q -p csi-controller -- crdgen > deploy/base/crds/lvmlocal.io.yaml";
 
-/// Every CustomResourceDefinition lvmlocal installs.
+/// Every CustomResourceDefinition lvmlocal installs, labelled as part of
+/// it: the Helm chart installs this file as it is, where kustomize would
+/// add the label.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![NodeLocalStorage::crd(), LogicalVolume::crd()]
+    let mut crds = vec![NodeLocalStorage::crd(), LogicalVolume::crd()];
+    for crd in &mut crds {
+        crd.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("app.kubernetes.io/part-of".into(), "lvmlocal".into());
+    }
+    crds
 }
 
 /// The CRDs as one multi-document YAML file, with a header saying where it

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod csi;
 pub mod guest;
+pub mod manifests;
 pub mod process;
 pub mod size;
 pub mod vm;

@@ -7,19 +7,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
-use k8s_openapi::api::admissionregistration::v1::{
-    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-};
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, PodSpec, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
@@ -27,12 +24,12 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lvmlocal_proto::{DRIVER_NAME, MediaClass, TOPOLOGY_KEY};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tower::ServiceExt;
 
 use lvmlocal_proto::crd::DELETE_INTENT;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
+use lvmlocal_tests::manifests::{check_typed, describe, documents, render, root};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
@@ -48,159 +45,9 @@ const KUSTOMIZATIONS: [&str; 7] = [
 
 const NAMESPACE: &str = "lvmlocal";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn read(relative: &str) -> String {
     let path = root().join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-/// The documents of a YAML stream as JSON values, empty documents skipped.
-fn documents(yaml: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-/// `kubectl kustomize <dir>`, as JSON values.
-fn render(dir: &str) -> Vec<Value> {
-    let out = Command::new(lvmlocal_tests::cluster::component("kubectl"))
-        .arg("kustomize")
-        .arg(root().join(dir))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run kubectl: {e}"));
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let objects = documents(&String::from_utf8(out.stdout).unwrap());
-    assert!(!objects.is_empty(), "{dir} renders nothing");
-    objects
-}
-
-/// The typed struct's view of `object`, serialized back.
-fn round_trip<T: DeserializeOwned + Serialize>(object: &Value) -> Value {
-    let typed: T = serde_json::from_value(object.clone())
-        .unwrap_or_else(|e| panic!("{} does not parse: {e}", describe(object)));
-    serde_json::to_value(typed).unwrap()
-}
-
-fn describe(object: &Value) -> String {
-    format!(
-        "{} {}/{}",
-        object["kind"].as_str().unwrap_or("?"),
-        object["metadata"]["namespace"].as_str().unwrap_or("-"),
-        object["metadata"]["name"].as_str().unwrap_or("?")
-    )
-}
-
-/// Parses `object` into its k8s-openapi type and fails if anything in it is
-/// not in that type (a misspelt or misplaced field would be dropped silently
-/// by the API server's client-side decoding). Objects of the Prometheus
-/// Operator, which k8s-openapi lacks, get a structural check instead.
-fn check_typed(object: &Value) {
-    let api_version = object["apiVersion"].as_str().unwrap_or_default();
-    let kind = object["kind"].as_str().unwrap_or_default();
-    let back = match (api_version, kind) {
-        ("v1", "Namespace") => round_trip::<Namespace>(object),
-        ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(object),
-        ("v1", "ConfigMap") => round_trip::<ConfigMap>(object),
-        ("v1", "Service") => round_trip::<Service>(object),
-        ("v1", "PersistentVolumeClaim") => round_trip::<PersistentVolumeClaim>(object),
-        ("v1", "Pod") => round_trip::<Pod>(object),
-        ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(object),
-        ("apps/v1", "Deployment") => round_trip::<Deployment>(object),
-        ("apps/v1", "StatefulSet") => round_trip::<StatefulSet>(object),
-        ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(object),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-            round_trip::<ClusterRoleBinding>(object)
-        }
-        ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(object),
-        ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(object),
-        ("storage.k8s.io/v1", "StorageClass") => round_trip::<StorageClass>(object),
-        ("storage.k8s.io/v1", "CSIDriver") => round_trip::<CSIDriver>(object),
-        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
-            round_trip::<ValidatingAdmissionPolicy>(object)
-        }
-        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
-            round_trip::<ValidatingAdmissionPolicyBinding>(object)
-        }
-        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
-            round_trip::<CustomResourceDefinition>(object)
-        }
-        ("monitoring.coreos.com/v1", "PodMonitor" | "ServiceMonitor") => {
-            check_monitor(object);
-            return;
-        }
-        _ => panic!(
-            "{}: no typed check for {api_version} {kind}",
-            describe(object)
-        ),
-    };
-    if let Err(at) = same(&back, object, "", 0) {
-        panic!(
-            "{} loses or changes fields in its typed form at {at}:\n typed: {back}\n input: {object}",
-            describe(object)
-        );
-    }
-}
-
-/// Whether the typed round trip `back` says what `input` says: numbers are
-/// compared by value (a schema's `minimum: 0` comes back as 0.0), and
-/// k8s-openapi may add `apiVersion` and `kind` to embedded objects (the
-/// claim templates of a StatefulSet). Anything else is a difference; the
-/// error is where.
-fn same(back: &Value, input: &Value, at: &str, depth: usize) -> Result<(), String> {
-    match (back, input) {
-        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => Ok(()),
-        (Value::Object(a), Value::Object(b)) => {
-            for (key, value) in a {
-                match b.get(key) {
-                    Some(other) => same(value, other, &format!("{at}.{key}"), depth + 1)?,
-                    None if depth > 0 && (key == "apiVersion" || key == "kind") => {}
-                    None => return Err(format!("{at}.{key} (added)")),
-                }
-            }
-            match b.keys().find(|key| !a.contains_key(*key)) {
-                Some(key) => Err(format!("{at}.{key} (dropped)")),
-                None => Ok(()),
-            }
-        }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                same(x, y, &format!("{at}[{i}]"), depth + 1)?;
-            }
-            Ok(())
-        }
-        (a, b) if a == b => Ok(()),
-        _ => Err(at.to_owned()),
-    }
-}
-
-fn check_monitor(object: &Value) {
-    let spec = &object["spec"];
-    let endpoints = match object["kind"].as_str() {
-        Some("PodMonitor") => &spec["podMetricsEndpoints"],
-        _ => &spec["endpoints"],
-    };
-    let endpoints = endpoints.as_array().expect("endpoints");
-    assert!(!endpoints.is_empty(), "{}", describe(object));
-    for endpoint in endpoints {
-        let keys: BTreeSet<&str> = endpoint
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        let known: BTreeSet<&str> = ["port", "path", "interval", "relabelings"].into();
-        assert!(keys.is_subset(&known), "{}: {keys:?}", describe(object));
-        assert!(endpoint["port"].is_string(), "{}", describe(object));
-    }
-    assert!(spec["selector"]["matchLabels"].is_object());
 }
 
 fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
@@ -456,10 +303,6 @@ fn csi_driver_and_storage_classes_use_the_drivers_names() {
 
     // The CRDs of the render are the generated ones.
     let mut crds: Vec<CustomResourceDefinition> = objects_of(&objects, "CustomResourceDefinition");
-    for crd in &mut crds {
-        // Added to every object by the base's kustomization.
-        crd.metadata.labels = None;
-    }
     let mut generated = csi_controller::crdgen::crds();
     let key = |crd: &CustomResourceDefinition| crd.metadata.name.clone();
     crds.sort_by_key(key);
