@@ -20,6 +20,8 @@ use crate::process::{Service, free_port, wait_for};
 use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
 
 pub const NAMESPACE: &str = "lvmlocal";
+/// The Helm release of [`Options::helm`].
+pub const RELEASE: &str = "lvmlocal";
 pub const DRIVER: &str = "lvmlocal.io";
 pub const TOPOLOGY_KEY: &str = "lvmlocal.io/node";
 /// The node label that lets the agent claim the node's disks.
@@ -75,6 +77,11 @@ pub struct Options {
     pub volume_wait_secs: u64,
     /// csi-controller's --unclaimed-grace-seconds; None: deploy's.
     pub unclaimed_grace_secs: Option<u64>,
+    /// Install with `helm install` of the chart (every object of it, its
+    /// workloads included, which no kubelet runs here) instead of applying
+    /// the kustomize base's objects; the components run with the chart's
+    /// arguments either way.
+    pub helm: bool,
 }
 
 impl Default for Options {
@@ -83,6 +90,7 @@ impl Default for Options {
             placement: "binpack",
             volume_wait_secs: 20,
             unclaimed_grace_secs: None,
+            helm: false,
         }
     }
 }
@@ -103,6 +111,11 @@ impl Cluster {
     /// Starts everything and returns once the API server answers, deploy/
     /// is applied and lvmlocal's components are running.
     pub fn start(options: Options) -> anyhow::Result<Self> {
+        let deploy = if options.helm {
+            crate::manifests::helm_template(&[])
+        } else {
+            crate::manifests::render("deploy")
+        };
         let dir = tempfile::Builder::new()
             .prefix("lvmlocal-cluster-")
             .tempdir()?;
@@ -114,7 +127,7 @@ impl Cluster {
             dir,
             options,
             services: BTreeMap::new(),
-            deploy: render_deploy()?,
+            deploy,
             tokens: BTreeMap::new(),
         };
         fs::create_dir_all(cluster.logs())?;
@@ -482,6 +495,23 @@ impl Cluster {
     }
 
     fn apply_deploy(&mut self) -> anyhow::Result<()> {
+        if self.options.helm {
+            self.helm(&["install", RELEASE, crate::manifests::CHART])?;
+        } else {
+            self.apply_base()?;
+        }
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/logicalvolumes.lvmlocal.io",
+            "crd/nodelocalstorages.lvmlocal.io",
+        ])?;
+        Ok(())
+    }
+
+    /// Applies the kustomize base's objects that need no kubelet.
+    fn apply_base(&mut self) -> anyhow::Result<()> {
         let applied: Vec<&Value> = self
             .deploy
             .iter()
@@ -492,14 +522,34 @@ impl Cluster {
             &["apply", "--server-side", "-f", "-"],
             &serde_json::to_string(&list)?,
         )?;
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/logicalvolumes.lvmlocal.io",
-            "crd/nodelocalstorages.lvmlocal.io",
-        ])?;
         Ok(())
+    }
+
+    /// The objects the cluster was installed from, as rendered.
+    pub fn deploy(&self) -> &[Value] {
+        &self.deploy
+    }
+
+    /// `helm <args>` against the cluster as its admin, in the workspace
+    /// root, the release's record in the default namespace.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(component("helm"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(["--namespace", "default"])
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .context("running helm")?;
+        ensure!(
+            out.status.success(),
+            "helm {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// A kubeconfig with a fresh token of ServiceAccount `account` of the
@@ -891,28 +941,6 @@ pub fn quantity(text: &str) -> anyhow::Result<u64> {
 }
 
 /// Every object `kubectl kustomize deploy/` renders.
-fn render_deploy() -> anyhow::Result<Vec<Value>> {
-    let out = Command::new(component("kubectl"))
-        .args(["kustomize"])
-        .arg(workspace_root().join("deploy"))
-        .output()
-        .context("kubectl kustomize deploy/")?;
-    ensure!(
-        out.status.success(),
-        "kubectl kustomize deploy/: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout)?;
-    let mut objects = Vec::new();
-    for document in serde_norway::Deserializer::from_str(&text) {
-        let object: Value = serde::Deserialize::deserialize(document)?;
-        if !object.is_null() {
-            objects.push(object);
-        }
-    }
-    Ok(objects)
-}
-
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {

@@ -6,7 +6,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lvmlocal_tests::cluster::{Cluster, NAMESPACE, NodeVm, Options, TOPOLOGY_KEY};
+use lvmlocal_tests::cluster::{Cluster, NAMESPACE, NodeVm, Options, RELEASE, TOPOLOGY_KEY};
+use lvmlocal_tests::manifests::CHART;
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::{GIB, HOST_FROM_GUEST, Vm};
 use serde_json::{Value, json};
@@ -1412,4 +1413,108 @@ fn lost_nodes_and_volumes_are_told_and_opted_in_claims_move() {
     let answer = lvmlocal_tests::guest::http_post(&extender, "/lvmlocal/filter", &filter);
     assert!(answer.contains("FailedAndUnresolvableNodes"), "{answer}");
     assert!(!answer.contains(r#""NodeNames":["vm-node"]"#), "{answer}");
+}
+
+#[test]
+fn helm_installs_upgrades_and_uninstalls_without_touching_volumes() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options {
+        helm: true,
+        ..Options::default()
+    })
+    .expect("starting the cluster");
+    // Every object of the chart is there, its workloads too, as Helm's.
+    let objects = cluster.deploy().to_vec();
+    assert!(objects.len() > 25, "{}", objects.len());
+    for object in &objects {
+        let kind = object["kind"].as_str().unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let mut args = vec![kind, name];
+        if let Some(namespace) = object["metadata"]["namespace"].as_str() {
+            args.extend(["-n", namespace]);
+        }
+        let live = cluster
+            .get(&args)
+            .unwrap_or_else(|err| panic!("{kind} {name}: {err:#}"));
+        if kind != "CustomResourceDefinition" {
+            assert_eq!(
+                live["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm",
+                "{kind} {name}"
+            );
+        }
+    }
+
+    // The driver works from there.
+    let node = node_vm(&mut cluster, "vm-node");
+    cluster
+        .apply(&claim("charted", "lvmlocal-ssd", "256Mi"))
+        .unwrap();
+    cluster.apply(&pod("charted", &["charted"])).unwrap();
+    wait_bound(&cluster, "charted", Duration::from_secs(180));
+    let volume = lv_of(&cluster, "charted");
+    let lv = format!("lvmlocal-ssd/{volume}");
+    assert!(node.lvs().unwrap().contains_key(&lv));
+
+    // An upgrade with changed values changes the objects, and nothing else.
+    cluster
+        .helm(&[
+            "upgrade",
+            RELEASE,
+            CHART,
+            "--reuse-values",
+            "--set",
+            "extender.placement=spread",
+            "--set",
+            "storageClasses[0].default=true",
+        ])
+        .unwrap();
+    let scheduler = cluster
+        .get(&["deployment", "lvmlocal-scheduler", "-n", NAMESPACE])
+        .unwrap();
+    let args = &scheduler["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("--default-placement=spread")),
+        "{args}"
+    );
+    let nvme = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    assert_eq!(
+        nvme["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+    assert_eq!(
+        cluster.get(&["pvc", "charted", "-n", NS]).unwrap()["status"]["phase"],
+        "Bound"
+    );
+
+    // Uninstalled: the chart's objects go, the volume and its records stay.
+    cluster.helm(&["uninstall", RELEASE]).unwrap();
+    wait_for("the chart's objects gone", Duration::from_secs(180), || {
+        let left = cluster
+            .kubectl(&[
+                "get",
+                "storageclass/lvmlocal-ssd",
+                "namespace/lvmlocal",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ])
+            .map_err(|e| e.to_string())?;
+        left.trim().is_empty().then_some(()).ok_or(left)
+    })
+    .unwrap();
+    assert!(
+        node.lvs().unwrap().contains_key(&lv),
+        "helm uninstall removed the LV"
+    );
+    let llv = cluster.get(&["logicalvolume", &volume]).unwrap();
+    assert_eq!(llv["status"]["phase"], "Ready", "{}", llv["status"]);
+    cluster
+        .get(&["crd", "logicalvolumes.lvmlocal.io"])
+        .expect("Helm keeps the CRDs it installed");
+    let pvc = cluster.get(&["pvc", "charted", "-n", NS]).unwrap();
+    cluster
+        .get(&["pv", pvc["spec"]["volumeName"].as_str().unwrap()])
+        .expect("the PV stays");
 }

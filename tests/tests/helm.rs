@@ -311,3 +311,51 @@ fn helm_lint_is_clean() {
         assert!(ok, "{file}: {output}");
     }
 }
+
+/// The values of `values.yaml` an operator sets, by dotted path: objects
+/// are walked into, except the agent's configuration file and each
+/// container's resources, which are set whole.
+fn value_paths(value: &Value, at: &str, paths: &mut Vec<String>) {
+    let whole = at == "agent.config" || at.starts_with("resources.");
+    match value.as_object() {
+        Some(object) if !object.is_empty() && !whole => {
+            for (key, value) in object {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                value_paths(value, &path, paths);
+            }
+        }
+        _ => paths.push(at.to_owned()),
+    }
+}
+
+#[test]
+fn the_readme_names_every_value() {
+    let values: Value = serde_norway::from_str(
+        &std::fs::read_to_string(root().join(CHART).join("values.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut paths = Vec::new();
+    value_paths(&values, "", &mut paths);
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("### Helm values")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has a Helm values section");
+    let mut named = std::collections::BTreeSet::new();
+    for row in section.lines().filter(|line| line.starts_with("| `")) {
+        let first = row.split(" | ").next().unwrap();
+        for name in first.split('`').skip(1).step_by(2) {
+            named.insert(name.to_owned());
+        }
+    }
+    let paths: std::collections::BTreeSet<String> = paths.into_iter().collect();
+    assert_eq!(
+        named, paths,
+        "README's Helm values table and values.yaml differ"
+    );
+}
