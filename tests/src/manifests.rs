@@ -38,40 +38,47 @@ pub fn documents(yaml: &str) -> Vec<Value> {
 
 /// `kubectl kustomize <dir>`, as JSON values.
 pub fn render(dir: &str) -> Vec<Value> {
-    let out = Command::new(crate::cluster::component("kubectl"))
-        .arg("kustomize")
-        .arg(root().join(dir))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run kubectl: {e}"));
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let objects = documents(&String::from_utf8(out.stdout).unwrap());
-    assert!(!objects.is_empty(), "{dir} renders nothing");
-    objects
+    let mut kubectl = Command::new(crate::cluster::component("kubectl"));
+    kubectl.arg("kustomize").arg(root().join(dir));
+    rendered(kubectl, &format!("kubectl kustomize {dir}"))
 }
 
 /// `helm template` of the chart in `deploy/helm/lvmlocal` with these
 /// extra arguments (values files, `--set`), CRDs included, as JSON values.
 pub fn helm_template(extra: &[&str]) -> Vec<Value> {
-    let out = Command::new(crate::cluster::component("helm"))
-        .args(["template", "lvmlocal"])
+    let mut helm = Command::new(crate::cluster::component("helm"));
+    helm.args(["template", "lvmlocal"])
         .arg(root().join(CHART))
-        .args(["--include-crds", "--namespace", "lvmlocal"])
+        .arg("--include-crds")
         .args(extra)
-        .current_dir(root())
+        .current_dir(root());
+    rendered(helm, &format!("helm template {extra:?}"))
+}
+
+/// The objects `command` prints as YAML; fails unless it succeeds and
+/// prints some.
+fn rendered(mut command: Command, what: &str) -> Vec<Value> {
+    let out = command
         .output()
-        .unwrap_or_else(|e| panic!("cannot run helm: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(
         out.status.success(),
-        "helm template {extra:?} failed:\n{}",
+        "{what} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let objects = documents(&String::from_utf8(out.stdout).unwrap());
-    assert!(!objects.is_empty(), "the chart renders nothing");
+    assert!(!objects.is_empty(), "{what} renders nothing");
     objects
+}
+
+/// The one object of `kind` named `name` among `objects`, typed.
+pub fn one<T: DeserializeOwned>(objects: &[Value], kind: &str, name: &str) -> T {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one {kind} {name}");
+    serde_json::from_value(found[0].clone()).unwrap()
 }
 
 /// The typed struct's view of `object`, serialized back.

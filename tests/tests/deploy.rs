@@ -29,7 +29,7 @@ use tower::ServiceExt;
 
 use lvmlocal_proto::crd::DELETE_INTENT;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
-use lvmlocal_tests::manifests::{check_typed, describe, documents, render, root};
+use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render, root};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
@@ -56,15 +56,6 @@ fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
         .filter(|o| o["kind"] == kind)
         .map(|o| serde_json::from_value(o.clone()).unwrap())
         .collect()
-}
-
-fn one<T: DeserializeOwned>(objects: &[Value], kind: &str, name: &str) -> T {
-    let found: Vec<&Value> = objects
-        .iter()
-        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .collect();
-    assert_eq!(found.len(), 1, "exactly one {kind} {name}");
-    serde_json::from_value(found[0].clone()).unwrap()
 }
 
 fn pod_spec_of_daemon_set(objects: &[Value], name: &str) -> PodSpec {

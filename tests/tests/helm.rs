@@ -12,8 +12,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, PodSpec};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use lvmlocal_tests::cluster::component;
-use lvmlocal_tests::manifests::{CHART, check_typed, describe, helm_template, render, root, same};
-use serde::de::DeserializeOwned;
+use lvmlocal_tests::manifests::{
+    CHART, check_typed, describe, helm_template, one, render, root, same,
+};
 use serde_json::Value;
 
 /// The labels Helm adds, which kustomize has no word for.
@@ -78,15 +79,6 @@ fn agrees(args: &[&str], dir: &str) {
             panic!("{args:?} and {dir} differ in {name} at {at}");
         }
     }
-}
-
-fn one<T: DeserializeOwned>(objects: &[Value], kind: &str, name: &str) -> T {
-    let found: Vec<&Value> = objects
-        .iter()
-        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .collect();
-    assert_eq!(found.len(), 1, "{kind} {name}");
-    serde_json::from_value(found[0].clone()).unwrap()
 }
 
 fn pods(objects: &[Value]) -> Vec<PodSpec> {
