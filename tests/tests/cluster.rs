@@ -1456,17 +1456,18 @@ fn helm_installs_upgrades_and_uninstalls_without_touching_volumes() {
     assert!(node.lvs().unwrap().contains_key(&lv));
 
     // An upgrade with changed values changes the objects, and nothing else.
+    // (`--set` of one list item would replace the whole list.)
+    let changed = cluster.dir.path().join("changed-values.yaml");
+    std::fs::write(
+        &changed,
+        "extender:\n  placement: spread\nstorageClasses:\n\
+         - {name: lvmlocal-nvme, media: nvme, fsType: ext4, reclaimPolicy: Delete, default: true}\n\
+         - {name: lvmlocal-ssd, media: ssd, fsType: ext4, reclaimPolicy: Delete}\n\
+         - {name: lvmlocal-hdd, media: hdd, fsType: ext4, reclaimPolicy: Delete}\n",
+    )
+    .unwrap();
     cluster
-        .helm(&[
-            "upgrade",
-            RELEASE,
-            CHART,
-            "--reuse-values",
-            "--set",
-            "extender.placement=spread",
-            "--set",
-            "storageClasses[0].default=true",
-        ])
+        .helm(&["upgrade", RELEASE, CHART, "-f", changed.to_str().unwrap()])
         .unwrap();
     let scheduler = cluster
         .get(&["deployment", "lvmlocal-scheduler", "-n", NAMESPACE])
@@ -1490,6 +1491,26 @@ fn helm_installs_upgrades_and_uninstalls_without_touching_volumes() {
 
     // Uninstalled: the chart's objects go, the volume and its records stay.
     cluster.helm(&["uninstall", RELEASE]).unwrap();
+    // No kubelet confirms the end of the chart's own pods here, which the
+    // namespace's deletion waits for.
+    wait_for("the chart's pods gone", Duration::from_secs(120), || {
+        let left = cluster
+            .kubectl(&[
+                "delete",
+                "pods",
+                "--all",
+                "-n",
+                NAMESPACE,
+                "--grace-period=0",
+                "--force",
+            ])
+            .map_err(|e| e.to_string())?;
+        let pods = cluster
+            .kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "name"])
+            .map_err(|e| e.to_string())?;
+        pods.trim().is_empty().then_some(()).ok_or(left + &pods)
+    })
+    .unwrap();
     wait_for("the chart's objects gone", Duration::from_secs(180), || {
         let left = cluster
             .kubectl(&[
