@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::ListParams;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
-use lvmlocal_proto::DRIVER_NAME;
 use lvmlocal_proto::crd::LogicalVolume;
+use lvmlocal_proto::logical_volume::volume_handle;
 use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -129,9 +129,8 @@ pub fn waits(claim: Option<&PersistentVolumeClaim>, pvs: &HashSet<String>) -> bo
 /// The volume handles of this driver's PersistentVolumes.
 fn handles(pvs: &[PersistentVolume]) -> HashSet<String> {
     pvs.iter()
-        .filter_map(|pv| pv.spec.as_ref()?.csi.as_ref())
-        .filter(|csi| csi.driver == DRIVER_NAME)
-        .map(|csi| csi.volume_handle.clone())
+        .filter_map(volume_handle)
+        .map(str::to_owned)
         .collect()
 }
 
@@ -273,6 +272,7 @@ impl Sweeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lvmlocal_proto::DRIVER_NAME;
     use serde_json::json;
 
     fn lv(name: &str, deleting: bool) -> Arc<LogicalVolume> {

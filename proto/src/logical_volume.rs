@@ -46,12 +46,19 @@ pub fn delete_intent(lv: &LogicalVolume) -> Option<&str> {
         .filter(|intent| !intent.is_empty())
 }
 
+/// The volume `pv` stands for, if it is a PersistentVolume of this driver.
+pub fn volume_handle(pv: &PersistentVolume) -> Option<&str> {
+    pv.spec
+        .as_ref()?
+        .csi
+        .as_ref()
+        .filter(|csi| csi.driver == DRIVER_NAME)
+        .map(|csi| csi.volume_handle.as_str())
+}
+
 /// Whether `pv` is a PersistentVolume of this driver for volume `id`.
 pub fn names_volume(pv: &PersistentVolume, id: &str) -> bool {
-    pv.spec
-        .as_ref()
-        .and_then(|spec| spec.csi.as_ref())
-        .is_some_and(|csi| csi.driver == DRIVER_NAME && csi.volume_handle == id)
+    volume_handle(pv) == Some(id)
 }
 
 /// The names of the PersistentVolumes that name volume `id`, read from the
