@@ -3,7 +3,6 @@
 //! k8s-openapi types so that no field is lost on the way to the API server.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::admissionregistration::v1::{
@@ -20,13 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cluster::workspace_root;
+
 /// The Helm chart, relative to the workspace root.
 pub const CHART: &str = "deploy/helm/lvmlocal";
-
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The documents of a YAML stream as JSON values, empty documents skipped.
 pub fn documents(yaml: &str) -> Vec<Value> {
@@ -39,7 +35,7 @@ pub fn documents(yaml: &str) -> Vec<Value> {
 /// `kubectl kustomize <dir>`, as JSON values.
 pub fn render(dir: &str) -> Vec<Value> {
     let mut kubectl = Command::new(crate::cluster::component("kubectl"));
-    kubectl.arg("kustomize").arg(root().join(dir));
+    kubectl.arg("kustomize").arg(workspace_root().join(dir));
     rendered(kubectl, &format!("kubectl kustomize {dir}"))
 }
 
@@ -48,10 +44,10 @@ pub fn render(dir: &str) -> Vec<Value> {
 pub fn helm_template(extra: &[&str]) -> Vec<Value> {
     let mut helm = Command::new(crate::cluster::component("helm"));
     helm.args(["template", "lvmlocal"])
-        .arg(root().join(CHART))
+        .arg(workspace_root().join(CHART))
         .arg("--include-crds")
         .args(extra)
-        .current_dir(root());
+        .current_dir(workspace_root());
     rendered(helm, &format!("helm template {extra:?}"))
 }
 

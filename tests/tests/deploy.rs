@@ -29,7 +29,8 @@ use tower::ServiceExt;
 
 use lvmlocal_proto::crd::DELETE_INTENT;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
-use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render, root};
+use lvmlocal_tests::cluster::workspace_root;
+use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
@@ -46,7 +47,7 @@ const KUSTOMIZATIONS: [&str; 7] = [
 const NAMESPACE: &str = "lvmlocal";
 
 fn read(relative: &str) -> String {
-    let path = root().join(relative);
+    let path = workspace_root().join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -218,7 +219,7 @@ fn every_overlay_is_tested() {
         .filter_map(|k| k.strip_prefix("deploy/overlays/"))
         .map(str::to_owned)
         .collect();
-    let present: BTreeSet<String> = std::fs::read_dir(root().join("deploy/overlays"))
+    let present: BTreeSet<String> = std::fs::read_dir(workspace_root().join("deploy/overlays"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -528,7 +529,7 @@ fn controller_deployment_matches_the_controller() {
 /// The sidecar releases deploy/ names are those the cluster tests run.
 #[test]
 fn sidecar_images_are_the_tested_releases() {
-    let versions = std::fs::read_to_string(root().join("scripts/versions.env")).unwrap();
+    let versions = std::fs::read_to_string(workspace_root().join("scripts/versions.env")).unwrap();
     let version = |key: &str| {
         versions
             .lines()

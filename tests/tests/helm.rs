@@ -11,10 +11,8 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, PodSpec};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
-use lvmlocal_tests::cluster::component;
-use lvmlocal_tests::manifests::{
-    CHART, check_typed, describe, helm_template, one, render, root, same,
-};
+use lvmlocal_tests::cluster::{component, workspace_root};
+use lvmlocal_tests::manifests::{CHART, check_typed, describe, helm_template, one, render, same};
 use serde_json::Value;
 
 /// The labels Helm adds, which kustomize has no word for.
@@ -33,7 +31,11 @@ const VALUES_FILES: [&str; 4] = [
 ];
 
 fn values(file: &str) -> String {
-    root().join(CHART).join(file).display().to_string()
+    workspace_root()
+        .join(CHART)
+        .join(file)
+        .display()
+        .to_string()
 }
 
 /// Kinds kustomize 5.8 does not know to be cluster-scoped: its namespace
@@ -134,14 +136,15 @@ fn values_files_render_what_the_overlays_do() {
 
 #[test]
 fn the_charts_crds_are_the_generated_ones() {
-    let chart = std::fs::read_to_string(root().join(CHART).join("crds/lvmlocal.io.yaml")).unwrap();
+    let chart = std::fs::read_to_string(workspace_root().join(CHART).join("crds/lvmlocal.io.yaml"))
+        .unwrap();
     assert_eq!(chart, csi_controller::crdgen::yaml().unwrap());
 }
 
 #[test]
 fn every_values_file_renders_objects_that_lose_no_field_in_their_types() {
     let listed: Vec<String> = VALUES_FILES.iter().map(|f| f.to_string()).collect();
-    let mut present: Vec<String> = std::fs::read_dir(root().join(CHART).join("ci"))
+    let mut present: Vec<String> = std::fs::read_dir(workspace_root().join(CHART).join("ci"))
         .unwrap()
         .map(|entry| format!("ci/{}", entry.unwrap().file_name().to_string_lossy()))
         .collect();
@@ -262,7 +265,7 @@ fn custom_values_reach_every_object() {
 fn helm(args: &[&str]) -> (bool, String) {
     let out = Command::new(component("helm"))
         .args(args)
-        .current_dir(root())
+        .current_dir(workspace_root())
         .output()
         .expect("running helm");
     (
@@ -327,12 +330,12 @@ fn value_paths(value: &Value, at: &str, paths: &mut Vec<String>) {
 #[test]
 fn the_readme_names_every_value() {
     let values: Value = serde_norway::from_str(
-        &std::fs::read_to_string(root().join(CHART).join("values.yaml")).unwrap(),
+        &std::fs::read_to_string(workspace_root().join(CHART).join("values.yaml")).unwrap(),
     )
     .unwrap();
     let mut paths = Vec::new();
     value_paths(&values, "", &mut paths);
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
     let section = readme
         .split("### Helm values")
         .nth(1)
