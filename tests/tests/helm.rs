@@ -230,7 +230,7 @@ fn custom_values_reach_every_object() {
         .filter(|o| o["kind"] == "StorageClass")
         .map(|o| serde_json::from_value(o.clone()).unwrap())
         .collect();
-    assert_eq!(classes.len(), 1);
+    assert_eq!(classes.len(), 2);
     let fast = &classes[0];
     assert_eq!(fast.metadata.name.as_deref(), Some("fast"));
     assert_eq!(fast.reclaim_policy.as_deref(), Some("Retain"));
@@ -243,6 +243,14 @@ fn custom_values_reach_every_object() {
     assert_eq!(parameters["csi.storage.k8s.io/fstype"], "xfs");
     assert_eq!(parameters["lvmlocal.io/placement"], "spread");
     assert_eq!(parameters["lvmlocal.io/on-node-loss"], "recreate");
+    let bare = &classes[1];
+    assert_eq!(bare.metadata.name.as_deref(), Some("bare"));
+    assert_eq!(bare.reclaim_policy.as_deref(), Some("Delete"));
+    assert_eq!(bare.metadata.annotations, None);
+    assert_eq!(
+        bare.parameters.clone().unwrap(),
+        [("lvmlocal.io/media".to_owned(), "hdd".to_owned())].into()
+    );
 
     // The agent reads the configuration the chart writes.
     let config: ConfigMap = one(&objects, "ConfigMap", "lvmlocal-agent");
