@@ -21,6 +21,9 @@ use tokio::time::Instant;
 use crate::caches::Caches;
 use crate::capacity::capacities;
 
+/// How long DeleteVolume waits for the watch to show its deletion.
+const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "lvmlocal-controller";
 
@@ -76,6 +79,48 @@ impl KubeStore {
                     err,
                 )
             })
+    }
+
+    async fn request_deletion(&self, id: &VolumeId) -> Result<(), StoreError> {
+        let Some(mut lv) = self.api.get_opt(id.as_str()).await.map_err(|err| {
+            StoreError::unavailable(format!("cannot read LogicalVolume {id}"), err)
+        })?
+        else {
+            return Ok(());
+        };
+        if delete_intent(&lv).is_none() {
+            lv = self.record_intent(&lv).await?;
+        }
+        if lv.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        delete_as_read(&self.api, &lv).await.map_err(|err| {
+            StoreError::unavailable(format!("cannot delete LogicalVolume {id}"), err)
+        })
+    }
+
+    /// Waits a little for the watch to show `id` being deleted or gone; past
+    /// that the deletion stands all the same, and the cache catches up.
+    async fn caches_see_deleting(&self, id: &VolumeId) {
+        let deadline = Instant::now() + CACHE_CATCH_UP;
+        let mut changes = self.caches.changes();
+        loop {
+            changes.borrow_and_update();
+            let deleting = self
+                .caches
+                .volume(id.as_str())
+                .is_none_or(|lv| lv.metadata.deletion_timestamp.is_some());
+            if deleting {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    tracing::debug!(volume = %id, "the caches have not seen the deletion yet");
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -216,23 +261,12 @@ impl Store for KubeStore {
     /// Records the deletion intent, then deletes the object it was recorded
     /// on. The agent removes the LV once no PersistentVolume names it, so
     /// the provisioner, which deletes the PV after this call, is not waited
-    /// for here.
+    /// for here; the caches are, so that a ListVolumes that follows does not
+    /// list the volume.
     async fn delete(&self, id: &VolumeId) -> Result<(), StoreError> {
-        let Some(mut lv) = self.api.get_opt(id.as_str()).await.map_err(|err| {
-            StoreError::unavailable(format!("cannot read LogicalVolume {id}"), err)
-        })?
-        else {
-            return Ok(());
-        };
-        if delete_intent(&lv).is_none() {
-            lv = self.record_intent(&lv).await?;
-        }
-        if lv.metadata.deletion_timestamp.is_some() {
-            return Ok(());
-        }
-        delete_as_read(&self.api, &lv).await.map_err(|err| {
-            StoreError::unavailable(format!("cannot delete LogicalVolume {id}"), err)
-        })
+        self.request_deletion(id).await?;
+        self.caches_see_deleting(id).await;
+        Ok(())
     }
 
     async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StoreError> {
