@@ -41,6 +41,15 @@ pub enum ExtenderError {
 }
 
 impl ExtenderError {
+    /// Whether retrying the pod cannot help until someone changes a claim
+    /// or a class.
+    fn is_unresolvable(&self) -> bool {
+        matches!(
+            self,
+            ExtenderError::Needs(NeedsError::NoSize(_) | NeedsError::InvalidClass { .. })
+        )
+    }
+
     /// A bounded label for metrics.
     fn kind(&self) -> &'static str {
         match self {
@@ -87,13 +96,12 @@ impl Extender {
         self.metrics.reservations(live);
     }
 
-    /// Answers `filter`. A claim or class that cannot be read fails every
-    /// node with the reason, unresolvable: kube-scheduler skips an ignorable
-    /// extender that answers in `Error`, and would place the pod unchecked.
-    /// Transient states (caches not listed yet, a claim not cached yet) and
-    /// malformed requests still go in `Error`: kube-scheduler retries a pod
-    /// whose nodes an extender failed only on a later cluster event, which
-    /// on a quiet cluster can be minutes away.
+    /// Answers `filter`. Only a malformed request is answered in `Error`:
+    /// kube-scheduler skips an ignorable extender that answers so, and would
+    /// place the pod unchecked. A claim or class that cannot be read fails
+    /// every node with the reason, unresolvable; a transient state (caches
+    /// not listed yet, a claim not cached yet) fails them resolvable, which
+    /// kube-scheduler retries after its backoff.
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         self.try_filter(args)
             .unwrap_or_else(|err| ExtenderFilterResult {
@@ -106,14 +114,12 @@ impl Extender {
         let (pod, candidates) = unpack(args)?;
         let assessed = match self.assess(&pod, &candidates) {
             Ok(assessed) => assessed,
-            Err(
-                err @ ExtenderError::Needs(NeedsError::NoSize(_) | NeedsError::InvalidClass { .. }),
-            ) => {
+            Err(err) => {
                 self.metrics
                     .filtered(err.kind(), candidates.names().len() as u64);
-                return Ok(candidates.fail_all(&err.to_string()));
+                tracing::info!(error = %err, "every node failed");
+                return Ok(candidates.fail_all(&err.to_string(), err.is_unresolvable()));
             }
-            Err(err) => return Err(err),
         };
         let Some((verdicts, _)) = assessed else {
             return Ok(candidates.pass_all());
@@ -266,9 +272,9 @@ impl Candidates {
         }
     }
 
-    /// Every node fails with `message`, unresolvable: retrying the pod cannot
-    /// help until something outside the scheduler changes.
-    fn fail_all(self, message: &str) -> ExtenderFilterResult {
+    /// Every node fails with `message`: unresolvable when retrying the pod
+    /// cannot help until something outside the scheduler changes.
+    fn fail_all(self, message: &str, unresolvable: bool) -> ExtenderFilterResult {
         let failed: FailedNodesMap = self
             .names()
             .into_iter()
@@ -284,11 +290,16 @@ impl Candidates {
                 None,
             ),
         };
+        let (failed, unresolvable) = if unresolvable {
+            (FailedNodesMap::new(), failed)
+        } else {
+            (failed, FailedNodesMap::new())
+        };
         ExtenderFilterResult {
             nodes,
             node_names,
-            failed_nodes: Some(FailedNodesMap::new()),
-            failed_and_unresolvable_nodes: Some(failed),
+            failed_nodes: Some(failed),
+            failed_and_unresolvable_nodes: Some(unresolvable),
             error: String::new(),
         }
     }

@@ -3,11 +3,13 @@
 //! Bound claims need nothing from the extender: their volume exists and its
 //! node affinity already pins the pod.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use lvmlocal_proto::params::{MEDIA_PARAM, PLACEMENT_PARAM, Placement};
+use lvmlocal_proto::params::Placement;
+use lvmlocal_proto::validate::{self, Invalid, Parameters};
 use lvmlocal_proto::{DRIVER_NAME, MediaClass};
 
 use crate::quantity::parse_bytes;
@@ -122,25 +124,17 @@ impl ClassRecord {
         let kind = if class.provisioner != DRIVER_NAME {
             ClassKind::Foreign
         } else {
-            let parameter = |key: &str| {
-                class
-                    .parameters
-                    .as_ref()
-                    .and_then(|parameters| parameters.get(key))
-            };
-            let media = match parameter(MEDIA_PARAM) {
-                None => Err(format!("parameter {MEDIA_PARAM} is missing")),
-                Some(text) => text
-                    .parse::<MediaClass>()
-                    .map_err(|err| format!("parameter {MEDIA_PARAM}: {err}")),
-            };
-            let placement = parameter(PLACEMENT_PARAM)
-                .map(|text| text.parse::<Placement>())
-                .transpose()
-                .map_err(|err| format!("parameter {PLACEMENT_PARAM}: {err}"));
-            match (media, placement) {
-                (Ok(media), Ok(placement)) => ClassKind::Lvmlocal { media, placement },
-                (Err(reason), _) | (_, Err(reason)) => ClassKind::Invalid(reason),
+            // The rule CreateVolume applies: a class it would refuse is
+            // refused here already, with the same reason.
+            let no_parameters = BTreeMap::new();
+            match validate::parameters(class.parameters.as_ref().unwrap_or(&no_parameters)) {
+                Ok(Parameters {
+                    media: Some(media),
+                    placement,
+                    ..
+                }) => ClassKind::Lvmlocal { media, placement },
+                Ok(_) => ClassKind::Invalid(Invalid::MissingMedia.to_string()),
+                Err(invalid) => ClassKind::Invalid(invalid.to_string()),
             }
         };
         ClassRecord { kind, default }
@@ -519,8 +513,16 @@ mod tests {
         let missing = class(json!({"metadata": {"name": "x"}, "provisioner": "lvmlocal.io"}));
         assert_eq!(
             ClassRecord::of(&missing).kind,
-            ClassKind::Invalid("parameter lvmlocal.io/media is missing".into())
+            ClassKind::Invalid("parameter lvmlocal.io/media is required: nvme, ssd or hdd".into())
         );
+        let unknown = class(json!({
+            "metadata": {"name": "x"}, "provisioner": "lvmlocal.io",
+            "parameters": {"lvmlocal.io/media": "ssd", "lvmlocal.io/medai": "nvme"}
+        }));
+        let ClassKind::Invalid(reason) = ClassRecord::of(&unknown).kind else {
+            panic!("an unknown parameter is accepted");
+        };
+        assert!(reason.starts_with("unknown parameter \"lvmlocal.io/medai\""), "{reason}");
         let bad_placement = class(json!({
             "metadata": {"name": "x"}, "provisioner": "lvmlocal.io",
             "parameters": {"lvmlocal.io/media": "ssd", "lvmlocal.io/placement": "pack"}
@@ -528,7 +530,7 @@ mod tests {
         assert_eq!(
             ClassRecord::of(&bad_placement).kind,
             ClassKind::Invalid(
-                "parameter lvmlocal.io/placement: unknown placement \"pack\"; expected binpack or spread".into()
+                "parameter lvmlocal.io/placement must be binpack or spread, not \"pack\"".into()
             )
         );
         let not_default = class(json!({

@@ -179,6 +179,7 @@ pub struct Parameters {
     pub media: Option<MediaClass>,
     pub fs_type: Option<FsType>,
     pub pvc: Option<PvcRef>,
+    pub placement: Option<Placement>,
     pub on_node_loss: OnNodeLoss,
 }
 
@@ -342,8 +343,11 @@ pub fn wanted(capability: &VolumeCapability) -> Result<Wanted, Invalid> {
     }
 }
 
-/// Reads the StorageClass parameters (and the provisioner's metadata).
-pub fn parameters(params: &HashMap<String, String>) -> Result<Parameters, Invalid> {
+/// Reads the StorageClass parameters (and the provisioner's metadata), from
+/// a CSI request or from the StorageClass itself.
+pub fn parameters<'a>(
+    params: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<Parameters, Invalid> {
     let mut parsed = Parameters::default();
     let mut pvc_name = None;
     let mut pvc_namespace = None;
@@ -351,8 +355,13 @@ pub fn parameters(params: &HashMap<String, String>) -> Result<Parameters, Invali
         match key.as_str() {
             MEDIA_PARAM => parsed.media = Some(value.parse()?),
             FS_TYPE_PARAM => parsed.fs_type = Some(value.parse()?),
-            PLACEMENT_PARAM if value.parse::<Placement>().is_ok() => {}
-            PLACEMENT_PARAM => return Err(Invalid::Placement(value.clone())),
+            PLACEMENT_PARAM => {
+                parsed.placement = Some(
+                    value
+                        .parse()
+                        .map_err(|_| Invalid::Placement(value.clone()))?,
+                );
+            }
             ON_NODE_LOSS => parsed.on_node_loss = value.parse()?,
             PVC_NAME_PARAM => pvc_name = Some(value.clone()),
             PVC_NAMESPACE_PARAM => pvc_namespace = Some(value.clone()),

@@ -211,12 +211,15 @@ async fn before_the_caches_are_listed_the_extender_asks_to_retry() {
         text,
         "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses, leases\n"
     );
-    let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
-    assert_eq!(result["NodeNames"], Value::Null);
+    let result = post_json(&app, "/filter", with_names(POD, &["node-a", "node-b"])).await;
+    assert_eq!(result["Error"], "");
+    assert_eq!(result["NodeNames"], json!([]));
+    let waiting = "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses, leases";
     assert_eq!(
-        result["Error"],
-        "waiting for the first listing of nodelocalstorages, logicalvolumes, persistentvolumeclaims, storageclasses, leases"
+        result["FailedNodes"],
+        json!({"node-a": waiting, "node-b": waiting})
     );
+    assert_eq!(result["FailedAndUnresolvableNodes"], json!({}));
     let (status, _) = call(&app, "POST", "/prioritize", with_names(POD, &["node-a"])).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
 
@@ -346,7 +349,7 @@ async fn malformed_requests() {
 }
 
 #[tokio::test]
-async fn a_claim_the_cache_has_not_seen_fails_the_call() {
+async fn a_claim_the_cache_has_not_seen_fails_every_node_for_a_retry() {
     let (app, extender) = app_with("", true);
     extender
         .inventory()
@@ -357,10 +360,15 @@ async fn a_claim_the_cache_has_not_seen_fails_the_call() {
             1024 * GI,
         )));
     let result = post_json(&app, "/filter", with_names(POD, &["node-a"])).await;
+    // Failed, to be retried: an Error would make kube-scheduler skip the
+    // extender and place the pod unchecked.
+    assert_eq!(result["Error"], "");
+    assert_eq!(result["NodeNames"], json!([]));
     assert_eq!(
-        result["Error"],
-        "claim analytics/logs-clickhouse-0 is not in the extender's cache yet"
+        result["FailedNodes"],
+        json!({"node-a": "claim analytics/logs-clickhouse-0 is not in the extender's cache yet"})
     );
+    assert_eq!(result["FailedAndUnresolvableNodes"], json!({}));
 }
 
 #[tokio::test]
