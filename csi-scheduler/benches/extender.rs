@@ -427,6 +427,7 @@ fn main() {
         Policy {
             default_placement: Placement::Binpack,
             reservation_ttl: Duration::from_secs(30),
+            max_reservations: csi_scheduler::reservation::DEFAULT_LIMIT,
         },
         Metrics::new(),
     ));

@@ -26,6 +26,8 @@ pub struct Policy {
     pub default_placement: Placement,
     /// How long a reservation lives if the pod's claims never show up.
     pub reservation_ttl: Duration,
+    /// How many reservations are kept at most.
+    pub max_reservations: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +73,7 @@ pub struct Extender {
 impl Extender {
     pub fn new(policy: Policy, metrics: Metrics) -> Self {
         Extender {
-            inventory: Mutex::new(Inventory::default()),
+            inventory: Mutex::new(Inventory::with_reservation_limit(policy.max_reservations)),
             policy,
             metrics,
         }

@@ -102,6 +102,30 @@ struct NodeRecord {
     in_flight: PerMedia<u64>,
     /// The agent's heartbeat; `None` while the node has no heartbeat Lease.
     beat: Option<Beat>,
+    /// How many `LogicalVolume`s name the node.
+    volumes: u32,
+}
+
+impl NodeRecord {
+    fn new(name: &str) -> Self {
+        NodeRecord {
+            name: name.into(),
+            storage: None,
+            seen: 0,
+            placed: PerMedia::default(),
+            in_flight: PerMedia::default(),
+            beat: None,
+            volumes: 0,
+        }
+    }
+
+    /// Nothing refers to the node but its name: it can be forgotten.
+    fn idle(&self) -> bool {
+        self.storage.is_none()
+            && self.beat.is_none()
+            && self.volumes == 0
+            && self.in_flight == PerMedia::default()
+    }
 }
 
 #[derive(Debug)]
@@ -178,9 +202,11 @@ impl<K: Eq + Hash, V> Table<K, V> {
 #[derive(Debug, Default)]
 pub struct Inventory {
     node_ids: HashMap<Box<str>, NodeId>,
-    // Node records are never removed: one small record per node name ever
-    // seen keeps ids stable for the reservations that refer to them.
+    /// Indexed by node id. A node nothing refers to any more (its storage,
+    /// Lease and volumes gone, no reservation on it) is forgotten and its
+    /// id reused, so a cluster that replaces its nodes does not grow this.
     nodes: Vec<NodeRecord>,
+    free_ids: Vec<NodeId>,
     storage_generation: u32,
     storage_synced: bool,
     volumes: Table<Box<str>, VolumeRecord>,
@@ -223,21 +249,51 @@ impl Inventory {
         self.node_ids.get(name).copied()
     }
 
+    /// An inventory that keeps at most `limit` reservations.
+    pub fn with_reservation_limit(limit: usize) -> Self {
+        Inventory {
+            reservations: Reservations::with_limit(limit),
+            ..Inventory::default()
+        }
+    }
+
+    /// How many nodes the inventory remembers.
+    pub fn nodes(&self) -> usize {
+        self.node_ids.len()
+    }
+
     fn intern(&mut self, name: &str) -> NodeId {
         if let Some(&id) = self.node_ids.get(name) {
             return id;
         }
-        let id = NodeId::try_from(self.nodes.len()).expect("fewer than 2^32 nodes");
-        self.nodes.push(NodeRecord {
-            name: name.into(),
-            storage: None,
-            seen: 0,
-            placed: PerMedia::default(),
-            in_flight: PerMedia::default(),
-            beat: None,
-        });
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = NodeRecord::new(name);
+                id
+            }
+            None => {
+                self.nodes.push(NodeRecord::new(name));
+                NodeId::try_from(self.nodes.len() - 1).expect("fewer than 2^32 nodes")
+            }
+        };
         self.node_ids.insert(name.into(), id);
         id
+    }
+
+    /// Forgets the nodes nothing refers to any more.
+    fn forget_idle_nodes(&mut self) {
+        let idle: Vec<NodeId> = self
+            .node_ids
+            .values()
+            .copied()
+            .filter(|&id| self.nodes[id as usize].idle() && !self.reservations.refers_to(id))
+            .collect();
+        for id in idle {
+            let record = &mut self.nodes[id as usize];
+            self.node_ids.remove(&record.name);
+            record.name = Box::from("");
+            self.free_ids.push(id);
+        }
     }
 
     pub fn apply_storage(&mut self, event: Event<NodeLocalStorage>) {
@@ -308,7 +364,9 @@ impl Inventory {
     }
 
     fn place(&mut self, volume: &VolumeRecord) {
-        self.nodes[volume.node as usize].placed[volume.media] += volume.bytes;
+        let node = &mut self.nodes[volume.node as usize];
+        node.placed[volume.media] += volume.bytes;
+        node.volumes += 1;
         if let Some(claim) = &volume.claim {
             let count = self.with_volume.entry(claim.clone()).or_default();
             *count += 1;
@@ -322,7 +380,9 @@ impl Inventory {
     }
 
     fn unplace(&mut self, volume: &VolumeRecord) {
-        self.nodes[volume.node as usize].placed[volume.media] -= volume.bytes;
+        let node = &mut self.nodes[volume.node as usize];
+        node.placed[volume.media] -= volume.bytes;
+        node.volumes -= 1;
         if let Some(claim) = &volume.claim
             && let Some(count) = self.with_volume.get_mut(claim)
         {
@@ -587,9 +647,11 @@ impl Inventory {
         verdicts
     }
 
-    /// Drops expired reservations; returns how many remain.
+    /// Drops expired reservations and forgets the nodes nothing refers to
+    /// any more; returns how many reservations remain.
     pub fn expire(&mut self, now: Instant) -> usize {
         self.reservations.expire(now);
+        self.forget_idle_nodes();
         self.reservations.len()
     }
 }

@@ -49,6 +49,11 @@ pub struct Args {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub reservation_ttl_seconds: u64,
 
+    /// Most reservations kept at once; past it, the one closest to expiry
+    /// gives way. Bounds what any caller of the extender can hold.
+    #[arg(long, default_value_t = reservation::DEFAULT_LIMIT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_reservations: usize,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     pub max_request_bytes: usize,
@@ -95,6 +100,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
     let policy = Policy {
         default_placement: args.default_placement,
         reservation_ttl: Duration::from_secs(args.reservation_ttl_seconds),
+        max_reservations: args.max_reservations,
     };
     let extender = Arc::new(Extender::new(policy, Metrics::new()));
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -120,6 +126,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         path_prefix = %args.path_prefix,
         default_placement = %args.default_placement,
         reservation_ttl_seconds = args.reservation_ttl_seconds,
+        max_reservations = args.max_reservations,
         namespace = %args.namespace,
         "csi-scheduler started"
     );

@@ -522,7 +522,10 @@ mod tests {
         let ClassKind::Invalid(reason) = ClassRecord::of(&unknown).kind else {
             panic!("an unknown parameter is accepted");
         };
-        assert!(reason.starts_with("unknown parameter \"lvmlocal.io/medai\""), "{reason}");
+        assert!(
+            reason.starts_with("unknown parameter \"lvmlocal.io/medai\""),
+            "{reason}"
+        );
         let bad_placement = class(json!({
             "metadata": {"name": "x"}, "provisioner": "lvmlocal.io",
             "parameters": {"lvmlocal.io/media": "ssd", "lvmlocal.io/placement": "pack"}

@@ -15,6 +15,12 @@
 //! provisioned), a `LogicalVolume`, or is bound. The first of these also
 //! narrows the rest of the pod's reservation to that node. A reservation
 //! whose pod never shows up is dropped after its time to live.
+//!
+//! What a caller can reserve is bounded, whoever it is: a claim counts in
+//! one reservation only (the latest pod's: two pods of one claim land on the
+//! same node anyway), so reserved bytes never exceed what pending claims ask
+//! for on the nodes that could hold them; and the number of reservations is
+//! capped, the one closest to expiry giving way.
 
 use std::time::Instant;
 
@@ -54,18 +60,44 @@ impl Reservation {
     }
 }
 
+/// How many reservations are kept unless configured otherwise: far more pods
+/// than one kube-scheduler places within a reservation's lifetime.
+pub const DEFAULT_LIMIT: usize = 10_000;
+
 /// All live reservations, keyed by pod UID, with their sum per node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Reservations {
     by_pod: HashMap<Box<str>, Reservation>,
-    /// Which pod reserved a claim. A claim shared by two pending pods maps to
-    /// the later one; the earlier one's share then lives until it expires.
+    /// Which pod reserved a claim: the latest to ask for it.
     by_claim: HashMap<ClaimKey, Box<str>>,
     /// Indexed by node id.
     reserved: Vec<PerMedia<u64>>,
+    limit: usize,
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_LIMIT)
+    }
 }
 
 impl Reservations {
+    /// Keeps at most `limit` reservations (at least one).
+    pub fn with_limit(limit: usize) -> Self {
+        Reservations {
+            by_pod: HashMap::default(),
+            by_claim: HashMap::default(),
+            reserved: Vec::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Whether any reservation still refers to `node`: every one kept
+    /// reserves some bytes on each of its nodes.
+    pub fn refers_to(&self, node: NodeId) -> bool {
+        self.on(node) != PerMedia::default()
+    }
+
     /// Bytes reserved per class on `node`.
     pub fn on(&self, node: NodeId) -> PerMedia<u64> {
         self.reserved
@@ -86,11 +118,18 @@ impl Reservations {
         self.by_pod.get(pod_uid)
     }
 
-    /// Records `reservation` for `pod_uid`, replacing the pod's previous one.
+    /// Records `reservation` for `pod_uid`, replacing the pod's previous one
+    /// and taking its claims out of other pods' reservations.
     pub fn reserve(&mut self, pod_uid: &str, reservation: Reservation) {
         self.release(pod_uid);
         if reservation.nodes.is_empty() || reservation.claims.iter().all(|claim| claim.bytes == 0) {
             return;
+        }
+        for claim in &reservation.claims {
+            self.settle(&claim.key, None);
+        }
+        if self.by_pod.len() >= self.limit {
+            self.evict();
         }
         self.add(&reservation.nodes, reservation.load());
         for claim in &reservation.claims {
@@ -145,6 +184,25 @@ impl Reservations {
             }
         }
         expired.len()
+    }
+
+    /// Makes room for one more: drops the reservation closest to expiry.
+    fn evict(&mut self) {
+        let Some(uid) = self
+            .by_pod
+            .iter()
+            .min_by_key(|(_, reservation)| reservation.expires)
+            .map(|(uid, _)| uid.clone())
+        else {
+            return;
+        };
+        if let Some(reservation) = self.release(&uid) {
+            tracing::warn!(
+                pod = %reservation.pod,
+                limit = self.limit,
+                "too many reservations: the one closest to expiry is dropped"
+            );
+        }
     }
 
     fn add(&mut self, nodes: &[NodeId], load: PerMedia<u64>) {
@@ -256,6 +314,51 @@ mod tests {
         assert_eq!(released.claims, vec![claim("b", Ssd, 4)]);
         assert_eq!(book.on(0), PerMedia::default());
         assert!(book.release("new").is_none());
+    }
+
+    #[test]
+    fn a_claim_counts_in_one_reservation_only() {
+        let later = Instant::now() + Duration::from_secs(30);
+        let mut book = Reservations::default();
+        book.reserve(
+            "uid-1",
+            reservation(
+                &[0, 1],
+                vec![claim("a", Nvme, 10), claim("b", Nvme, 5)],
+                later,
+            ),
+        );
+        // Forged or real, a second pod naming claim a takes it over.
+        for uid in ["uid-2", "uid-3", "uid-4"] {
+            book.reserve(uid, reservation(&[0, 1], vec![claim("a", Nvme, 10)], later));
+        }
+        assert_eq!(book.on(0), PerMedia([15, 0, 0]));
+        assert_eq!(book.on(1), PerMedia([15, 0, 0]));
+        assert_eq!(book.len(), 2, "uid-1 keeps b, uid-4 holds a");
+        assert_eq!(book.get("uid-1").unwrap().claims, vec![claim("b", Nvme, 5)]);
+        assert!(book.get("uid-4").is_some());
+    }
+
+    #[test]
+    fn past_the_limit_the_reservation_closest_to_expiry_goes() {
+        let now = Instant::now();
+        let mut book = Reservations::with_limit(3);
+        for i in 0..5u64 {
+            let expires = now + Duration::from_secs(60 - i);
+            let name = format!("c{i}");
+            book.reserve(
+                &format!("uid-{i}"),
+                reservation(&[0], vec![claim(&name, Hdd, 1)], expires),
+            );
+        }
+        assert_eq!(book.len(), 3);
+        // Each later one expires sooner: uid-3 pushed out uid-2, and uid-4
+        // pushed out uid-3.
+        assert!(book.get("uid-0").is_some() && book.get("uid-1").is_some());
+        assert!(book.get("uid-4").is_some());
+        assert_eq!(book.on(0), PerMedia([0, 0, 3]));
+        assert!(book.refers_to(0));
+        assert!(!book.refers_to(1));
     }
 
     #[test]

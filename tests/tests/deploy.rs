@@ -608,6 +608,7 @@ async fn scheduler_wiring_matches_the_extender() {
     let policy = csi_scheduler::extender::Policy {
         default_placement: parsed.default_placement,
         reservation_ttl: Duration::from_secs(parsed.reservation_ttl_seconds),
+        max_reservations: parsed.max_reservations,
     };
     let app = csi_scheduler::http::router(
         Arc::new(csi_scheduler::extender::Extender::new(

@@ -407,3 +407,43 @@ fn heartbeats_follow_their_leases() {
         Some(Silence::Never)
     );
 }
+
+#[test]
+fn a_node_nothing_refers_to_is_forgotten_and_one_with_volumes_is_not() {
+    let mut cluster = two_nodes();
+    cluster
+        .volumes
+        .push(volume("pv-1", "node-b", Nvme, 10 * GI, None));
+    cluster.claims.push(claim("db", "wanted", "nvme", 30 * GI));
+    let mut inventory = inventory(&cluster);
+    // A reservation on node-a keeps it while it lives.
+    let wanting = pod("db", "wanting", "uid-w", &["wanted"]);
+    let now = Instant::now();
+    assert_eq!(
+        assess_at(&mut inventory, &wanting, &["node-a"], now),
+        [true]
+    );
+    for name in ["node-a", "node-b"] {
+        inventory.apply_storage(Event::Delete(storage(name, &[(Nvme, 100 * GI)])));
+        inventory.apply_lease(Event::Delete(heartbeat(name, 1)), now);
+    }
+    inventory.expire(now);
+    assert_eq!(inventory.nodes(), 2);
+    let a = inventory.node_id("node-a").unwrap();
+
+    // Once it expires, node-a has nothing left; node-b still has a volume.
+    inventory.expire(now + TTL);
+    assert_eq!(inventory.nodes(), 1);
+    assert!(inventory.node_id("node-a").is_none());
+
+    // A node joining later reuses the id and starts from nothing.
+    inventory.apply_storage(Event::Apply(storage("node-c", &[(Nvme, 50 * GI)])));
+    inventory.apply_lease(Event::Apply(heartbeat("node-c", 1)), Instant::now());
+    assert_eq!(inventory.node_id("node-c"), Some(a));
+    assert_eq!(free(&mut inventory, "node-c", Nvme), Some(50 * GI));
+    inventory.apply_volume(Event::Delete(volume("pv-1", "node-b", Nvme, 10 * GI, None)));
+    inventory.expire(now + TTL);
+    assert!(inventory.node_id("node-b").is_none());
+    assert_eq!(inventory.nodes(), 1);
+    assert_eq!(free(&mut inventory, "node-c", Nvme), Some(50 * GI));
+}

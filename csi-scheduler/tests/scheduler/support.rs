@@ -27,6 +27,7 @@ pub fn policy() -> Policy {
     Policy {
         default_placement: Placement::Binpack,
         reservation_ttl: Duration::from_secs(30),
+        max_reservations: csi_scheduler::reservation::DEFAULT_LIMIT,
     }
 }
 
