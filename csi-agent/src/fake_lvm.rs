@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume};
+use lvmlocal_proto::crd::{LV_FINALIZER, LogicalVolume, MediaBytes};
 use serde_json::{Value, json};
 
 use crate::lvm::LvmError;
-use crate::volumes::{LocalVolume, VolumeBackend, VolumeError, VolumeRequest};
+use crate::volumes::{GroupUse, LocalVolume, VolumeBackend, VolumeError, VolumeRequest};
 
 pub const EXTENT: u64 = 4 << 20;
 
@@ -19,6 +19,8 @@ pub const EXTENT: u64 = 4 << 20;
 pub struct FakeLvm {
     pub volumes: Mutex<BTreeMap<String, LocalVolume>>,
     pub free: Mutex<u64>,
+    /// Bytes LVs that are not lvmlocal's take in each group.
+    pub other: Mutex<MediaBytes>,
     /// Every LV command fails as LVM failing would.
     pub broken: bool,
     pub calls: Mutex<Vec<String>>,
@@ -29,6 +31,7 @@ impl FakeLvm {
         Self {
             volumes: Mutex::default(),
             free: Mutex::new(free),
+            other: Mutex::default(),
             broken: false,
             calls: Mutex::default(),
         }
@@ -110,6 +113,24 @@ impl VolumeBackend for FakeLvm {
         self.call(format!("remove {id}"))?;
         self.volumes.lock().unwrap().remove(id);
         Ok(())
+    }
+
+    async fn usage(&self) -> Result<Vec<(MediaClass, GroupUse)>, VolumeError> {
+        let volumes = self.volumes.lock().unwrap();
+        Ok(MediaClass::ALL
+            .into_iter()
+            .map(|media| {
+                let usage = GroupUse {
+                    volumes: volumes
+                        .values()
+                        .filter(|volume| volume.media == media)
+                        .map(|volume| (volume.id.clone(), volume.size_bytes))
+                        .collect(),
+                    other_bytes: self.other.lock().unwrap().get(media),
+                };
+                (media, usage)
+            })
+            .collect())
     }
 }
 

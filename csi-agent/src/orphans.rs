@@ -1,7 +1,10 @@
 //! The orphan audit: LVs that carry lvmlocal's tag but that no
 //! `LogicalVolume` of this node names. They are counted, listed in the
 //! node's `NodeLocalStorage` status and announced by an event, never
-//! removed: destroying data needs a recorded deletion intent.
+//! removed: destroying data needs a recorded deletion intent. The audit also
+//! publishes the bytes of each volume group that no `LogicalVolume`
+//! accounts for (orphans, LVs made by hand, LVs being removed), which the
+//! cluster's capacity arithmetic cannot see otherwise.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -12,13 +15,13 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
-use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage, OrphanedVolume};
+use lvmlocal_proto::crd::{LogicalVolume, MediaBytes, NodeLocalStorage, OrphanedVolume};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::node_storage::recorder;
-use crate::volumes::{LocalVolume, VolumeBackend};
+use crate::volumes::{GroupUse, LocalVolume, VolumeBackend};
 
 /// How often the LVs are compared with the objects to find orphans.
 const ORPHAN_CHECK: Duration = Duration::from_secs(60);
@@ -35,6 +38,32 @@ pub fn orphans<'a>(local: &'a [LocalVolume], objects: &HashSet<String>) -> Vec<&
         .iter()
         .filter(|volume| !objects.contains(&volume.id))
         .collect()
+}
+
+/// Bytes per class that no object accounts for: what is not lvmlocal's, and
+/// lvmlocal's LVs no object names.
+pub fn unaccounted(
+    usage: &[(lvmlocal_proto::MediaClass, GroupUse)],
+    objects: &HashSet<String>,
+) -> MediaBytes {
+    let mut bytes = MediaBytes::default();
+    for (media, group) in usage {
+        let orphaned: u64 = group
+            .volumes
+            .iter()
+            .filter(|(id, _)| !objects.contains(id))
+            .map(|(_, size)| size)
+            .sum();
+        *bytes.get_mut(*media) += group.other_bytes + orphaned;
+    }
+    bytes
+}
+
+/// What one audit found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub orphans: Vec<LocalVolume>,
+    pub unaccounted: MediaBytes,
 }
 
 /// How an orphan is listed in the node's status.
@@ -59,8 +88,8 @@ pub struct OrphanCheck<B> {
     node: String,
     /// Orphans already announced, so each is announced when it appears.
     reported: BTreeSet<String>,
-    /// The list last written to the status; None until a write succeeds.
-    published: Option<Vec<OrphanedVolume>>,
+    /// What was last written to the status; None until a write succeeds.
+    published: Option<(Vec<OrphanedVolume>, MediaBytes)>,
 }
 
 impl<B: VolumeBackend> OrphanCheck<B> {
@@ -102,15 +131,25 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         }
     }
 
-    /// Writes the orphans into the node's status when they changed, and
-    /// announces each new one with an event on the node's object.
-    async fn publish(&mut self, found: Vec<LocalVolume>) {
+    /// Writes the orphans and the unaccounted bytes into the node's status
+    /// when they changed, and announces each new orphan with an event on the
+    /// node's object.
+    async fn publish(&mut self, audit: Audit) {
+        let Audit {
+            orphans: found,
+            unaccounted,
+        } = audit;
         let list: Vec<OrphanedVolume> = found.iter().map(listed).collect();
-        if self.published.as_ref() != Some(&list) {
+        let report = (list, unaccounted);
+        if self.published.as_ref() != Some(&report) {
+            let mut status = json!({ "unaccountedBytes": unaccounted });
+            if !report.0.is_empty() {
+                status["orphanedVolumes"] = json!(report.0);
+            }
             let patch = json!({
                 "apiVersion": NodeLocalStorage::api_version(&()),
                 "kind": NodeLocalStorage::kind(&()),
-                "status": if list.is_empty() { json!({}) } else { json!({ "orphanedVolumes": list }) },
+                "status": status,
             });
             let params = PatchParams::apply(ORPHANS_MANAGER).force();
             match self
@@ -118,7 +157,7 @@ impl<B: VolumeBackend> OrphanCheck<B> {
                 .patch_status(&self.node, &params, &Patch::Apply(patch))
                 .await
             {
-                Ok(_) => self.published = Some(list),
+                Ok(_) => self.published = Some(report),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot list the orphaned LVs in NodeLocalStorage");
                     self.published = None;
@@ -157,13 +196,19 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         self.reported = found.into_iter().map(|volume| volume.id).collect();
     }
 
-    /// The LVs no object names now, counted and logged; None when the LVs
-    /// cannot be listed.
-    async fn audit(&mut self) -> Option<Vec<LocalVolume>> {
+    /// The LVs no object names now, counted and logged, and the bytes no
+    /// object accounts for; None when the LVs cannot be listed.
+    async fn audit(&mut self) -> Option<Audit> {
         // LVs first: an LV is made only once its object is in the cache, so
         // a volume being made now cannot pass for an orphan.
-        let local = match self.volumes.list().await {
-            Ok(local) => local,
+        let listed = async {
+            Ok::<_, crate::volumes::VolumeError>((
+                self.volumes.list().await?,
+                self.volumes.usage().await?,
+            ))
+        };
+        let (local, usage) = match listed.await {
+            Ok(read) => read,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot list LVs to look for orphans");
                 return None;
@@ -186,7 +231,10 @@ impl<B: VolumeBackend> OrphanCheck<B> {
                 "orphaned LV: it carries lvmlocal's tag but no LogicalVolume names it; left in place"
             );
         }
-        Some(found.into_iter().cloned().collect())
+        Some(Audit {
+            orphans: found.into_iter().cloned().collect(),
+            unaccounted: unaccounted(&usage, &objects),
+        })
     }
 }
 
@@ -205,6 +253,7 @@ mod tests {
     use crate::fake_lvm::{FakeLvm, local, object};
 
     const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
 
     #[test]
     fn orphans_are_the_lvs_no_object_names() {
@@ -235,6 +284,8 @@ mod tests {
                 .with(local("pvc-1", MediaClass::Nvme, GIB))
                 .with(local("pvc-gone", MediaClass::Hdd, GIB)),
         );
+        // An LV made by hand in the HDD group.
+        backend.other.lock().unwrap().hdd = 3 * MIB;
         let (objects, mut writer) = reflector::store::<LogicalVolume>();
         writer.apply_watcher_event(&watcher::Event::Init);
         writer.apply_watcher_event(&watcher::Event::InitApply(object(GIB, 1)));
@@ -265,7 +316,7 @@ mod tests {
             let applied = body(request).await;
             assert_eq!(
                 applied["status"],
-                json!({"orphanedVolumes": [{
+                json!({"unaccountedBytes": {"nvme": 0, "ssd": 0, "hdd": GIB + 3 * MIB}, "orphanedVolumes": [{
                     "id": "pvc-gone",
                     "media": "hdd",
                     "devicePath": "/dev/lvmlocal-hdd/pvc-gone",
@@ -315,7 +366,16 @@ mod tests {
             claimed
         }));
         let found = check.audit().await.unwrap();
-        assert!(found.is_empty());
+        assert!(found.orphans.is_empty());
+        assert_eq!(
+            found.unaccounted,
+            MediaBytes {
+                nvme: 0,
+                ssd: 0,
+                hdd: 3 * MIB
+            },
+            "what is not lvmlocal's stays unaccounted"
+        );
         assert!(
             metrics
                 .encode()

@@ -642,6 +642,7 @@ pub async fn run<B: VolumeBackend>(
     lv_changes: tokio::sync::watch::Receiver<u64>,
 ) {
     let objects = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut audit_changes = lv_changes.clone();
     let changed = futures::stream::unfold(lv_changes, |mut changes| async move {
         changes.changed().await.ok().map(|()| ((), changes))
     });
@@ -653,6 +654,9 @@ pub async fn run<B: VolumeBackend>(
         volumes.clone(),
         metrics.clone(),
     ));
+    // What LVM shows changed behind the agent's back (an LV made or
+    // removed by hand) changes what no object accounts for.
+    let wake = context.orphan_audit.clone();
     let orphans = OrphanCheck::new(
         client,
         &node,
@@ -674,9 +678,16 @@ pub async fn run<B: VolumeBackend>(
             }
             async {}
         });
+    let audit_on_change = async move {
+        while audit_changes.changed().await.is_ok() {
+            wake.notify_one();
+        }
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
         () = reconciles => tracing::info!("LogicalVolume controller stopped"),
         () = orphans.run() => {}
+        () = audit_on_change => {}
     }
 }
 

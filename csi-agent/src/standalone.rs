@@ -156,7 +156,9 @@ impl Store for LvTagStore {
                 node: self.node.clone(),
                 total_bytes: space.size_bytes,
                 reported_free_bytes: space.free_bytes,
+                // Its own figure already counts everything LVM holds.
                 allocated_bytes: space.size_bytes - space.free_bytes,
+                unaccounted_bytes: 0,
                 extent_bytes: space.extent_bytes,
                 degraded: space.missing_pvs > 0,
                 silent: None,

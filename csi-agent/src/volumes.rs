@@ -224,6 +224,16 @@ pub struct GroupSpace {
     pub missing_pvs: u32,
 }
 
+/// What takes room in the volume group of one media class: each of
+/// lvmlocal's LVs (in any state, being made or removed too), and the LVs
+/// that are not lvmlocal's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupUse {
+    /// `(volume id, bytes)`.
+    pub volumes: Vec<(String, u64)>,
+    pub other_bytes: u64,
+}
+
 /// An LV of the index: the volume it is, and where it is in its life.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -420,6 +430,32 @@ impl Volumes {
             return Ok(None);
         };
         self.shared.with_index(|index| index.space(vg)).await
+    }
+
+    /// What takes room in each volume group of this node.
+    pub async fn usage(&self) -> Result<Vec<(MediaClass, GroupUse)>, VolumeError> {
+        let shared = &self.shared;
+        shared
+            .with_index(|index| {
+                index
+                    .groups
+                    .iter()
+                    .filter_map(|(vg, group)| {
+                        let volumes = index
+                            .volumes
+                            .values()
+                            .filter(|entry| entry.volume.vg == *vg)
+                            .map(|entry| (entry.volume.id.clone(), entry.volume.size_bytes))
+                            .collect();
+                        let usage = GroupUse {
+                            volumes,
+                            other_bytes: group.other_bytes,
+                        };
+                        Some((shared.media(vg)?, usage))
+                    })
+                    .collect()
+            })
+            .await
     }
 
     /// Every usable lvmlocal volume on this node, sorted by id.
@@ -1072,6 +1108,9 @@ pub trait VolumeBackend: Send + Sync + 'static {
         request: &VolumeRequest,
     ) -> impl Future<Output = Result<LocalVolume, VolumeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), VolumeError>> + Send;
+    fn usage(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(MediaClass, GroupUse)>, VolumeError>> + Send;
 }
 
 impl VolumeBackend for Volumes {
@@ -1089,6 +1128,10 @@ impl VolumeBackend for Volumes {
 
     async fn remove(&self, id: &str) -> Result<(), VolumeError> {
         Volumes::remove(self, id).await
+    }
+
+    async fn usage(&self) -> Result<Vec<(MediaClass, GroupUse)>, VolumeError> {
+        Volumes::usage(self).await
     }
 }
 

@@ -27,11 +27,13 @@ pub fn capacities(
         .filter(|nls| nls.metadata.deletion_timestamp.is_none())
         .filter(|nls| nodes.contains(&nls.spec.node_name))
         .filter_map(|nls| {
-            let group = nls.status.as_ref()?.media(media)?;
+            let status = nls.status.as_ref()?;
+            let group = status.media(media)?;
             let node = nls.spec.node_name.clone();
             Some(NodeCapacity {
                 silent: silence(&node),
                 allocated_bytes: allocated.get(node.as_str()).copied().unwrap_or(0),
+                unaccounted_bytes: status.unaccounted(media),
                 node,
                 total_bytes: group.total_bytes,
                 reported_free_bytes: group.free_bytes,
@@ -88,7 +90,18 @@ mod tests {
 
     #[test]
     fn capacities_charge_placed_volumes_on_existing_nodes() {
-        let storage = [nls("a", 100, 100), nls("b", 100, 90), nls("gone", 100, 100)];
+        let mut with_hand_made = (*nls("a", 100, 100)).clone();
+        // An LV made by hand takes 8 that LVM has not reported yet.
+        with_hand_made.status.as_mut().unwrap().unaccounted_bytes =
+            Some(lvmlocal_proto::crd::MediaBytes {
+                nvme: 8,
+                ..Default::default()
+            });
+        let storage = [
+            Arc::new(with_hand_made),
+            nls("b", 100, 90),
+            nls("gone", 100, 100),
+        ];
         let volumes = [
             lv("v1", "a", 30, None),
             lv("v2", "a", 10, Some(12)),
@@ -102,7 +115,7 @@ mod tests {
             .iter()
             .map(|c| (c.node.as_str(), c.allocated_bytes, c.free_bytes()))
             .collect();
-        assert_eq!(summary, [("a", 42, 58), ("b", 10, 0)]);
+        assert_eq!(summary, [("a", 42, 50), ("b", 10, 0)]);
         assert_eq!(got[1].silent.as_deref(), Some("silent"));
         assert!(capacities(MediaClass::Hdd, &storage, &volumes, &nodes, quiet).is_empty());
     }

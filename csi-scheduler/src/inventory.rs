@@ -5,7 +5,9 @@
 //!
 //! Free space of a class on a node = the volume group's `totalBytes` − the
 //! sizes of the `LogicalVolume`s placed there − the claims kube-scheduler has
-//! sent there that have no `LogicalVolume` yet − reservations. The agent's own
+//! sent there that have no `LogicalVolume` yet − reservations − what the
+//! agent reports no `LogicalVolume` accounts for (`unaccountedBytes`: LVs
+//! made by hand, orphans). The agent's own
 //! `freeBytes` is not used: it lags behind every volume created since its last
 //! report, and would count those volumes twice once they show up here.
 //!
@@ -132,6 +134,8 @@ impl NodeRecord {
 struct GroupRecord {
     vg_name: Box<str>,
     total_bytes: u64,
+    /// What the agent reports no `LogicalVolume` accounts for.
+    unaccounted_bytes: u64,
     extent_bytes: u64,
     degraded: bool,
 }
@@ -301,10 +305,12 @@ impl Inventory {
             Event::Init => self.storage_generation = self.storage_generation.wrapping_add(1),
             Event::Apply(nls) | Event::InitApply(nls) => {
                 let groups = PerMedia(MediaClass::ALL.map(|media| {
-                    let status = nls.status.as_ref()?.media(media)?;
+                    let report = nls.status.as_ref()?;
+                    let status = report.media(media)?;
                     Some(GroupRecord {
                         vg_name: status.vg_name.as_str().into(),
                         total_bytes: status.total_bytes,
+                        unaccounted_bytes: report.unaccounted(media),
                         extent_bytes: status.extent_bytes,
                         degraded: status.degraded,
                     })
@@ -566,7 +572,10 @@ impl Inventory {
             } else {
                 0
             };
-            let used = node.placed[media] + node.in_flight[media] + reserved[media];
+            let used = node.placed[media]
+                + node.in_flight[media]
+                + reserved[media]
+                + group.unaccounted_bytes;
             Some(MediaCapacity {
                 vg_name: &group.vg_name,
                 total_bytes: group.total_bytes,

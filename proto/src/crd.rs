@@ -51,6 +51,51 @@ pub struct NodeLocalStorageStatus {
     /// never removed by the agent. Written by the agent's orphan audit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphaned_volumes: Vec<OrphanedVolume>,
+    /// Bytes of each volume group that no `LogicalVolume` of the node
+    /// accounts for: LVs made by hand, orphans, LVs being removed. The
+    /// extender and GetCapacity count them as used. Written by the orphan
+    /// audit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unaccounted_bytes: Option<MediaBytes>,
+}
+
+/// A number of bytes per media class.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaBytes {
+    #[serde(default)]
+    pub nvme: u64,
+    #[serde(default)]
+    pub ssd: u64,
+    #[serde(default)]
+    pub hdd: u64,
+}
+
+impl MediaBytes {
+    pub fn get(&self, media: MediaClass) -> u64 {
+        match media {
+            MediaClass::Nvme => self.nvme,
+            MediaClass::Ssd => self.ssd,
+            MediaClass::Hdd => self.hdd,
+        }
+    }
+
+    pub fn get_mut(&mut self, media: MediaClass) -> &mut u64 {
+        match media {
+            MediaClass::Nvme => &mut self.nvme,
+            MediaClass::Ssd => &mut self.ssd,
+            MediaClass::Hdd => &mut self.hdd,
+        }
+    }
+}
+
+impl NodeLocalStorageStatus {
+    /// What no `LogicalVolume` accounts for in the group of `media`.
+    pub fn unaccounted(&self, media: MediaClass) -> u64 {
+        self.unaccounted_bytes
+            .as_ref()
+            .map_or(0, |bytes| bytes.get(media))
+    }
 }
 
 /// An LV that carries lvmlocal's tags but that no object names, e.g. after

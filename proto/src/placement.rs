@@ -18,6 +18,9 @@ pub struct NodeCapacity {
     /// Sum of the sizes of the volumes the store has placed on this group,
     /// including those the node has not made yet.
     pub allocated_bytes: u64,
+    /// What the node reports no volume accounts for (LVs made by hand,
+    /// orphans): taken as well.
+    pub unaccounted_bytes: u64,
     pub extent_bytes: u64,
     /// Some disk of the group is missing: no new volumes there.
     pub degraded: bool,
@@ -35,8 +38,11 @@ impl NodeCapacity {
         if self.degraded || self.silent.is_some() {
             return 0;
         }
-        self.reported_free_bytes
-            .min(self.total_bytes.saturating_sub(self.allocated_bytes))
+        self.reported_free_bytes.min(
+            self.total_bytes
+                .saturating_sub(self.allocated_bytes)
+                .saturating_sub(self.unaccounted_bytes),
+        )
     }
 
     fn extent(&self) -> u64 {
@@ -220,6 +226,7 @@ mod tests {
             total_bytes: total,
             reported_free_bytes: total - allocated,
             allocated_bytes: allocated,
+            unaccounted_bytes: 0,
             extent_bytes: 4 * MIB,
             degraded: false,
             silent: None,
@@ -248,12 +255,17 @@ mod tests {
             (100, 100, 130, false, 0), // over-committed: no underflow
             (100, 100, 0, true, 0),
         ];
+        // LVs the cluster does not know of count before LVM reports them.
+        let mut unknown = group("n", 100, 30);
+        unknown.unaccounted_bytes = 50;
+        assert_eq!(unknown.free_bytes(), 20);
         for (total, reported, allocated, degraded, want) in cases {
             let capacity = NodeCapacity {
                 node: "n".into(),
                 total_bytes: total,
                 reported_free_bytes: reported,
                 allocated_bytes: allocated,
+                unaccounted_bytes: 0,
                 extent_bytes: 1,
                 degraded,
                 silent: None,

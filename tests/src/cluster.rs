@@ -633,8 +633,41 @@ impl Cluster {
     }
 
     fn start_csi_scheduler(&mut self) -> anyhow::Result<()> {
-        let kubeconfig =
-            self.service_account_kubeconfig("lvmlocal-scheduler", &self.local_api(), "scheduler")?;
+        self.spawn_csi_scheduler("lvmlocal-scheduler")?;
+        let address = format!("127.0.0.1:{}", self.extender_port);
+        wait_for("csi-scheduler healthy", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
+            let response = crate::guest::http_get(&address, "/healthz");
+            response
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+                .ok_or(response)
+        })
+    }
+
+    /// Restarts csi-scheduler as the namespace's `default` ServiceAccount,
+    /// which may read nothing: its caches never complete a listing, as for
+    /// an extender that has just started. Returns once it answers.
+    pub fn restart_csi_scheduler_unsynced(&mut self) -> anyhow::Result<()> {
+        self.service("csi-scheduler").kill();
+        self.spawn_csi_scheduler("default")?;
+        let address = format!("127.0.0.1:{}", self.extender_port);
+        wait_for("csi-scheduler answering", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
+            let response = crate::guest::http_get(&address, "/healthz");
+            response
+                .starts_with("HTTP/1.1 503")
+                .then_some(())
+                .ok_or(response)
+        })
+    }
+
+    fn spawn_csi_scheduler(&mut self, account: &str) -> anyhow::Result<()> {
+        let kubeconfig = self.service_account_kubeconfig(
+            account,
+            &self.local_api(),
+            &format!("scheduler-{account}"),
+        )?;
         let args = self.deploy_args(
             "lvmlocal-scheduler",
             "scheduler",
@@ -648,16 +681,7 @@ impl Cluster {
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info");
-        self.spawn("csi-scheduler", command)?;
-        let address = format!("127.0.0.1:{}", self.extender_port);
-        wait_for("csi-scheduler healthy", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
-            let response = crate::guest::http_get(&address, "/healthz");
-            response
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-                .ok_or(response)
-        })
+        self.spawn("csi-scheduler", command)
     }
 
     fn start_csi_controller(&mut self) -> anyhow::Result<()> {

@@ -1539,3 +1539,126 @@ fn helm_installs_upgrades_and_uninstalls_without_touching_volumes() {
         .get(&["pv", pvc["spec"]["volumeName"].as_str().unwrap()])
         .expect("the PV stays");
 }
+
+/// A filter request for `pod` (using `claims`) on `nodes`, as kube-scheduler
+/// sends it with nodeCacheCapable.
+fn filter_request(cluster: &Cluster, pod: &str, claims: &[&str], nodes: &[&str]) -> String {
+    let mut body = self::pod(pod, claims);
+    body["metadata"]["uid"] = json!(format!("uid-{pod}"));
+    let answer = json!({"Pod": body, "Nodes": null, "NodeNames": nodes}).to_string();
+    let extender = format!("127.0.0.1:{}", cluster.extender_port);
+    lvmlocal_tests::guest::http_post(&extender, "/lvmlocal/filter", &answer)
+}
+
+#[test]
+fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    cluster.add_paper_node("paper-4g", "nvme", 4 * GIB).unwrap();
+    cluster.add_paper_node("paper-8g", "nvme", 8 * GIB).unwrap();
+
+    // An extender whose caches are not listed yet fails every node for a
+    // retry: kube-scheduler would skip one that answers with an error
+    // (ignorable: true) and place the pod unchecked.
+    cluster.restart_csi_scheduler_unsynced().unwrap();
+    cluster
+        .apply(&claim("early", "lvmlocal-nvme", "3Gi"))
+        .unwrap();
+    cluster.apply(&pod("early", &["early"])).unwrap();
+    wait_for(
+        "kube-scheduler told the extender is not ready",
+        Duration::from_secs(60),
+        || {
+            let said = events(&cluster, "early");
+            said.contains("waiting for the first listing of")
+                .then_some(())
+                .ok_or(said)
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let pvc = cluster.get(&["pvc", "early", "-n", NS]).unwrap();
+    assert!(
+        pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"].is_null(),
+        "placed without the extender: {pvc}"
+    );
+    let pod_now = cluster.get(&["pod", "early", "-n", NS]).unwrap();
+    assert!(pod_now["spec"]["nodeName"].is_null(), "{pod_now}");
+    // Once it has listed, the pod is retried and placed by its rules
+    // (binpack: the fullest node that fits).
+    cluster.restart("csi-scheduler").unwrap();
+    assert_eq!(selected_node(&cluster, "early"), "paper-4g");
+    delete_all(&cluster, "early", &["early"]);
+
+    // 3 GiB of paper-4g taken by LVs no LogicalVolume accounts for (made
+    // by hand, or orphans), as its agent reports them.
+    cluster
+        .patch_status(
+            "nodelocalstorage",
+            "paper-4g",
+            &json!({"unaccountedBytes": {"nvme": 3 * GIB, "ssd": 0, "hdd": 0}}),
+        )
+        .unwrap();
+    wait_for(
+        "GetCapacity counting the unaccounted bytes",
+        Duration::from_secs(60),
+        || match cluster.storage_capacity("paper-4g", "lvmlocal-nvme") {
+            Ok(Some(capacity)) if capacity == GIB => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    let answer = filter_request(&cluster, "probe", &["next"], &["paper-4g", "paper-8g"]);
+    assert!(answer.contains("not in the extender's cache"), "{answer}");
+    cluster
+        .apply(&claim("next", "lvmlocal-nvme", "2Gi"))
+        .unwrap();
+    wait_for(
+        "the extender refusing paper-4g",
+        Duration::from_secs(30),
+        || {
+            let answer = filter_request(&cluster, "probe", &["next"], &["paper-4g", "paper-8g"]);
+            answer
+                .contains(r#""paper-4g":"nvme: needs 2Gi, 1Gi free""#)
+                .then_some(())
+                .ok_or(answer)
+        },
+    )
+    .unwrap();
+    cluster.apply(&pod("next", &["next"])).unwrap();
+    assert_eq!(selected_node(&cluster, "next"), "paper-8g");
+    delete_all(&cluster, "next", &["next"]);
+
+    // A StorageClass CreateVolume would refuse (one made before the
+    // admission policy was installed) fails the pod's nodes, naming why.
+    cluster
+        .kubectl(&[
+            "delete",
+            "validatingadmissionpolicybinding",
+            "lvmlocal-storageclass-parameters",
+        ])
+        .unwrap();
+    let mut typo: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    typo["metadata"] = json!({"name": "lvmlocal-typo"});
+    typo["parameters"]["lvmlocal.io/medai"] = json!("nvme");
+    wait_for("the typo class created", Duration::from_secs(30), || {
+        cluster.apply(&typo).map_err(|err| format!("{err:#}"))
+    })
+    .unwrap();
+    cluster
+        .apply(&claim("typo", "lvmlocal-typo", "1Gi"))
+        .unwrap();
+    wait_for(
+        "the extender naming the parameter",
+        Duration::from_secs(30),
+        || {
+            let answer = filter_request(&cluster, "typo", &["typo"], &["paper-4g", "paper-8g"]);
+            (answer.contains("FailedAndUnresolvableNodes")
+                && answer.contains(r#"unknown parameter \"lvmlocal.io/medai\""#)
+                && answer.contains(r#""NodeNames":[]"#))
+            .then_some(())
+            .ok_or(answer)
+        },
+    )
+    .unwrap();
+}

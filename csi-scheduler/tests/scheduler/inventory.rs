@@ -447,3 +447,29 @@ fn a_node_nothing_refers_to_is_forgotten_and_one_with_volumes_is_not() {
     assert_eq!(inventory.nodes(), 1);
     assert_eq!(free(&mut inventory, "node-c", Nvme), Some(50 * GI));
 }
+
+#[test]
+fn bytes_no_volume_accounts_for_are_used() {
+    let mut cluster = two_nodes();
+    let mut reported = storage("node-a", &[(Nvme, 100 * GI)]);
+    reported.status.as_mut().unwrap().unaccounted_bytes = Some(lvmlocal_proto::crd::MediaBytes {
+        nvme: 60 * GI,
+        ssd: 0,
+        hdd: 7 * GI,
+    });
+    cluster.storages[0] = reported;
+    cluster
+        .volumes
+        .push(volume("pv-1", "node-a", Nvme, 10 * GI, None));
+    let mut inventory = inventory(&cluster);
+    assert_eq!(free(&mut inventory, "node-a", Nvme), Some(30 * GI));
+    assert_eq!(free(&mut inventory, "node-b", Nvme), Some(100 * GI));
+    // A claim of 40 GiB no longer fits node-a.
+    cluster.claims.push(claim("db", "big", "nvme", 40 * GI));
+    inventory.apply_claim(Event::Apply(cluster.claims[0].clone()));
+    let wanting = pod("db", "wanting", "uid-w", &["big"]);
+    assert_eq!(
+        assess(&mut inventory, &wanting, &["node-a", "node-b"]),
+        [false, true]
+    );
+}

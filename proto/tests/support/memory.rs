@@ -210,6 +210,7 @@ impl Store for MemoryStore {
                     total_bytes: g.total_bytes,
                     reported_free_bytes: g.total_bytes,
                     allocated_bytes: allocated,
+                    unaccounted_bytes: 0,
                     extent_bytes: EXTENT,
                     degraded: false,
                     silent: None,
