@@ -103,7 +103,7 @@ impl Extender {
     /// place the pod unchecked. A claim or class that cannot be read fails
     /// every node with the reason, unresolvable; a transient state (caches
     /// not listed yet, a claim not cached yet) fails them resolvable, which
-    /// kube-scheduler retries after its backoff.
+    /// kube-scheduler retries at the next cluster event.
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         self.try_filter(args)
             .unwrap_or_else(|err| ExtenderFilterResult {

@@ -1562,7 +1562,7 @@ fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
     // (ignorable: true) and place the pod unchecked.
     cluster.restart_csi_scheduler_unsynced().unwrap();
     cluster
-        .apply(&claim("early", "lvmlocal-nvme", "3Gi"))
+        .apply(&claim("early", "lvmlocal-nvme", "1Gi"))
         .unwrap();
     cluster.apply(&pod("early", &["early"])).unwrap();
     wait_for(
@@ -1584,19 +1584,33 @@ fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
     );
     let pod_now = cluster.get(&["pod", "early", "-n", NS]).unwrap();
     assert!(pod_now["spec"]["nodeName"].is_null(), "{pod_now}");
-    // Once it has listed, the pod is retried and placed by its rules
-    // (binpack: the fullest node that fits).
+    // Once it has listed, the pod is retried at the next cluster event (a
+    // node changing here) and placed by its rules (binpack: the fullest
+    // node that fits).
     cluster.restart("csi-scheduler").unwrap();
+    cluster
+        .label_node("paper-8g", &[("example.com/touched", "yes")])
+        .unwrap();
     assert_eq!(selected_node(&cluster, "early"), "paper-4g");
-    delete_all(&cluster, "early", &["early"]);
+    wait_for("early made", Duration::from_secs(60), || {
+        stand_in_for_agent(&cluster, "paper-4g")?;
+        let pvc = cluster
+            .get(&["pvc", "early", "-n", NS])
+            .map_err(|e| e.to_string())?;
+        (pvc["status"]["phase"] == "Bound")
+            .then_some(())
+            .ok_or(pvc["status"].to_string())
+    })
+    .unwrap();
 
-    // 3 GiB of paper-4g taken by LVs no LogicalVolume accounts for (made
+    // paper-4g has 3 GiB left, and binpack would send a 2 GiB claim there;
+    // but 2 GiB of it are taken by LVs no LogicalVolume accounts for (made
     // by hand, or orphans), as its agent reports them.
     cluster
         .patch_status(
             "nodelocalstorage",
             "paper-4g",
-            &json!({"unaccountedBytes": {"nvme": 3 * GIB, "ssd": 0, "hdd": 0}}),
+            &json!({"unaccountedBytes": {"nvme": 2 * GIB, "ssd": 0, "hdd": 0}}),
         )
         .unwrap();
     wait_for(
