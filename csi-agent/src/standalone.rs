@@ -43,6 +43,7 @@ impl LvTagStore {
             state: VolumeState::Ready {
                 size_bytes: local.size_bytes,
             },
+            actual_bytes: Some(local.size_bytes),
             // Each change is carried out before the store answers: there is
             // never an older generation to wait for.
             generation: 1,
@@ -92,6 +93,7 @@ impl Store for LvTagStore {
                     message: err.to_string(),
                     lv_exists: false,
                 },
+                actual_bytes: None,
                 generation: 1,
                 condition: None,
             }),

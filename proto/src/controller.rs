@@ -158,9 +158,16 @@ impl<S: Store> ControllerService<S> {
         let volume = self.live(&req.id).await?;
         let group = self.group_of(&volume).await?;
         let current = volume.size_bytes;
+        // Kubernetes' recovery from a failed expansion: while the LV is
+        // smaller than asked, a request for less (down to the LV's size)
+        // replaces the one not carried out. The LV itself never shrinks.
+        let base = match volume.actual_bytes {
+            Some(actual) if actual < current && req.size.required < current => actual,
+            _ => current,
+        };
         let target = match &group {
-            Some(group) => placement::expanded_size(current, req.size, group)?,
-            None if req.size.contains(current) => current,
+            Some(group) => placement::expanded_size(base, req.size, group)?,
+            None if req.size.contains(base) => base,
             None => {
                 return Err(placement::PlacementError::NoVolumeGroup {
                     node: volume.node,
@@ -171,15 +178,44 @@ impl<S: Store> ControllerService<S> {
         };
         let volume = match group {
             Some(group) if target > current => {
-                placement::check_fits(&group, volume.media, target - current)?;
+                placement::check_fits(&group, volume.media, target - current).map_err(|err| {
+                    match err {
+                        placement::PlacementError::Insufficient {
+                            node,
+                            media,
+                            free,
+                            needed,
+                        } => placement::PlacementError::CannotGrow {
+                            node,
+                            media,
+                            free,
+                            needed,
+                        },
+                        other => other,
+                    }
+                })?;
                 tracing::info!(from = current, to = target, "expanding");
+                self.store.resize(&volume, target).await?
+            }
+            _ if target < current => {
+                tracing::info!(
+                    from = current,
+                    to = target,
+                    "expansion not done lowered as asked"
+                );
                 self.store.resize(&volume, target).await?
             }
             _ => volume,
         };
         let volume = self.settle(volume, deadline).await?;
+        let capacity_bytes = ready_size(&volume).map_err(|err| match err {
+            CsiError::NodeFailed { id, node, message } => {
+                CsiError::GrowFailed { id, node, message }
+            }
+            other => other,
+        })?;
         Ok(ControllerExpandVolumeResponse {
-            capacity_bytes: ready_size(&volume)?,
+            capacity_bytes,
             node_expansion_required: matches!(volume.access, Access::Filesystem(_)),
         })
     }

@@ -32,6 +32,15 @@ pub enum CsiError {
         node: String,
         message: String,
     },
+    #[error(
+        "node {node} cannot grow volume {id}: {message}. Ask for less (down to the volume's \
+         size) to give the expansion up"
+    )]
+    GrowFailed {
+        id: VolumeId,
+        node: String,
+        message: String,
+    },
     #[error("volume {0} is being deleted; retry once it is gone")]
     BeingDeleted(VolumeId),
     #[error("{0} is not supported by lvmlocal")]
@@ -49,6 +58,9 @@ impl CsiError {
             // RESOURCE_EXHAUSTED sends the pod back to the scheduler, which
             // is what a node that cannot make the LV calls for.
             CsiError::NodeFailed { .. } => Code::ResourceExhausted,
+            // Final for Kubernetes' resizer, which then lets the claim's
+            // request come back down.
+            CsiError::GrowFailed { .. } => Code::OutOfRange,
             CsiError::BeingDeleted(_) => Code::Aborted,
             CsiError::Unsupported(_) => Code::Unimplemented,
         }

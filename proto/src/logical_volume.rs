@@ -29,6 +29,7 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
         access,
         size_bytes: lv.spec.size_bytes,
         state: state_of(lv),
+        actual_bytes: lv.status.as_ref().and_then(|status| status.size_bytes),
         generation: lv.metadata.generation.unwrap_or(0),
         condition: lv
             .status

@@ -75,14 +75,26 @@ pub enum PlacementError {
     NoFittingSize { range: SizeRange, extent: u64 },
     #[error("volume is {current} bytes; it cannot shrink into {range}")]
     Shrink { current: u64, range: SizeRange },
+    #[error(
+        "node {node} has {free} bytes of {media} free; growing the volume needs {needed} more. \
+         Ask for less (down to the volume's size) to give the expansion up"
+    )]
+    CannotGrow {
+        node: String,
+        media: MediaClass,
+        free: u64,
+        needed: u64,
+    },
 }
 
 impl PlacementError {
     pub fn code(&self) -> Code {
         match self {
-            PlacementError::NoFittingSize { .. } | PlacementError::Shrink { .. } => {
-                Code::OutOfRange
-            }
+            // Final for Kubernetes' resizer, which then lets the claim's
+            // request come back down.
+            PlacementError::NoFittingSize { .. }
+            | PlacementError::Shrink { .. }
+            | PlacementError::CannotGrow { .. } => Code::OutOfRange,
             _ => Code::ResourceExhausted,
         }
     }

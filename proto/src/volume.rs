@@ -163,6 +163,9 @@ pub struct Volume {
     /// What the node is asked for: the requested size rounded up to the extent.
     pub size_bytes: u64,
     pub state: VolumeState,
+    /// The LV's size as its node last reported it; None before it has.
+    /// Smaller than `size_bytes` while an expansion is not done.
+    pub actual_bytes: Option<u64>,
     /// The store's count of changes to what is asked (Kubernetes'
     /// `metadata.generation`); a report about an older generation is stale.
     pub generation: i64,
@@ -302,6 +305,7 @@ mod tests {
             access: Access::Block,
             size_bytes: 100,
             state: VolumeState::Pending,
+            actual_bytes: None,
             generation: 1,
             condition: None,
         };

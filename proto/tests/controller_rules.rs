@@ -306,6 +306,53 @@ async fn node_failure_is_resource_exhausted_and_a_retry_starts_over() {
     assert_eq!(node_of(&volume), "node-a");
 }
 
+#[tokio::test]
+async fn an_expansion_not_done_can_be_lowered_down_to_the_volume_size() {
+    let svc = service(Agent::Instant);
+    let store = svc_store(&svc);
+    let mut req = create_req("pvc-1", SIZE);
+    req.accessibility_requirements = on_node("node-a");
+    create(&svc, req).await.unwrap();
+    // The controller counts room for 90 GiB more on node-a; the agent
+    // finds 60 GiB less.
+    store.hide(60 * GIB);
+    let err = svc
+        .controller_expand_volume(Request::new(expand_req("pvc-1", 60 * GIB as i64)))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("not enough free space"), "{err:?}");
+    // Final, so that Kubernetes lets the claim ask for less.
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let stuck = store.volume("pvc-1").unwrap();
+    assert_eq!(stuck.size_bytes, 60 * GIB, "the expansion is asked");
+    assert_eq!(stuck.actual_bytes, Some(SIZE as u64));
+
+    // The user asks for less; it fits, and what is asked comes down.
+    let resp = svc
+        .controller_expand_volume(Request::new(expand_req("pvc-1", 2 * SIZE)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.capacity_bytes, 2 * SIZE);
+    assert_eq!(store.volume("pvc-1").unwrap().size_bytes, 2 * SIZE as u64);
+
+    // Back to the volume's own size: nothing is left asked beyond it. Below
+    // it, nothing shrinks.
+    store.hide(100 * GIB);
+    let err = svc
+        .controller_expand_volume(Request::new(expand_req("pvc-1", 3 * SIZE)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let resp = svc
+        .controller_expand_volume(Request::new(expand_req("pvc-1", SIZE)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.capacity_bytes, 2 * SIZE, "an LV never shrinks");
+    assert_eq!(store.volume("pvc-1").unwrap().size_bytes, 2 * SIZE as u64);
+}
+
 /// The store behind a service built by `service`.
 fn svc_store(svc: &ControllerService<MemoryStore>) -> &MemoryStore {
     svc.store()
@@ -401,10 +448,8 @@ async fn expand_refusals() {
             Code::InvalidArgument,
         ),
         (expand_req("pvc-404", 2 * SIZE), Code::NotFound),
-        (
-            expand_req("pvc-1", 101 * GIB as i64),
-            Code::ResourceExhausted,
-        ),
+        // Final, so that Kubernetes lets the claim ask for less again.
+        (expand_req("pvc-1", 101 * GIB as i64), Code::OutOfRange),
         (
             ControllerExpandVolumeRequest {
                 volume_id: "pvc-1".into(),

@@ -1642,6 +1642,7 @@ fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
     cluster.apply(&pod("next", &["next"])).unwrap();
     assert_eq!(selected_node(&cluster, "next"), "paper-8g");
     delete_all(&cluster, "next", &["next"]);
+    expansion_refused_then_asked_less(&mut cluster);
 
     // A StorageClass CreateVolume would refuse (one made before the
     // admission policy was installed) fails the pod's nodes, naming why.
@@ -1675,4 +1676,143 @@ fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
         },
     )
     .unwrap();
+}
+
+/// Writes the status the agent of a paper node would write for `llv`.
+fn report_as_agent(cluster: &Cluster, llv: &str, phase: &str, size: u64, message: Option<&str>) {
+    let object = cluster.get(&["logicalvolume", llv]).unwrap();
+    let mut status = json!({
+        "phase": phase,
+        "devicePath": format!("/dev/lvmlocal-nvme/{llv}"),
+        "sizeBytes": size,
+        "observedGeneration": object["metadata"]["generation"],
+        "condition": {"abnormal": false, "reason": "Healthy", "message": "healthy"},
+    });
+    if let Some(message) = message {
+        status["message"] = json!(message);
+    }
+    cluster.patch_status("logicalvolume", llv, &status).unwrap();
+}
+
+fn resize_status(cluster: &Cluster, claim: &str) -> String {
+    let pvc = cluster.get(&["pvc", claim, "-n", NS]).unwrap();
+    pvc["status"]["allocatedResourceStatuses"]["storage"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Kubernetes' recovery from a failed expansion, on the claim `early` of
+/// paper-4g (1 GiB of 4 GiB): the node refuses to grow it, the user asks
+/// for less, and what the failed expansion held is given back.
+fn expansion_refused_then_asked_less(cluster: &mut Cluster) {
+    cluster
+        .patch_status(
+            "nodelocalstorage",
+            "paper-4g",
+            &json!({"unaccountedBytes": {"nvme": 0, "ssd": 0, "hdd": 0}}),
+        )
+        .unwrap();
+    let wait_capacity = |cluster: &Cluster, bytes: u64, what: &str| {
+        wait_for(what, Duration::from_secs(60), || {
+            match cluster.storage_capacity("paper-4g", "lvmlocal-nvme") {
+                Ok(Some(capacity)) if capacity == bytes => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .unwrap();
+    };
+    wait_capacity(cluster, 3 * GIB, "paper-4g with 3 GiB free");
+    let llv = lv_of(cluster, "early");
+    let resize = |size: &str| {
+        cluster
+            .kubectl(&[
+                "patch",
+                "pvc",
+                "early",
+                "-n",
+                NS,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"resources": {"requests": {"storage": size}}}}).to_string(),
+            ])
+            .unwrap();
+    };
+    // The controller sees room for 3 GiB; the agent finds an LV made by
+    // hand in the way and cannot grow it.
+    resize("3Gi");
+    wait_for(
+        "the expansion asked of the node",
+        Duration::from_secs(60),
+        || {
+            let object = cluster
+                .get(&["logicalvolume", &llv])
+                .map_err(|e| e.to_string())?;
+            (object["spec"]["sizeBytes"] == 3 * GIB)
+                .then_some(())
+                .ok_or(object["spec"].to_string())
+        },
+    )
+    .unwrap();
+    report_as_agent(
+        cluster,
+        &llv,
+        "Failed",
+        GIB,
+        Some("cannot extend: not enough free space in volume group lvmlocal-nvme"),
+    );
+    wait_for(
+        "the resizer told the expansion is infeasible",
+        Duration::from_secs(120),
+        || {
+            let status = resize_status(cluster, "early");
+            (status == "ControllerResizeInfeasible")
+                .then_some(())
+                .ok_or(format!("{status:?}: {}", events(cluster, "early")))
+        },
+    )
+    .unwrap();
+    assert!(
+        events(cluster, "early").contains("Ask for less"),
+        "{}",
+        events(cluster, "early")
+    );
+    // The failed expansion still holds its room.
+    wait_capacity(cluster, GIB, "paper-4g holding the failed expansion");
+
+    // The user gives most of it up: the controller lowers what is asked
+    // of the node, and the room comes back.
+    resize("1536Mi");
+    wait_for("the expansion lowered", Duration::from_secs(120), || {
+        let object = cluster
+            .get(&["logicalvolume", &llv])
+            .map_err(|e| e.to_string())?;
+        (object["spec"]["sizeBytes"] == 1536 << 20)
+            .then_some(())
+            .ok_or(format!("{} {}", object["spec"], events(cluster, "early")))
+    })
+    .unwrap();
+    report_as_agent(cluster, &llv, "Ready", 1536 << 20, None);
+    wait_capacity(cluster, 4 * GIB - (1536 << 20), "the room given back");
+    wait_for(
+        "the controller's part done",
+        Duration::from_secs(120),
+        || {
+            let status = resize_status(cluster, "early");
+            // No kubelet grows the filesystem here.
+            (status == "NodeResizePending")
+                .then_some(())
+                .ok_or(format!("{status:?}: {}", events(cluster, "early")))
+        },
+    )
+    .unwrap();
+    let pv = cluster
+        .get(&[
+            "pv",
+            cluster.get(&["pvc", "early", "-n", NS]).unwrap()["spec"]["volumeName"]
+                .as_str()
+                .unwrap(),
+        ])
+        .unwrap();
+    assert_eq!(pv["spec"]["capacity"]["storage"], "1536Mi", "{pv}");
 }

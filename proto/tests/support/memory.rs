@@ -96,18 +96,20 @@ impl MemoryStore {
             .expect("volume placed on a known group");
         let used =
             self.used(&volumes, &volume.node, volume.media, id) + *self.hidden.lock().unwrap();
-        let lv_exists = matches!(volume.state, VolumeState::Ready { .. });
-        let state = if used + volume.size_bytes <= group.total_bytes {
-            VolumeState::Ready {
-                size_bytes: volume.size_bytes,
-            }
+        let lv_exists = volume.actual_bytes.is_some();
+        // An LV never shrinks.
+        let wanted = volume.size_bytes.max(volume.actual_bytes.unwrap_or(0));
+        let stored = volumes.get_mut(id).unwrap();
+        let has_it = volume.actual_bytes.is_some_and(|actual| actual >= wanted);
+        if has_it || used + wanted <= group.total_bytes {
+            stored.state = VolumeState::Ready { size_bytes: wanted };
+            stored.actual_bytes = Some(wanted);
         } else {
-            VolumeState::Failed {
+            stored.state = VolumeState::Failed {
                 message: "not enough free space in the volume group".into(),
                 lv_exists,
-            }
-        };
-        volumes.get_mut(id).unwrap().state = state;
+            };
+        }
     }
 
     /// Makes the agent find `bytes` less in every group than the
@@ -132,6 +134,7 @@ impl Store for MemoryStore {
                 access: new.access,
                 size_bytes: new.size_bytes,
                 state: VolumeState::Pending,
+                actual_bytes: None,
                 generation: 1,
                 condition: None,
             });
@@ -175,6 +178,11 @@ impl Store for MemoryStore {
             .expect("resize of a known volume");
         stored.size_bytes = size_bytes;
         stored.generation += 1;
+        // As LogicalVolume status reads: a failure answered the request
+        // before this one.
+        if matches!(stored.state, VolumeState::Failed { .. }) {
+            stored.state = VolumeState::Pending;
+        }
         Ok(stored.clone())
     }
 
