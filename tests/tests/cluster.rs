@@ -704,6 +704,18 @@ fn listed_orphan(cluster: &Cluster, node: &str, id: &str) -> Result<(), String> 
         .ok_or_else(|| nls["status"].to_string())
 }
 
+/// What vm-node reports no LogicalVolume accounts for in its NVMe group.
+fn unaccounted_nvme(cluster: &Cluster) -> u64 {
+    cluster
+        .get(&["nodelocalstorage", "vm-node"])
+        .map(|nls| {
+            nls["status"]["unaccountedBytes"]["nvme"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
+        })
+        .unwrap_or(u64::MAX)
+}
+
 /// A volume's data outlives every deletion but its claim's: a bare delete is
 /// refused, deleting the CRD (which admission does not see) leaves the LV as
 /// a reported orphan that a re-created object adopts, node and media are
@@ -788,6 +800,7 @@ fn data_outlives_every_deletion_but_its_claims() {
         listed_orphan(&cluster, "vm-node", &id)
     })
     .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    assert_eq!(unaccounted_nvme(&cluster), GIB, "the orphan's room");
     let announced = cluster
         .get(&[
             "events",
@@ -851,6 +864,27 @@ fn data_outlives_every_deletion_but_its_claims() {
             Err(_) => Ok(()),
         },
     )
+    .unwrap();
+    assert_eq!(unaccounted_nvme(&cluster), 0);
+
+    // An LV made by hand in lvmlocal's group takes room no LogicalVolume
+    // accounts for, reported once a rescan sees it.
+    node.sh("lvcreate -q -y -L 8m -n byhand lvmlocal-nvme")
+        .unwrap();
+    wait_for(
+        "the hand-made LV reported",
+        Duration::from_secs(180),
+        || {
+            let bytes = unaccounted_nvme(&cluster);
+            (bytes == 8 << 20).then_some(()).ok_or(bytes.to_string())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    node.sh("lvremove -q -y lvmlocal-nvme/byhand").unwrap();
+    wait_for("the hand-made LV gone", Duration::from_secs(180), || {
+        let bytes = unaccounted_nvme(&cluster);
+        (bytes == 0).then_some(()).ok_or(bytes.to_string())
+    })
     .unwrap();
 
     // An operator's deletion on intent is admitted, but the LV stays while
