@@ -117,6 +117,9 @@ pub fn check_typed(object: &Value) {
         ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(object),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(object),
         ("storage.k8s.io/v1", "StorageClass") => round_trip::<StorageClass>(object),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            round_trip::<k8s_openapi::api::networking::v1::NetworkPolicy>(object)
+        }
         ("storage.k8s.io/v1", "CSIDriver") => round_trip::<CSIDriver>(object),
         ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
             round_trip::<ValidatingAdmissionPolicy>(object)

@@ -1678,6 +1678,22 @@ fn the_extender_is_never_bypassed_and_counts_what_no_volume_accounts_for() {
     delete_all(&cluster, "next", &["next"]);
     expansion_refused_then_asked_less(&mut cluster);
 
+    // The shipped NetworkPolicy for the extender is one the API server takes
+    // (no network plugin here enforces it).
+    let overlay = lvmlocal_tests::manifests::render("deploy/overlays/extender-network-policy");
+    let policy = overlay
+        .iter()
+        .find(|object| object["kind"] == "NetworkPolicy")
+        .expect("the overlay's NetworkPolicy");
+    cluster.apply(policy).unwrap();
+    let stored = cluster
+        .get(&["networkpolicy", "lvmlocal-scheduler", "-n", NAMESPACE])
+        .unwrap();
+    assert_eq!(
+        stored["spec"]["ingress"], policy["spec"]["ingress"],
+        "{stored}"
+    );
+
     // A StorageClass CreateVolume would refuse (one made before the
     // admission policy was installed) fails the pod's nodes, naming why.
     cluster

@@ -34,9 +34,10 @@ use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
-const KUSTOMIZATIONS: [&str; 7] = [
+const KUSTOMIZATIONS: [&str; 8] = [
     "deploy",
     "deploy/base",
+    "deploy/overlays/extender-network-policy",
     "deploy/overlays/images",
     "deploy/overlays/monitoring",
     "deploy/overlays/namespace",

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PodSpec};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use lvmlocal_tests::cluster::{component, workspace_root};
 use lvmlocal_tests::manifests::{CHART, check_typed, describe, helm_template, one, render, same};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The labels Helm adds, which kustomize has no word for.
 const HELM_LABELS: [&str; 3] = [
@@ -23,8 +23,9 @@ const HELM_LABELS: [&str; 3] = [
 ];
 
 /// Every values file of the chart's `ci/` folder.
-const VALUES_FILES: [&str; 4] = [
+const VALUES_FILES: [&str; 5] = [
     "ci/custom.yaml",
+    "ci/extender-network-policy.yaml",
     "ci/monitoring.yaml",
     "ci/namespace.yaml",
     "ci/no-extender.yaml",
@@ -129,6 +130,10 @@ fn values_files_render_what_the_overlays_do() {
         ("ci/no-extender.yaml", "deploy/overlays/no-extender"),
         ("ci/namespace.yaml", "deploy/overlays/namespace"),
         ("ci/monitoring.yaml", "deploy/overlays/monitoring"),
+        (
+            "ci/extender-network-policy.yaml",
+            "deploy/overlays/extender-network-policy",
+        ),
     ] {
         agrees(&["-f", &values(file)], overlay);
     }
@@ -181,6 +186,19 @@ fn custom_values_reach_every_object() {
             );
         }
     }
+    let policy = objects
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy")
+        .expect("the extender's NetworkPolicy");
+    assert_eq!(policy["metadata"]["namespace"], "storage");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"],
+        json!([
+            {"ipBlock": {"cidr": "10.0.0.10/32"}},
+            {"ipBlock": {"cidr": "10.0.0.11/32"}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        ])
+    );
     let pods = pods(&objects);
     for pod in &pods {
         for container in &pod.containers {
