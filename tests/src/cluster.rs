@@ -634,15 +634,7 @@ impl Cluster {
 
     fn start_csi_scheduler(&mut self) -> anyhow::Result<()> {
         self.spawn_csi_scheduler("lvmlocal-scheduler")?;
-        let address = format!("127.0.0.1:{}", self.extender_port);
-        wait_for("csi-scheduler healthy", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
-            let response = crate::guest::http_get(&address, "/healthz");
-            response
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-                .ok_or(response)
-        })
+        self.wait_extender_health("HTTP/1.1 200")
     }
 
     /// Restarts csi-scheduler as the namespace's `default` ServiceAccount,
@@ -651,15 +643,21 @@ impl Cluster {
     pub fn restart_csi_scheduler_unsynced(&mut self) -> anyhow::Result<()> {
         self.service("csi-scheduler").kill();
         self.spawn_csi_scheduler("default")?;
+        self.wait_extender_health("HTTP/1.1 503")
+    }
+
+    /// Waits until the extender's `/healthz` answers with `status`.
+    fn wait_extender_health(&self, status: &str) -> anyhow::Result<()> {
         let address = format!("127.0.0.1:{}", self.extender_port);
-        wait_for("csi-scheduler answering", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
-            let response = crate::guest::http_get(&address, "/healthz");
-            response
-                .starts_with("HTTP/1.1 503")
-                .then_some(())
-                .ok_or(response)
-        })
+        wait_for(
+            &format!("csi-scheduler answering {status}"),
+            Duration::from_secs(60),
+            || {
+                std::net::TcpStream::connect(&address).map_err(|err| err.to_string())?;
+                let response = crate::guest::http_get(&address, "/healthz");
+                response.starts_with(status).then_some(()).ok_or(response)
+            },
+        )
     }
 
     fn spawn_csi_scheduler(&mut self, account: &str) -> anyhow::Result<()> {
