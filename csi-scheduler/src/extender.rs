@@ -7,7 +7,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::List;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use kube::runtime::watcher::Event;
 use lvmlocal_proto::extender::{
     ExtenderArgs, ExtenderFilterResult, FailedNodesMap, HostPriority, HostPriorityList,
     MIN_EXTENDER_PRIORITY,
@@ -68,7 +69,17 @@ pub struct Extender {
     inventory: Mutex<Inventory>,
     policy: Policy,
     metrics: Metrics,
+    /// Reads a claim the watch has not delivered yet; None in tests that
+    /// feed the inventory by hand.
+    client: Option<kube::Client>,
 }
+
+/// How long a call waits for the caches to be listed, within
+/// kube-scheduler's 3 s timeout: a pod failed for a transient state waits
+/// for the next cluster event, which can be minutes away.
+const CATCH_UP: Duration = Duration::from_secs(2);
+/// How long reading one missing claim may take.
+const CLAIM_READ: Duration = Duration::from_millis(500);
 
 impl Extender {
     pub fn new(policy: Policy, metrics: Metrics) -> Self {
@@ -76,6 +87,59 @@ impl Extender {
             inventory: Mutex::new(Inventory::with_reservation_limit(policy.max_reservations)),
             policy,
             metrics,
+            client: None,
+        }
+    }
+
+    /// Reads the claims the watch has not delivered yet from the API server.
+    pub fn with_client(self, client: kube::Client) -> Self {
+        Extender {
+            client: Some(client),
+            ..self
+        }
+    }
+
+    /// Brings what `pod` needs into the inventory before it is judged: waits
+    /// (bounded) for the first listings, and reads from the API server each
+    /// claim of the pod that the watch has not delivered yet (a claim and
+    /// its pod are usually made together). What it cannot bring in, the
+    /// verbs then answer as a transient state.
+    pub async fn catch_up(&self, pod: &Pod) {
+        if !PodNeeds::may_need_storage(pod) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        while !self.inventory().unsynced().is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(client) = &self.client else {
+            return;
+        };
+        let mut read = Vec::new();
+        loop {
+            let missing = match PodNeeds::of(pod, &*self.inventory()) {
+                Err(NeedsError::ClaimNotCached(key)) if !read.contains(&key) => key,
+                _ => return,
+            };
+            let (namespace, name) = missing.parts();
+            let api: kube::Api<PersistentVolumeClaim> =
+                kube::Api::namespaced(client.clone(), namespace);
+            match tokio::time::timeout(CLAIM_READ, api.get_opt(name)).await {
+                Ok(Ok(Some(claim))) => {
+                    tracing::debug!(claim = %missing, "read a claim the watch has not delivered");
+                    self.inventory().apply_claim(Event::Apply(claim));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(claim = %missing, error = %err, "cannot read a claim");
+                    return;
+                }
+                Err(_) => return,
+            }
+            read.push(missing);
         }
     }
 

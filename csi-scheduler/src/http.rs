@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use lvmlocal_proto::extender::ExtenderArgs;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::extender::Extender;
 use crate::inventory::Source;
@@ -41,6 +42,7 @@ async fn filter(State(extender): State<Arc<Extender>>, body: Bytes) -> Response 
         };
         (outcome, json(StatusCode::OK, &result))
     })
+    .await
 }
 
 async fn prioritize(State(extender): State<Arc<Extender>>, body: Bytes) -> Response {
@@ -58,11 +60,13 @@ async fn prioritize(State(extender): State<Arc<Extender>>, body: Bytes) -> Respo
             }
         }
     })
+    .await
 }
 
-/// Parses the body, runs `answer` inside a span naming the pod, and records
-/// the call's outcome and duration.
-fn serve(
+/// Parses the body, brings what the pod needs into the inventory, runs
+/// `answer` inside a span naming the pod, and records the call's outcome and
+/// duration.
+async fn serve(
     verb: &'static str,
     extender: &Extender,
     body: &[u8],
@@ -75,8 +79,8 @@ fn serve(
         pod = tracing::field::Empty,
         nodes = tracing::field::Empty
     );
-    let _entered = span.enter();
-    let (outcome, response) = match serde_json::from_slice::<ExtenderArgs>(body) {
+    let parsed = span.in_scope(|| serde_json::from_slice::<ExtenderArgs>(body));
+    let (outcome, response) = match parsed {
         Ok(args) => {
             if let Some(pod) = &args.pod {
                 span.record(
@@ -87,6 +91,7 @@ fn serve(
                         pod.metadata.name.as_deref().unwrap_or_default()
                     )),
                 );
+                extender.catch_up(pod).instrument(span.clone()).await;
             }
             let nodes = match (&args.node_names, &args.nodes) {
                 (Some(names), _) => names.len(),
@@ -94,10 +99,10 @@ fn serve(
                 (None, None) => 0,
             };
             span.record("nodes", nodes);
-            answer(args)
+            span.in_scope(|| answer(args))
         }
         Err(err) => {
-            tracing::warn!(error = %err, "unreadable extender request");
+            span.in_scope(|| tracing::warn!(error = %err, "unreadable extender request"));
             (
                 "bad_request",
                 (

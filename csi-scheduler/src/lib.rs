@@ -102,7 +102,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         reservation_ttl: Duration::from_secs(args.reservation_ttl_seconds),
         max_reservations: args.max_reservations,
     };
-    let extender = Arc::new(Extender::new(policy, Metrics::new()));
+    let extender = Arc::new(Extender::new(policy, Metrics::new()).with_client(client.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| StartError::Listen {

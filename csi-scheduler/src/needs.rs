@@ -28,6 +28,11 @@ impl ClaimKey {
         ClaimKey(format!("{namespace}/{name}").into_boxed_str())
     }
 
+    /// `(namespace, name)`.
+    pub fn parts(&self) -> (&str, &str) {
+        self.0.split_once('/').unwrap_or(("", &self.0))
+    }
+
     pub fn of(claim: &PersistentVolumeClaim) -> Self {
         ClaimKey::new(
             claim.metadata.namespace.as_deref().unwrap_or_default(),
