@@ -15,10 +15,10 @@ use lvmlocal_proto::extender::{
 };
 use lvmlocal_proto::params::Placement;
 
-use crate::capacity::{PerMedia, Refusal, Verdict, explain};
+use crate::capacity::{Fit, Refusal, Verdict, explain};
 use crate::inventory::{Inventory, PodRef, Source};
 use crate::metrics::Metrics;
-use crate::needs::{NeedsError, PodNeeds};
+use crate::needs::{Catalog, ClaimKey, NeedsError, PodNeeds};
 use crate::placement::{ScoreGroup, scores};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +78,11 @@ pub struct Extender {
 /// kube-scheduler's 3 s timeout: a pod failed for a transient state waits
 /// for the next cluster event, which can be minutes away.
 const CATCH_UP: Duration = Duration::from_secs(2);
-/// How long reading one missing claim may take.
+/// How long one read of a missing claim may take.
 const CLAIM_READ: Duration = Duration::from_millis(500);
+/// The pause between reads of a claim the API server would not give: a
+/// restarted API server refuses (403) until its RBAC cache is loaded.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
 
 impl Extender {
     pub fn new(policy: Policy, metrics: Metrics) -> Self {
@@ -124,22 +127,46 @@ impl Extender {
                 Err(NeedsError::ClaimNotCached(key)) if !read.contains(&key) => key,
                 _ => return,
             };
-            let (namespace, name) = missing.parts();
-            let api: kube::Api<PersistentVolumeClaim> =
-                kube::Api::namespaced(client.clone(), namespace);
-            match tokio::time::timeout(CLAIM_READ, api.get_opt(name)).await {
-                Ok(Ok(Some(claim))) => {
-                    tracing::debug!(claim = %missing, "read a claim the watch has not delivered");
-                    self.inventory().apply_claim(Event::Apply(claim));
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(claim = %missing, error = %err, "cannot read a claim");
-                    return;
-                }
-                Err(_) => return,
+            if !self.read_claim(client, &missing, deadline).await {
+                return;
             }
             read.push(missing);
+        }
+    }
+
+    /// Reads `key` into the inventory, again and again until `deadline` while
+    /// the API server fails; false when it could not be read in time.
+    async fn read_claim(
+        &self,
+        client: &kube::Client,
+        key: &ClaimKey,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let (namespace, name) = key.parts();
+        let api: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), namespace);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let error = match tokio::time::timeout(left.min(CLAIM_READ), api.get_opt(name)).await {
+                Ok(Ok(Some(claim))) => {
+                    tracing::debug!(claim = %key, "read a claim the watch has not delivered");
+                    self.inventory().apply_claim(Event::Apply(claim));
+                    return true;
+                }
+                // Deleted meanwhile: the verbs say it is not cached.
+                Ok(Ok(None)) => return true,
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "no answer in time".to_owned(),
+            };
+            // The watch may have delivered it meanwhile.
+            if self.inventory().claim(key).is_some() {
+                return true;
+            }
+            if tokio::time::Instant::now() + CLAIM_RETRY >= deadline {
+                tracing::warn!(claim = %key, %error, "cannot read a claim");
+                return false;
+            }
+            tracing::debug!(claim = %key, %error, "cannot read a claim yet; retrying");
+            tokio::time::sleep(CLAIM_RETRY).await;
         }
     }
 
@@ -235,14 +262,14 @@ impl Extender {
                 })
                 .collect());
         };
-        let left: Vec<Option<PerMedia<u64>>> = verdicts
+        let fits: Vec<Option<Fit>> = verdicts
             .into_iter()
             .map(|verdict| match verdict {
-                Verdict::Fits(left) => Some(left),
+                Verdict::Fits(fit) => Some(fit),
                 Verdict::Refused(_) => None,
             })
             .collect();
-        let scores = scores(&self.score_groups(&needs), &left);
+        let scores = scores(&self.score_groups(&needs), &fits);
         Ok(hosts
             .into_iter()
             .zip(scores)

@@ -304,3 +304,50 @@ async fn events_from_the_api_server_move_the_extenders_decisions() {
     watching.abort();
     api.abort();
 }
+
+/// A restarted API server refuses (403) until its RBAC cache is loaded: a
+/// claim the watch has not delivered yet is read again until it is given,
+/// and the pod is judged with it.
+#[tokio::test]
+async fn a_missing_claim_is_read_again_while_the_api_server_refuses() {
+    let (transport, handle) = tower_test::mock::pair::<Request<Body>, Response<ApiBody>>();
+    let extender = extender(policy()).with_client(kube::Client::new(transport, "default"));
+    apply_all(
+        &mut extender.inventory(),
+        &Cluster {
+            storages: vec![storage("node-a", &[(Nvme, 100 * GI)])],
+            classes: classes(),
+            ..Cluster::default()
+        },
+    );
+    let api = tokio::spawn(async move {
+        let mut handle = std::pin::pin!(handle);
+        let path = "/api/v1/namespaces/db/persistentvolumeclaims/data";
+        let (request, send) = handle.next_request().await.expect("the claim read");
+        assert_eq!(request.uri().path(), path);
+        let forbidden = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+            "code": 403, "message": "persistentvolumeclaims \"data\" is forbidden",
+        });
+        send.send_response(
+            Response::builder()
+                .status(403)
+                .body(ApiBody::from(forbidden.to_string()))
+                .unwrap(),
+        );
+        let (request, send) = handle.next_request().await.expect("the claim read again");
+        assert_eq!(request.uri().path(), path);
+        send.send_response(Response::new(ApiBody::from(
+            value(&claim("db", "data", "nvme", 10 * GI)).to_string(),
+        )));
+    });
+    let db = pod("db", "db-0", "uid-db", &["data"]);
+    extender.catch_up(&db).await;
+    tokio::time::timeout(Duration::from_secs(5), api)
+        .await
+        .expect("the claim read again")
+        .unwrap();
+    let result = extender.filter(names_args(&db, &["node-a"]));
+    assert_eq!(result.node_names, Some(vec!["node-a".to_owned()]), "{result:?}");
+    assert_eq!(result.failed_nodes, Some(Default::default()));
+}
