@@ -7,6 +7,7 @@ pub mod claim;
 pub mod command;
 pub mod config;
 pub mod discovery;
+pub mod disk_load;
 pub mod erase;
 #[cfg(test)]
 mod fake_lvm;
@@ -214,6 +215,8 @@ impl DiscoveryArgs {
 const CHANGES_DRAIN: Duration = Duration::from_secs(20);
 /// Where the kernel logs filesystem and I/O errors.
 const KERNEL_LOG: &str = "/dev/kmsg";
+/// Where the kernel counts each disk's I/O.
+const DISKSTATS: &str = "/proc/diskstats";
 
 pub async fn run(args: Args) -> Result<(), AgentError> {
     match args.command {
@@ -317,6 +320,13 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     if let Err(err) = kernel_log::watch(Path::new(KERNEL_LOG), kernel_errors, trigger) {
         tracing::warn!(error = %err, path = KERNEL_LOG, "no kernel log; filesystem errors go unseen");
     }
+    let load = tokio::spawn(disk_load::run(
+        DISKSTATS.into(),
+        rescanner.members(),
+        client.clone(),
+        node.clone(),
+        metrics.clone(),
+    ));
     let disks = tokio::spawn(rescanner.run(triggered));
 
     let beat = client.clone().map(|client| {
@@ -377,6 +387,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let signal = stop.wait().await;
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
+    load.abort();
     if let Some(labels) = labels {
         labels.abort();
     }

@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::crd::NodeLoad;
 use lvmlocal_proto::rpc::RpcMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -60,6 +61,7 @@ pub struct Metrics {
     abnormal_volumes: Family<ConditionLabel, Gauge>,
     volume_used: Family<VolumeLabel, Gauge>,
     volume_capacity: Family<VolumeLabel, Gauge>,
+    media_load: Family<MediaLabel, Gauge>,
     /// Every external command the agent runs.
     pub commands: CommandMetrics,
     /// Unix time of the last rescan that completed, for `/healthz`.
@@ -90,6 +92,7 @@ impl Metrics {
         let abnormal_volumes = Family::default();
         let volume_used = Family::default();
         let volume_capacity = Family::default();
+        let media_load = Family::default();
         let commands = CommandMetrics::default();
         commands.register(&mut registry);
         registry.register(
@@ -158,6 +161,11 @@ impl Metrics {
             "Volumes of this node whose condition is abnormal, by media class and reason",
             abnormal_volumes.clone(),
         );
+        registry.register(
+            "media_load_percent",
+            "How busy the disks of a media class's volume group are, 0 to 100, smoothed",
+            media_load.clone(),
+        );
         Self {
             registry,
             vg_size,
@@ -174,6 +182,7 @@ impl Metrics {
             abnormal_volumes,
             volume_used,
             volume_capacity,
+            media_load,
             commands,
             last_rescan: AtomicU64::new(0),
         }
@@ -259,6 +268,25 @@ impl Metrics {
                     reason: reason.clone(),
                 })
                 .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Sets the load of each class that has disks; drops the others.
+    pub fn media_load(&self, load: &NodeLoad) {
+        for media in MediaClass::ALL {
+            let label = MediaLabel {
+                media: media.to_string(),
+            };
+            match load.get(media) {
+                Some(load) => {
+                    self.media_load
+                        .get_or_create(&label)
+                        .set(i64::from(load.load_percent));
+                }
+                None => {
+                    self.media_load.remove(&label);
+                }
+            }
         }
     }
 

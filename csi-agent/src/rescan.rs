@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::claim::{self, Claiming, NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::DiscoveryConfig;
+use crate::disk_load::{self, Members};
 use crate::inventory::{self, Inventory, InventoryError, Sources};
 use crate::lvm::{Lvm, LvmError};
 use crate::metrics::Metrics;
@@ -49,6 +50,8 @@ pub struct Rescanner {
     pub node: Option<NodeSource>,
     /// The last pass's decision, to log only when it changes.
     claiming: Option<Claiming>,
+    /// The disks of each group, for the load sampler.
+    members: watch::Sender<Members>,
 }
 
 impl Rescanner {
@@ -69,7 +72,13 @@ impl Rescanner {
             volumes: None,
             node: None,
             claiming: None,
+            members: watch::Sender::new(Members::new()),
         }
+    }
+
+    /// The disks of each volume group as of the last pass.
+    pub fn members(&self) -> watch::Receiver<Members> {
+        self.members.subscribe()
     }
 
     /// One pass: takes the inventory, carries out the plan, and reports what
@@ -102,6 +111,12 @@ impl Rescanner {
             }
         }
         self.metrics.observe(&inventory, started.elapsed());
+        self.members.send_if_modified(|members| {
+            let now = disk_load::members(&inventory);
+            let changed = *members != now;
+            *members = now;
+            changed
+        });
         if let Some(publisher) = &mut self.publisher {
             let status = node_storage::status(&inventory);
             if publisher.publish(&status).await? {

@@ -49,6 +49,8 @@ pub struct MediaCapacity<'a> {
     pub extent_bytes: u64,
     /// A physical volume is missing; LVM refuses to allocate until it is back.
     pub degraded: bool,
+    /// How busy the group's disks are, 0 to 100, as the agent reports it.
+    pub load_percent: u32,
 }
 
 impl MediaCapacity<'_> {
@@ -142,12 +144,32 @@ pub fn explain(refusals: &[Refusal]) -> String {
     line
 }
 
+/// What a node that takes a pod's volumes offers them: what placement ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fit {
+    /// Bytes left free per class once they are placed (zero for classes the
+    /// pod does not use).
+    pub left: PerMedia<u64>,
+    /// How busy each class's disks are, 0 to 100 (zero for classes the pod
+    /// does not use).
+    pub load: PerMedia<u32>,
+}
+
+impl Fit {
+    /// Room left on disks reported idle.
+    pub fn idle(left: PerMedia<u64>) -> Self {
+        Fit {
+            left,
+            load: PerMedia::default(),
+        }
+    }
+}
+
 /// The outcome of placing a pod's volumes on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// They fit; bytes left free per class once they are placed (zero for
-    /// classes the pod does not use).
-    Fits(PerMedia<u64>),
+    /// They fit.
+    Fits(Fit),
     /// They do not; every reason, those about the whole node first, then
     /// the media classes in order.
     Refused(Vec<Refusal>),
@@ -183,7 +205,7 @@ pub fn fit(claims: &[ClaimNeed], capacity: Option<&NodeCapacity<'_>>) -> Verdict
         let sum = needed[claim.media].get_or_insert(0);
         *sum = sum.saturating_add(allocation);
     }
-    let mut left = PerMedia::<u64>::default();
+    let mut fit = Fit::default();
     let mut refusals = Vec::new();
     for media in MediaClass::ALL {
         let Some(needed_bytes) = needed[media] else {
@@ -198,7 +220,10 @@ pub fn fit(claims: &[ClaimNeed], capacity: Option<&NodeCapacity<'_>>) -> Verdict
             Some(group) => {
                 let free_bytes = group.free_bytes();
                 match free_bytes.checked_sub(needed_bytes) {
-                    Some(rest) => left[media] = rest,
+                    Some(rest) => {
+                        fit.left[media] = rest;
+                        fit.load[media] = group.load_percent;
+                    }
                     None => refusals.push(Refusal::Short {
                         media,
                         needed_bytes,
@@ -209,7 +234,7 @@ pub fn fit(claims: &[ClaimNeed], capacity: Option<&NodeCapacity<'_>>) -> Verdict
         }
     }
     if refusals.is_empty() {
-        Verdict::Fits(left)
+        Verdict::Fits(fit)
     } else {
         Verdict::Refused(refusals)
     }
@@ -240,6 +265,7 @@ mod tests {
             used_bytes: used,
             extent_bytes: MI4,
             degraded: false,
+            load_percent: 0,
         })
     }
 
@@ -262,13 +288,13 @@ mod tests {
                 "fits with room left",
                 vec![claim(Nvme, 100 * GI)],
                 Some(&nvme_only),
-                Verdict::Fits(PerMedia([20 * GI, 0, 0])),
+                Verdict::Fits(Fit::idle(PerMedia([20 * GI, 0, 0]))),
             ),
             (
                 "fits exactly",
                 vec![claim(Nvme, 60 * GI), claim(Nvme, 60 * GI)],
                 Some(&nvme_only),
-                Verdict::Fits(PerMedia([0, 0, 0])),
+                Verdict::Fits(Fit::idle(PerMedia([0, 0, 0]))),
             ),
             (
                 "claims of a class add up",
@@ -284,7 +310,7 @@ mod tests {
                 "a size is rounded up to whole extents",
                 vec![claim(Nvme, 120 * GI - MI4 + 1)],
                 Some(&nvme_only),
-                Verdict::Fits(PerMedia([0, 0, 0])),
+                Verdict::Fits(Fit::idle(PerMedia([0, 0, 0]))),
             ),
             (
                 "one byte over after rounding",
@@ -396,7 +422,7 @@ mod tests {
             Verdict::Refused(vec![silent.clone(), short])
         );
         assert_eq!(
-            Verdict::Fits(PerMedia::default()).also_refused(silent.clone()),
+            Verdict::Fits(Fit::default()).also_refused(silent.clone()),
             Verdict::Refused(vec![silent])
         );
     }

@@ -143,7 +143,8 @@ impl Extender {
         deadline: tokio::time::Instant,
     ) -> bool {
         let (namespace, name) = key.parts();
-        let api: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), namespace);
+        let api: kube::Api<PersistentVolumeClaim> =
+            kube::Api::namespaced(client.clone(), namespace);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let error = match tokio::time::timeout(left.min(CLAIM_READ), api.get_opt(name)).await {

@@ -138,6 +138,7 @@ struct GroupRecord {
     unaccounted_bytes: u64,
     extent_bytes: u64,
     degraded: bool,
+    load_percent: u32,
 }
 
 #[derive(Debug)]
@@ -313,6 +314,7 @@ impl Inventory {
                         unaccounted_bytes: report.unaccounted(media),
                         extent_bytes: status.extent_bytes,
                         degraded: status.degraded,
+                        load_percent: report.load_percent(media),
                     })
                 }));
                 let id = self.intern(&nls.name_any());
@@ -582,6 +584,7 @@ impl Inventory {
                 used_bytes: used.saturating_sub(own),
                 extent_bytes: group.extent_bytes,
                 degraded: group.degraded,
+                load_percent: group.load_percent,
             })
         };
         Some(PerMedia([

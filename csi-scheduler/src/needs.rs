@@ -538,7 +538,8 @@ mod tests {
         assert_eq!(
             ClassRecord::of(&bad_placement).kind,
             ClassKind::Invalid(
-                "parameter lvmlocal.io/placement must be binpack or spread, not \"pack\"".into()
+                "parameter lvmlocal.io/placement must be binpack, spread or balanced, not \"pack\""
+                    .into()
             )
         );
         let not_default = class(json!({

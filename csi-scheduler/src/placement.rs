@@ -1,5 +1,6 @@
 //! How nodes that fit are ranked: `binpack` prefers the node left with the
-//! least free space, `spread` the one left with the most.
+//! least free space, `spread` the one left with the most, `balanced` the one
+//! whose disks of the class are least busy.
 //!
 //! The score of a node for a pod, 0 to 10:
 //!
@@ -10,7 +11,11 @@
 //!    once all the pod's claims of the class are placed; `lo` and `hi` are the
 //!    least and the most `r` among the candidate nodes that fit.
 //! 3. A group scores `10 · (hi − r) / (hi − lo)` under binpack and
-//!    `10 · (r − lo) / (hi − lo)` under spread; 10 when `hi = lo`.
+//!    `10 · (r − lo) / (hi − lo)` under spread; 10 when `hi = lo`. Under
+//!    balanced it scores `10 · (100 − load) / 100`, where `load` is the
+//!    class's `loadPercent` the node's agent reports (0 when it reports
+//!    none): an absolute figure, so nodes equally idle tie and
+//!    kube-scheduler's own scores decide between them.
 //! 4. The node's score is the average of its group scores weighted by the
 //!    bytes each group requests, rounded to the nearest integer. Nodes that do
 //!    not fit score 0.
@@ -23,7 +28,7 @@ use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::extender::{MAX_EXTENDER_PRIORITY, MIN_EXTENDER_PRIORITY};
 use lvmlocal_proto::params::Placement;
 
-use crate::capacity::PerMedia;
+use crate::capacity::{Fit, PerMedia};
 
 /// The pod's claims of one media class under one placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,24 +38,24 @@ pub struct ScoreGroup {
     pub bytes: u64,
 }
 
-/// Scores for each candidate, in order. `left[i]` is what node `i` has left
-/// per class after placing the pod, or `None` if the pod does not fit there.
-pub fn scores(groups: &[ScoreGroup], left: &[Option<PerMedia<u64>>]) -> Vec<i64> {
+/// Scores for each candidate, in order. `fits[i]` is what node `i` offers
+/// the pod, or `None` if the pod does not fit there.
+pub fn scores(groups: &[ScoreGroup], fits: &[Option<Fit>]) -> Vec<i64> {
     let mut range = PerMedia([(u64::MAX, 0u64); 3]);
-    for left in left.iter().flatten() {
+    for fit in fits.iter().flatten() {
         for media in MediaClass::ALL {
             let (lo, hi) = &mut range[media];
-            *lo = (*lo).min(left[media]);
-            *hi = (*hi).max(left[media]);
+            *lo = (*lo).min(fit.left[media]);
+            *hi = (*hi).max(fit.left[media]);
         }
     }
     // A claim of zero bytes still expresses a preference.
     let weight = |group: &ScoreGroup| group.bytes.max(1) as f64;
     let total_weight: f64 = groups.iter().map(weight).sum();
 
-    left.iter()
-        .map(|left| {
-            let Some(left) = left else {
+    fits.iter()
+        .map(|fit| {
+            let Some(fit) = fit else {
                 return MIN_EXTENDER_PRIORITY;
             };
             if groups.is_empty() {
@@ -60,14 +65,19 @@ pub fn scores(groups: &[ScoreGroup], left: &[Option<PerMedia<u64>>]) -> Vec<i64>
                 .iter()
                 .map(|group| {
                     let (lo, hi) = range[group.media];
-                    let r = left[group.media];
-                    let share = if hi == lo {
-                        1.0
-                    } else {
-                        let toward_full = (hi - r) as f64 / (hi - lo) as f64;
-                        match group.placement {
-                            Placement::Binpack => toward_full,
-                            Placement::Spread => 1.0 - toward_full,
+                    let r = fit.left[group.media];
+                    let toward_full = || {
+                        if hi == lo {
+                            None
+                        } else {
+                            Some((hi - r) as f64 / (hi - lo) as f64)
+                        }
+                    };
+                    let share = match group.placement {
+                        Placement::Binpack => toward_full().unwrap_or(1.0),
+                        Placement::Spread => toward_full().map_or(1.0, |t| 1.0 - t),
+                        Placement::Balanced => {
+                            1.0 - f64::from(fit.load[group.media].min(100)) / 100.0
                         }
                     };
                     weight(group) * share
@@ -164,7 +174,52 @@ mod tests {
             ("no groups", vec![], vec![nvme(GI)], vec![0]),
         ];
         for (name, groups, left, expected) in cases {
-            assert_eq!(scores(&groups, &left), expected, "{name}");
+            let fits: Vec<Option<Fit>> = left.into_iter().map(|l| l.map(Fit::idle)).collect();
+            assert_eq!(scores(&groups, &fits), expected, "{name}");
         }
+    }
+
+    fn loaded(left: u64, nvme_load: u32, hdd_load: u32) -> Option<Fit> {
+        Some(Fit {
+            left: PerMedia([left, 0, left]),
+            load: PerMedia([nvme_load, 0, hdd_load]),
+        })
+    }
+
+    #[test]
+    fn balanced_ranks_by_the_load_of_the_class() {
+        let balanced = vec![group(Nvme, Placement::Balanced, GI)];
+        // Free space plays no part; only the class's own load does.
+        assert_eq!(
+            scores(
+                &balanced,
+                &[
+                    loaded(GI, 80, 0),
+                    loaded(100 * GI, 0, 90),
+                    None,
+                    loaded(GI, 35, 0)
+                ]
+            ),
+            vec![2, 10, 0, 7]
+        );
+        // Load is absolute: equally idle nodes tie, equally busy ones too.
+        assert_eq!(
+            scores(&balanced, &[loaded(GI, 0, 0), loaded(9 * GI, 0, 0)]),
+            vec![10, 10]
+        );
+        assert_eq!(
+            scores(&balanced, &[loaded(GI, 100, 0), loaded(9 * GI, 100, 0)]),
+            vec![0, 0]
+        );
+        // Beside binpack of as many bytes on HDD: the averages.
+        let both = vec![
+            group(Nvme, Placement::Balanced, GI),
+            group(Hdd, Placement::Binpack, GI),
+        ];
+        // node 0: nvme (100 − 60)/100 → 4, hdd least left → 10: 7; node 1: 10 and 0: 5
+        assert_eq!(
+            scores(&both, &[loaded(GI, 60, 0), loaded(2 * GI, 0, 0)]),
+            vec![7, 5]
+        );
     }
 }

@@ -57,6 +57,54 @@ pub struct NodeLocalStorageStatus {
     /// audit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unaccounted_bytes: Option<MediaBytes>,
+    /// How busy the disks of each volume group are, smoothed over about a
+    /// minute. Written by the agent's load sampler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<NodeLoad>,
+}
+
+/// The load of each media class's disks on one node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeLoad {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<MediaLoad>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssd: Option<MediaLoad>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdd: Option<MediaLoad>,
+}
+
+impl NodeLoad {
+    pub fn get(&self, media: MediaClass) -> Option<MediaLoad> {
+        match media {
+            MediaClass::Nvme => self.nvme,
+            MediaClass::Ssd => self.ssd,
+            MediaClass::Hdd => self.hdd,
+        }
+    }
+
+    pub fn get_mut(&mut self, media: MediaClass) -> &mut Option<MediaLoad> {
+        match media {
+            MediaClass::Nvme => &mut self.nvme,
+            MediaClass::Ssd => &mut self.ssd,
+            MediaClass::Hdd => &mut self.hdd,
+        }
+    }
+}
+
+/// How busy the disks of one volume group are, averaged over its disks.
+/// `loadPercent` is what placement ranks by (see `load::measure`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaLoad {
+    /// 0 (idle) to 100 (saturated): utilisation and queue depth, each
+    /// counting for half.
+    pub load_percent: u32,
+    /// Share of the time the disks had an I/O in flight.
+    pub busy_percent: u32,
+    /// Average number of I/Os in flight, in thousandths.
+    pub queue_depth_milli: u32,
 }
 
 /// A number of bytes per media class.
@@ -95,6 +143,13 @@ impl NodeLocalStorageStatus {
         self.unaccounted_bytes
             .as_ref()
             .map_or(0, |bytes| bytes.get(media))
+    }
+
+    /// The load of the group of `media`; 0 where none was reported.
+    pub fn load_percent(&self, media: MediaClass) -> u32 {
+        self.load
+            .and_then(|load| load.get(media))
+            .map_or(0, |load| load.load_percent)
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Placement {
     Binpack,
     /// Keep the most room on every node.
     Spread,
+    /// Prefer the nodes whose disks of the class are least busy.
+    Balanced,
 }
 
 impl Placement {
@@ -35,6 +37,7 @@ impl Placement {
         match self {
             Placement::Binpack => "binpack",
             Placement::Spread => "spread",
+            Placement::Balanced => "balanced",
         }
     }
 }
@@ -46,7 +49,7 @@ impl fmt::Display for Placement {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown placement {0:?}; expected binpack or spread")]
+#[error("unknown placement {0:?}; expected binpack, spread or balanced")]
 pub struct ParsePlacementError(String);
 
 impl FromStr for Placement {
@@ -56,6 +59,7 @@ impl FromStr for Placement {
         match s {
             "binpack" => Ok(Placement::Binpack),
             "spread" => Ok(Placement::Spread),
+            "balanced" => Ok(Placement::Balanced),
             _ => Err(ParsePlacementError(s.to_owned())),
         }
     }
@@ -108,9 +112,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placement_parses_only_its_two_names() {
+    fn placement_parses_only_its_names() {
         assert_eq!("binpack".parse(), Ok(Placement::Binpack));
         assert_eq!("spread".parse(), Ok(Placement::Spread));
+        assert_eq!("balanced".parse(), Ok(Placement::Balanced));
         for bad in ["", "Binpack", "pack", "spread "] {
             assert!(bad.parse::<Placement>().is_err(), "{bad:?}");
         }

@@ -59,7 +59,7 @@ pub enum Invalid {
     MissingMedia,
     #[error("parameter {MEDIA_PARAM}: {0}")]
     Media(#[from] ParseMediaClassError),
-    #[error("parameter {PLACEMENT_PARAM} must be binpack or spread, not {0:?}")]
+    #[error("parameter {PLACEMENT_PARAM} must be binpack, spread or balanced, not {0:?}")]
     Placement(String),
     #[error("parameter {0}")]
     OnNodeLoss(#[from] ParseOnNodeLossError),

@@ -453,6 +453,8 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
     })
     .unwrap();
 
+    balanced_follows_the_load_of_the_disks(&cluster, &node);
+
     // The race: six pods of 3 GiB for the 8 GiB only vm-node has.
     let racers: Vec<String> = (0..6).map(|i| format!("racer-{i}")).collect();
     for name in &racers {
@@ -502,6 +504,83 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
         !phases.iter().any(|(_, _, phase)| phase == "Failed"),
         "{phases:?}"
     );
+}
+
+/// The `loadPercent` of `node`'s NVMe group as its NodeLocalStorage says.
+fn nvme_load(cluster: &Cluster, node: &str) -> Result<u64, String> {
+    let nls = cluster
+        .get(&["nodelocalstorage", node])
+        .map_err(|err| err.to_string())?;
+    nls["status"]["load"]["nvme"]["loadPercent"]
+        .as_u64()
+        .ok_or_else(|| format!("no NVMe load: {}", nls["status"]))
+}
+
+/// `balanced` ranks by the load each node reports: the paper nodes' is
+/// written here, the VM node's agent measures its own disks' for real.
+fn balanced_follows_the_load_of_the_disks(cluster: &Cluster, node: &NodeVm) {
+    let mut balanced: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    balanced["metadata"] = json!({"name": "lvmlocal-nvme-balanced"});
+    balanced["parameters"]["lvmlocal.io/placement"] = json!("balanced");
+    cluster.apply(&balanced).unwrap();
+    let paper_load = |percent: Option<u64>| {
+        for paper in ["paper-1g", "paper-2g"] {
+            let load = percent.map(|percent| {
+                json!({"nvme": {"loadPercent": percent, "busyPercent": percent, "queueDepthMilli": 0}})
+            });
+            cluster
+                .patch_status("nodelocalstorage", paper, &json!({ "load": load }))
+                .unwrap();
+        }
+    };
+
+    // The VM node's disks are idle, the paper nodes' busy: the VM node,
+    // which binpack would never pick for 1 GiB.
+    wait_for("the VM node's idle load", Duration::from_secs(60), || {
+        let load = nvme_load(cluster, "vm-node")?;
+        (load < 10).then_some(()).ok_or(format!("{load}"))
+    })
+    .unwrap();
+    paper_load(Some(60));
+    cluster
+        .apply(&claim("calm", "lvmlocal-nvme-balanced", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("calm", &["calm"])).unwrap();
+    assert_eq!(selected_node(cluster, "calm"), "vm-node");
+    wait_bound(cluster, "calm", Duration::from_secs(120));
+    delete_all(cluster, "calm", &["calm"]);
+
+    // Reads keep the VM node's NVMe disk busy (O_DIRECT, so the page cache
+    // does not answer them) until its agent reports the load; the paper
+    // nodes report none: one of them, which spread would never pick.
+    // As with the agent, setsid makes the reader lead a group of its own.
+    node.sh(
+        "setsid sh -c 'while :; do dd if=/dev/nvme0n1 of=/dev/null bs=1M count=1024 iflag=direct; done' \
+         </dev/null >/dev/null 2>&1 &\n\
+         echo $! > /run/vmbed/reader.pid\n",
+    )
+    .unwrap();
+    paper_load(None);
+    let busy = wait_for(
+        "the VM node's NVMe load reported",
+        Duration::from_secs(240),
+        || {
+            let load = nvme_load(cluster, "vm-node")?;
+            (load >= 30).then_some(load).ok_or(format!("{load}"))
+        },
+    )
+    .unwrap();
+    cluster
+        .apply(&claim("busy", "lvmlocal-nvme-balanced", "1Gi"))
+        .unwrap();
+    cluster.apply(&pod("busy", &["busy"])).unwrap();
+    let chosen = selected_node(cluster, "busy");
+    assert!(
+        chosen.starts_with("paper-"),
+        "{chosen}, vm-node at {busy} %"
+    );
+    node.sh("kill -KILL -$(cat /run/vmbed/reader.pid)").unwrap();
+    delete_all(cluster, "busy", &["busy"]);
 }
 
 fn lv_of(cluster: &Cluster, claim: &str) -> String {

@@ -13,6 +13,7 @@ use csi_scheduler::http::router;
 use csi_scheduler::metrics::Metrics;
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass::{Hdd, Nvme, Ssd};
+use lvmlocal_proto::crd::NodeLoad;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -270,6 +271,67 @@ async fn prioritize_weighs_each_class_by_its_bytes() {
         .map(|node| node["metadata"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(hosts, sent);
+}
+
+#[tokio::test]
+async fn balanced_prefers_the_node_whose_disks_of_the_class_are_least_busy() {
+    let extender = Arc::new(Extender::new(
+        csi_scheduler::extender::Policy {
+            default_placement: lvmlocal_proto::params::Placement::Balanced,
+            ..policy()
+        },
+        Metrics::new(),
+    ));
+    let app = router(extender.clone(), "", 64 << 20);
+    let loaded = |node: &str, nvme: u32, ssd: u32| {
+        let mut nls = cluster()
+            .storages
+            .into_iter()
+            .find(|nls| nls.metadata.name.as_deref() == Some(node))
+            .unwrap();
+        let status = nls.status.as_mut().unwrap();
+        status.load = Some(NodeLoad {
+            nvme: Some(lvmlocal_proto::load::measure(
+                Nvme,
+                f64::from(nvme) / 100.0,
+                32.0 * f64::from(nvme) / 100.0,
+            )),
+            ssd: Some(lvmlocal_proto::load::measure(
+                Ssd,
+                f64::from(ssd) / 100.0,
+                8.0 * f64::from(ssd) / 100.0,
+            )),
+            hdd: None,
+        });
+        nls
+    };
+    {
+        let mut inventory = extender.inventory();
+        synced(&mut inventory);
+        apply_all(&mut inventory, &cluster());
+        inventory.apply_storage(Event::Apply(loaded("node-a", 90, 50)));
+    }
+    // nvme and ssd by load (the default here), hdd spread by its class:
+    //   node-a: (200·1 + 50·5 + 1024·0) / 1274 = 0.35 → 0
+    //   node-e: (200·10 + 50·10 + 1024·10) / 1274 → 10
+    let scores = post_json(&app, "/prioritize", with_names(POD, &["node-a", "node-e"])).await;
+    assert_eq!(
+        scores,
+        json!([{"Host": "node-a", "Score": 0}, {"Host": "node-e", "Score": 10}])
+    );
+    // The load moves: so does the preference, on the next report.
+    {
+        let mut inventory = extender.inventory();
+        inventory.apply_storage(Event::Apply(loaded("node-a", 0, 0)));
+        inventory.apply_storage(Event::Apply(loaded("node-e", 100, 100)));
+    }
+    //   node-a: (200·10 + 50·10 + 1024·0) / 1274 = 1.96 → 2
+    //   node-e: (200·0 + 50·0 + 1024·10) / 1274 = 8.04 → 8
+    let scores = post_json(&app, "/prioritize", with_names(POD, &["node-a", "node-e"])).await;
+    assert_eq!(
+        scores,
+        json!([{"Host": "node-a", "Score": 2}, {"Host": "node-e", "Score": 8}])
+    );
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ const TTL: Duration = Duration::from_secs(30);
 /// nothing is reserved for it, so asking changes nothing.
 fn free(inventory: &mut Inventory, node: &str, media: MediaClass) -> Option<u64> {
     match probe(inventory, node, media, Instant::now()) {
-        Verdict::Fits(left) => Some(left[media]),
+        Verdict::Fits(fit) => Some(fit.left[media]),
         Verdict::Refused(_) => None,
     }
 }
@@ -197,10 +197,10 @@ fn a_pod_scheduled_again_is_not_charged_for_its_own_claims() {
     let needs = PodNeeds::of(&db, &inventory).unwrap();
     let verdicts = inventory.assess(&PodRef::of(&db), &needs, &["node-a"], Instant::now(), TTL);
     assert_eq!(verdicts.len(), 1);
-    let Verdict::Fits(left) = &verdicts[0] else {
+    let Verdict::Fits(fit) = &verdicts[0] else {
         panic!("{verdicts:?}");
     };
-    assert_eq!(left[Nvme], 60 * GI);
+    assert_eq!(fit.left[Nvme], 60 * GI);
     // Its claim is already counted in flight; nothing more is reserved.
     assert_eq!(free(&mut inventory, "node-a", Nvme), Some(60 * GI));
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use csi_scheduler::capacity::{MediaCapacity, NodeCapacity, PerMedia, Verdict, fit};
+use csi_scheduler::capacity::{Fit, MediaCapacity, NodeCapacity, PerMedia, Verdict, fit};
 use csi_scheduler::needs::{ClaimKey, ClaimNeed};
 use csi_scheduler::placement::{ScoreGroup, scores};
 use lvmlocal_proto::MediaClass;
@@ -17,7 +17,11 @@ fn media() -> impl Strategy<Value = MediaClass> {
 }
 
 fn placement() -> impl Strategy<Value = Placement> {
-    prop::sample::select(vec![Placement::Binpack, Placement::Spread])
+    prop::sample::select(vec![
+        Placement::Binpack,
+        Placement::Spread,
+        Placement::Balanced,
+    ])
 }
 
 /// (total, used, extent, degraded) of a group, or no group.
@@ -47,6 +51,7 @@ fn capacity(groups: &[Group; 3]) -> NodeCapacity<'static> {
             used_bytes: used,
             extent_bytes: extent,
             degraded,
+            load_percent: 0,
         })
     }))
 }
@@ -96,45 +101,56 @@ proptest! {
         }
         let verdict = fit(&needs(&claims), Some(&capacity(&groups)));
         prop_assert_eq!(verdict.fits(), fits, "{:?}", verdict);
-        if let Verdict::Fits(left) = verdict {
+        if let Verdict::Fits(fit) = verdict {
             for media in MediaClass::ALL {
-                prop_assert_eq!(Some(left[media]), expected[media]);
+                prop_assert_eq!(Some(fit.left[media]), expected[media]);
             }
         }
     }
 
     /// Under binpack a node with less left never scores below one with more;
-    /// under spread never above. Scores stay within 0–10, nodes that do not
+    /// under spread never above; under balanced a less loaded node never
+    /// scores below a busier one. Scores stay within 0–10, nodes that do not
     /// fit score 0.
     #[test]
-    fn scores_rank_by_what_is_left(
+    fn scores_rank_by_what_is_left_or_load(
         placement in placement(),
         media in media(),
-        left in prop::collection::vec(prop::option::weighted(0.8, 0..1u64 << 44), 0..30),
+        nodes in prop::collection::vec(
+            prop::option::weighted(0.8, (0..1u64 << 44, 0..=100u32)),
+            0..30,
+        ),
     ) {
-        let left: Vec<Option<PerMedia<u64>>> = left
+        let fits: Vec<Option<Fit>> = nodes
             .iter()
-            .map(|left| left.map(|bytes| {
-                let mut per = PerMedia::default();
-                per[media] = bytes;
-                per
+            .map(|node| node.map(|(bytes, load)| {
+                let mut fit = Fit::default();
+                fit.left[media] = bytes;
+                fit.load[media] = load;
+                fit
             }))
             .collect();
         let groups = [ScoreGroup { media, placement, bytes: 1 << 30 }];
-        let scores = scores(&groups, &left);
-        prop_assert_eq!(scores.len(), left.len());
+        let scores = scores(&groups, &fits);
+        prop_assert_eq!(scores.len(), fits.len());
         for (i, score) in scores.iter().enumerate() {
             prop_assert!((0..=10).contains(score));
-            if left[i].is_none() {
+            if fits[i].is_none() {
                 prop_assert_eq!(*score, 0);
             }
             for (j, other) in scores.iter().enumerate() {
-                let (Some(a), Some(b)) = (left[i], left[j]) else { continue };
-                if a[media] < b[media] {
-                    match placement {
-                        Placement::Binpack => prop_assert!(score >= other),
-                        Placement::Spread => prop_assert!(score <= other),
+                let (Some(a), Some(b)) = (fits[i], fits[j]) else { continue };
+                match placement {
+                    Placement::Binpack if a.left[media] < b.left[media] => {
+                        prop_assert!(score >= other)
                     }
+                    Placement::Spread if a.left[media] < b.left[media] => {
+                        prop_assert!(score <= other)
+                    }
+                    Placement::Balanced if a.load[media] < b.load[media] => {
+                        prop_assert!(score >= other)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -144,13 +160,17 @@ proptest! {
     fn scores_of_several_classes_stay_in_range(
         groups in prop::collection::vec((media(), placement(), 0..1u64 << 42), 0..5),
         left in prop::collection::vec(prop::option::of([0..1u64 << 44, 0..1u64 << 44, 0..1u64 << 44]), 0..20),
+        load in [0..=100u32, 0..=100u32, 0..=100u32],
     ) {
         let groups: Vec<ScoreGroup> = groups
             .into_iter()
             .map(|(media, placement, bytes)| ScoreGroup { media, placement, bytes })
             .collect();
-        let left: Vec<Option<PerMedia<u64>>> = left.into_iter().map(|left| left.map(PerMedia)).collect();
-        for score in scores(&groups, &left) {
+        let fits: Vec<Option<Fit>> = left
+            .into_iter()
+            .map(|left| left.map(|left| Fit { left: PerMedia(left), load: PerMedia(load) }))
+            .collect();
+        for score in scores(&groups, &fits) {
             prop_assert!((0..=10).contains(&score));
         }
     }

@@ -348,6 +348,10 @@ async fn a_missing_claim_is_read_again_while_the_api_server_refuses() {
         .expect("the claim read again")
         .unwrap();
     let result = extender.filter(names_args(&db, &["node-a"]));
-    assert_eq!(result.node_names, Some(vec!["node-a".to_owned()]), "{result:?}");
+    assert_eq!(
+        result.node_names,
+        Some(vec!["node-a".to_owned()]),
+        "{result:?}"
+    );
     assert_eq!(result.failed_nodes, Some(Default::default()));
 }
