@@ -12,7 +12,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -28,31 +28,40 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
-use lvmlocal_proto::extender::ExtenderArgs;
+use lvmlocal_proto::extender::{ExtenderArgs, priorities_json};
 use lvmlocal_proto::heartbeat;
 use lvmlocal_proto::params::Placement;
 use nix::time::{ClockId, clock_gettime};
 use serde_json::{Value, json};
 
-/// Counts live heap bytes, to measure what the cache keeps.
+/// Counts live heap bytes while the cache is loaded, to measure what it
+/// keeps; then stops, so that the timed calls do not all contend for one
+/// counter.
 struct CountingAllocator;
 
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(true);
 
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -357,11 +366,11 @@ fn time_calls<I, O>(mut prepare: impl FnMut() -> I, mut call: impl FnMut(I) -> O
     }
 }
 
-fn args(pod: &Pod, names: &[String]) -> ExtenderArgs {
+fn args<'a>(pod: &Pod, names: &'a [String]) -> ExtenderArgs<'a> {
     ExtenderArgs {
         pod: Some(pod.clone()),
         nodes: None,
-        node_names: Some(names.to_vec()),
+        node_names: Some(names.iter().map(|name| name.as_str().into()).collect()),
     }
 }
 
@@ -435,6 +444,7 @@ fn main() {
     load_cluster(&extender);
     let loaded_in = loading.elapsed();
     let cache_heap = LIVE_BYTES.load(Ordering::Relaxed) - baseline_heap;
+    COUNTING.store(false, Ordering::Relaxed);
     let rss = rss_bytes().unwrap_or(0);
 
     let names: Vec<String> = (0..NODES).map(node_name).collect();
@@ -468,10 +478,9 @@ fn main() {
         || (),
         |()| {
             let filter: ExtenderArgs = serde_json::from_slice(&three_claims_body).unwrap();
-            let filtered = serde_json::to_vec(&extender.filter(filter)).unwrap();
+            let filtered = extender.filter(filter).to_json();
             let prioritize: ExtenderArgs = serde_json::from_slice(&three_claims_body).unwrap();
-            let prioritized =
-                serde_json::to_vec(&extender.prioritize(prioritize).unwrap()).unwrap();
+            let prioritized = priorities_json(&extender.prioritize(prioritize).unwrap());
             (filtered, prioritized)
         },
     );

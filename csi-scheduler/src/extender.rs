@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::runtime::watcher::Event;
 use lvmlocal_proto::extender::{
     ExtenderArgs, ExtenderFilterResult, FailedNodesMap, HostPriority, HostPriorityList,
-    MIN_EXTENDER_PRIORITY,
+    MIN_EXTENDER_PRIORITY, NodeName,
 };
 use lvmlocal_proto::params::Placement;
 
@@ -196,7 +196,7 @@ impl Extender {
     /// every node with the reason, unresolvable; a transient state (caches
     /// not listed yet, a claim not cached yet) fails them resolvable, which
     /// kube-scheduler retries at the next cluster event.
-    pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
+    pub fn filter<'a>(&self, args: ExtenderArgs<'a>) -> ExtenderFilterResult<'a> {
         self.try_filter(args)
             .unwrap_or_else(|err| ExtenderFilterResult {
                 error: err.to_string(),
@@ -204,7 +204,10 @@ impl Extender {
             })
     }
 
-    fn try_filter(&self, args: ExtenderArgs) -> Result<ExtenderFilterResult, ExtenderError> {
+    fn try_filter<'a>(
+        &self,
+        args: ExtenderArgs<'a>,
+    ) -> Result<ExtenderFilterResult<'a>, ExtenderError> {
         let (pod, candidates) = unpack(args)?;
         let assessed = match self.assess(&pod, &candidates) {
             Ok(assessed) => assessed,
@@ -250,7 +253,10 @@ impl Extender {
     }
 
     /// Answers `prioritize`: every candidate once, in the order sent.
-    pub fn prioritize(&self, args: ExtenderArgs) -> Result<HostPriorityList, ExtenderError> {
+    pub fn prioritize<'a>(
+        &self,
+        args: ExtenderArgs<'a>,
+    ) -> Result<HostPriorityList<'a>, ExtenderError> {
         let (pod, candidates) = unpack(args)?;
         let assessment = self.assess(&pod, &candidates)?;
         let hosts = candidates.into_names();
@@ -332,12 +338,12 @@ impl Extender {
 }
 
 /// The nodes kube-scheduler sent, in the form it sent them.
-enum Candidates {
-    Names(Vec<String>),
+enum Candidates<'a> {
+    Names(Vec<NodeName<'a>>),
     Nodes(List<Node>),
 }
 
-fn unpack(args: ExtenderArgs) -> Result<(Pod, Candidates), ExtenderError> {
+fn unpack(args: ExtenderArgs<'_>) -> Result<(Pod, Candidates<'_>), ExtenderError> {
     let pod = args.pod.ok_or(ExtenderError::NoPod)?;
     let candidates = match (args.node_names, args.nodes) {
         (Some(names), _) => Candidates::Names(names),
@@ -347,32 +353,39 @@ fn unpack(args: ExtenderArgs) -> Result<(Pod, Candidates), ExtenderError> {
     Ok((pod, candidates))
 }
 
-impl Candidates {
+impl<'a> Candidates<'a> {
     fn names(&self) -> Vec<&str> {
         match self {
-            Candidates::Names(names) => names.iter().map(String::as_str).collect(),
+            Candidates::Names(names) => names.iter().map(|name| &**name).collect(),
             Candidates::Nodes(nodes) => nodes.items.iter().map(node_name).collect(),
         }
     }
 
-    fn into_names(self) -> Vec<String> {
+    fn into_names(self) -> Vec<NodeName<'a>> {
         match self {
             Candidates::Names(names) => names,
             Candidates::Nodes(nodes) => nodes
                 .items
                 .into_iter()
-                .map(|node| node.metadata.name.unwrap_or_default())
+                .map(|node| NodeName::Owned(node.metadata.name.unwrap_or_default()))
                 .collect(),
         }
     }
 
     /// Every node fails with `message`: unresolvable when retrying the pod
     /// cannot help until something outside the scheduler changes.
-    fn fail_all(self, message: &str, unresolvable: bool) -> ExtenderFilterResult {
-        let failed: FailedNodesMap = self
-            .names()
+    fn fail_all(self, message: &str, unresolvable: bool) -> ExtenderFilterResult<'a> {
+        let names: Vec<NodeName<'a>> = match &self {
+            Candidates::Names(names) => names.clone(),
+            Candidates::Nodes(nodes) => nodes
+                .items
+                .iter()
+                .map(|node| NodeName::Owned(node_name(node).to_owned()))
+                .collect(),
+        };
+        let failed: FailedNodesMap = names
             .into_iter()
-            .map(|name| (name.to_owned(), message.to_owned()))
+            .map(|name| (name, message.to_owned()))
             .collect();
         let (nodes, node_names) = match self {
             Candidates::Names(_) => (None, Some(Vec::new())),
@@ -399,7 +412,7 @@ impl Candidates {
     }
 
     /// Every node passes, returned exactly as sent.
-    fn pass_all(self) -> ExtenderFilterResult {
+    fn pass_all(self) -> ExtenderFilterResult<'a> {
         let (nodes, node_names) = self.into_parts();
         ExtenderFilterResult {
             nodes,
@@ -410,7 +423,7 @@ impl Candidates {
         }
     }
 
-    fn into_parts(self) -> (Option<List<Node>>, Option<Vec<String>>) {
+    fn into_parts(self) -> (Option<List<Node>>, Option<Vec<NodeName<'a>>>) {
         match self {
             Candidates::Names(names) => (None, Some(names)),
             Candidates::Nodes(nodes) => (Some(nodes), None),
@@ -422,8 +435,8 @@ impl Candidates {
     fn split(
         self,
         verdicts: Vec<Verdict>,
-        mut refused: impl FnMut(String, Vec<Refusal>),
-    ) -> (Option<List<Node>>, Option<Vec<String>>) {
+        mut refused: impl FnMut(NodeName<'a>, Vec<Refusal>),
+    ) -> (Option<List<Node>>, Option<Vec<NodeName<'a>>>) {
         match self {
             Candidates::Names(names) => {
                 let mut kept = Vec::with_capacity(names.len());
@@ -441,7 +454,7 @@ impl Candidates {
                     match verdict {
                         Verdict::Fits(_) => kept.push(node),
                         Verdict::Refused(refusals) => {
-                            refused(node_name(&node).to_owned(), refusals)
+                            refused(NodeName::Owned(node_name(&node).to_owned()), refusals)
                         }
                     }
                 }

@@ -10,8 +10,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use lvmlocal_proto::extender::ExtenderArgs;
-use serde::Serialize;
+use lvmlocal_proto::extender::{ExtenderArgs, priorities_json};
 use tracing::Instrument;
 
 use crate::extender::Extender;
@@ -40,7 +39,7 @@ async fn filter(State(extender): State<Arc<Extender>>, body: Bytes) -> Response 
             tracing::warn!(error = %result.error, "filter failed");
             "error"
         };
-        (outcome, json(StatusCode::OK, &result))
+        (outcome, json(result.to_json()))
     })
     .await
 }
@@ -48,7 +47,7 @@ async fn filter(State(extender): State<Arc<Extender>>, body: Bytes) -> Response 
 async fn prioritize(State(extender): State<Arc<Extender>>, body: Bytes) -> Response {
     serve("prioritize", &extender, &body, |args| {
         match extender.prioritize(args) {
-            Ok(list) => ("ok", json(StatusCode::OK, &list)),
+            Ok(list) => ("ok", json(priorities_json(&list))),
             // kube-scheduler ignores a failed prioritize and scores
             // without this extender.
             Err(err) => {
@@ -119,11 +118,13 @@ async fn serve(
     response
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
-    }
+fn json(body: Vec<u8>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// Healthy once every cache has been listed: before that the extender can

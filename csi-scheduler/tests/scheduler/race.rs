@@ -42,10 +42,7 @@ fn approved(results: &[ExtenderFilterResult]) -> usize {
         if let Some(reason) = failed.get("node-a") {
             assert_eq!(reason, "nvme: needs 10Gi, 0 free");
         } else {
-            assert_eq!(
-                result.node_names.as_deref(),
-                Some(&["node-a".to_owned()][..])
-            );
+            assert_eq!(result.node_names.as_deref(), Some(&["node-a".into()][..]));
         }
     }
     results

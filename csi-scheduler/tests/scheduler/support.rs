@@ -184,11 +184,11 @@ pub fn pod(namespace: &str, name: &str, uid: &str, claims: &[&str]) -> Pod {
     .unwrap()
 }
 
-pub fn names_args(pod: &Pod, nodes: &[&str]) -> ExtenderArgs {
+pub fn names_args<'a>(pod: &Pod, nodes: &[&'a str]) -> ExtenderArgs<'a> {
     ExtenderArgs {
         pod: Some(pod.clone()),
         nodes: None,
-        node_names: Some(nodes.iter().map(|node| node.to_string()).collect()),
+        node_names: Some(nodes.iter().map(|&node| node.into()).collect()),
     }
 }
 

@@ -97,13 +97,18 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn filter(extender: &Extender) -> ExtenderFilterResult {
+fn filter(extender: &Extender) -> ExtenderFilterResult<'static> {
     let pod = pod("db", "db-0", "uid-db", &["data"]);
     extender.filter(names_args(&pod, &["node-a", "node-b"]))
 }
 
 fn passing(extender: &Extender) -> Vec<String> {
-    filter(extender).node_names.unwrap_or_default()
+    filter(extender)
+        .node_names
+        .unwrap_or_default()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 #[tokio::test]
@@ -348,10 +353,6 @@ async fn a_missing_claim_is_read_again_while_the_api_server_refuses() {
         .expect("the claim read again")
         .unwrap();
     let result = extender.filter(names_args(&db, &["node-a"]));
-    assert_eq!(
-        result.node_names,
-        Some(vec!["node-a".to_owned()]),
-        "{result:?}"
-    );
+    assert_eq!(result.node_names, Some(vec!["node-a".into()]), "{result:?}");
     assert_eq!(result.failed_nodes, Some(Default::default()));
 }
