@@ -216,7 +216,7 @@ mod tests {
     use lvmlocal_proto::crd::MediaLoad;
 
     use super::*;
-    use crate::api_mock::{answer, body};
+    use crate::api_mock::{answer, assert_status_apply, body};
 
     const STATS: &str = "\
  259       0 nvme0n1 1000 0 8000 500 2000 0 16000 900 0 1200 1400 0 0 0 0 0 0
@@ -414,16 +414,7 @@ mod tests {
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
             let (request, send) = handle.next_request().await.expect("status applied");
-            assert_eq!(request.method(), http::Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a/status"
-            );
-            let query = request.uri().query().unwrap().to_owned();
-            assert!(
-                query.contains("fieldManager=lvmlocal-agent-load") && query.contains("force=true"),
-                "{query}"
-            );
+            assert_status_apply(&request, "node-a", "lvmlocal-agent-load");
             assert_eq!(
                 body(request).await,
                 json!({

@@ -249,7 +249,7 @@ mod tests {
     use lvmlocal_proto::rpc::RpcMetrics;
 
     use super::*;
-    use crate::api_mock::{answer, body};
+    use crate::api_mock::{answer, assert_status_apply, body};
     use crate::fake_lvm::{FakeLvm, local, object};
 
     const GIB: u64 = 1 << 30;
@@ -303,16 +303,7 @@ mod tests {
         let api_server = tokio::spawn(async move {
             let mut handle = pin!(handle);
             let (request, send) = handle.next_request().await.expect("status applied");
-            assert_eq!(request.method(), http::Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/lvmlocal.io/v1alpha1/nodelocalstorages/node-a/status"
-            );
-            let query = request.uri().query().unwrap().to_owned();
-            assert!(
-                query.contains("fieldManager=lvmlocal-agent-orphans"),
-                "{query}"
-            );
+            assert_status_apply(&request, "node-a", "lvmlocal-agent-orphans");
             let applied = body(request).await;
             assert_eq!(
                 applied["status"],
