@@ -1064,6 +1064,10 @@ async fn metric_names_of_the_code() -> BTreeSet<String> {
     let agent = csi_agent::metrics::Metrics::new(&rpc);
     agent.observe(&one_volume_group(), Duration::from_millis(1));
     agent.reconcile_failed("NotEnoughSpace");
+    agent.media_load(&lvmlocal_proto::crd::NodeLoad {
+        nvme: Some(lvmlocal_proto::load::measure(MediaClass::Nvme, 0.5, 1.0)),
+        ..Default::default()
+    });
     text.push_str(&agent.encode());
 
     let scheduler = csi_scheduler::metrics::Metrics::new();
@@ -1204,6 +1208,7 @@ async fn monitoring_scrapes_real_ports_and_charts_real_metrics() {
         "lvmlocal_csi_operation_duration_seconds_bucket",
         "lvmlocal_scheduler_request_duration_seconds_bucket",
         "lvmlocal_scheduler_filtered_nodes_total",
+        "lvmlocal_agent_media_load_percent",
     ] {
         assert!(charted.contains_key(wanted), "{wanted} is not charted");
     }
