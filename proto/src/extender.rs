@@ -33,7 +33,7 @@ pub struct ExtenderArgs<'a> {
     /// Candidate nodes in full; sent when the extender is not node-cache capable.
     pub nodes: Option<List<Node>>,
     /// Candidate node names; sent when the extender is node-cache capable.
-    #[serde(borrow, deserialize_with = "borrowed_names")]
+    #[serde(borrow, default, deserialize_with = "borrowed_names")]
     pub node_names: Option<Vec<NodeName<'a>>>,
 }
 
@@ -214,6 +214,10 @@ mod tests {
             serde_json::from_str(r#"{"Pod": null, "Nodes": null, "NodeNames": ["node\u002da"]}"#)
                 .unwrap();
         assert_eq!(escaped.node_names.unwrap(), ["node-a"]);
+        // A field left out is as good as null.
+        let without: ExtenderArgs =
+            serde_json::from_str(r#"{"Pod": null, "Nodes": null}"#).unwrap();
+        assert_eq!(without.node_names, None);
     }
 
     // nodeCacheCapable: false sends a v1.NodeList without kind or apiVersion,
