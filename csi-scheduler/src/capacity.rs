@@ -283,12 +283,32 @@ mod tests {
             None,
         ]);
         let over_used = PerMedia([None, group(GI, 2 * GI), None]);
+        let busy = PerMedia([
+            group(500 * GI, 0).map(|g| MediaCapacity {
+                load_percent: 40,
+                ..g
+            }),
+            group(GI, 0).map(|g| MediaCapacity {
+                load_percent: 90,
+                ..g
+            }),
+            None,
+        ]);
         let cases: Vec<(&str, Vec<ClaimNeed>, Option<&NodeCapacity>, Verdict)> = vec![
             (
                 "fits with room left",
                 vec![claim(Nvme, 100 * GI)],
                 Some(&nvme_only),
                 Verdict::Fits(Fit::idle(PerMedia([20 * GI, 0, 0]))),
+            ),
+            (
+                "the load of each class the pod uses comes along",
+                vec![claim(Nvme, 100 * GI)],
+                Some(&busy),
+                Verdict::Fits(Fit {
+                    left: PerMedia([400 * GI, 0, 0]),
+                    load: PerMedia([40, 0, 0]),
+                }),
             ),
             (
                 "fits exactly",
