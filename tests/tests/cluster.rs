@@ -427,6 +427,7 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
     spread["metadata"] = json!({"name": "lvmlocal-nvme-spread"});
     spread["parameters"]["lvmlocal.io/placement"] = json!("spread");
     cluster.apply(&spread).unwrap();
+    wait_capacities(&cluster, "lvmlocal-nvme-spread");
     cluster
         .apply(&claim("spread", "lvmlocal-nvme-spread", "1Gi"))
         .unwrap();
@@ -506,6 +507,24 @@ fn placement_binpack_spread_two_claims_and_the_race_for_the_last_space() {
     );
 }
 
+/// Waits until every node of the placement test has a CSIStorageCapacity
+/// for a new StorageClass (paper-1g's is 0 once binpack filled it):
+/// kube-scheduler's own check refuses a node without one, and
+/// csi-provisioner makes them a while after the class.
+fn wait_capacities(cluster: &Cluster, class: &str) {
+    for node in ["paper-1g", "paper-2g", "vm-node"] {
+        wait_for(
+            &format!("capacity of {node} for {class}"),
+            Duration::from_secs(60),
+            || match cluster.storage_capacity(node, class) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+    }
+}
+
 /// The `loadPercent` of `node`'s NVMe group as its NodeLocalStorage says.
 fn nvme_load(cluster: &Cluster, node: &str) -> Result<u64, String> {
     let nls = cluster
@@ -523,6 +542,7 @@ fn balanced_follows_the_load_of_the_disks(cluster: &Cluster, node: &NodeVm) {
     balanced["metadata"] = json!({"name": "lvmlocal-nvme-balanced"});
     balanced["parameters"]["lvmlocal.io/placement"] = json!("balanced");
     cluster.apply(&balanced).unwrap();
+    wait_capacities(cluster, "lvmlocal-nvme-balanced");
     let paper_load = |percent: Option<u64>| {
         for paper in ["paper-1g", "paper-2g"] {
             let load = percent.map(|percent| {
