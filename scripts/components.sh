@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes components the cluster tests run (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, csi-provisioner, csi-resizer,
-# csi-sanity, helm) from their Go modules at the versions in scripts/versions.env,
-# into target/components/bin. A binary already built at its version is kept,
-# so a second run builds nothing; Go's module and build caches make a build
-# in a fresh clone a link step.
+# kube-controller-manager, kube-scheduler, kubectl, kubelet, csi-provisioner,
+# csi-resizer, csi-sanity, helm) from their Go modules at the versions in scripts/versions.env, into target/components/bin.
+# A binary already built at its version is kept, so a second run builds
+# nothing; Go's module and build caches make a build in a fresh clone a link
+# step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/versions.env
@@ -24,7 +24,7 @@ module_dir() { go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'
 # Kubernetes is not buildable with `go install` (its go.mod points its staging
 # modules at directories the module zip lacks): a module of ours requires it
 # and pins each staging module to the release's matching v0 version.
-kube_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+kube_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 need=()
 for b in "${kube_bins[@]}"; do current "$b" "$KUBERNETES" || need+=("$b"); done
 if [ ${#need[@]} -gt 0 ]; then

@@ -3,6 +3,7 @@
 
 #[cfg(test)]
 mod api_mock;
+pub mod authority;
 pub mod claim;
 pub mod command;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod fs_probe;
 pub mod heartbeat;
 pub mod inventory;
 pub mod kernel_log;
+pub mod kubelet_registration;
 pub mod lvm;
 pub mod metrics;
 pub mod mount;
@@ -52,6 +54,7 @@ use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
 use crate::kernel_log::KernelErrors;
+use crate::kubelet_registration::Registrar;
 use crate::lvm::Lvm;
 use crate::metrics::Metrics;
 use crate::mount::Mounter;
@@ -111,6 +114,11 @@ pub struct Args {
     /// kubelet's directory: staging and target paths must lie under it.
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+
+    /// The CSI socket's path as kubelet sees it. Given, the agent registers
+    /// the driver with kubelet through a socket in `<kubelet-dir>/plugins_registry`.
+    #[arg(long)]
+    pub kubelet_registration_path: Option<PathBuf>,
 
     /// Most volumes kubelet may place on this node (0: no limit).
     #[arg(long, default_value_t = 0)]
@@ -377,6 +385,21 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         })
         .await
     });
+    // Only once the CSI socket listens: kubelet calls NodeGetInfo as soon
+    // as it reads the registration.
+    let registration = match args.kubelet_registration_path {
+        Some(endpoint) => {
+            let path = kubelet_registration::socket_path(&args.kubelet_dir);
+            let listener = server::bind(&path)?;
+            let registrar = Registrar::new(endpoint, metrics.clone());
+            Some(tokio::spawn(async move {
+                if let Err(err) = registrar.serve(listener).await {
+                    tracing::error!(error = %err, path = %path.display(), "the kubelet registration socket failed");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = %node,
@@ -388,6 +411,9 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
     load.abort();
+    if let Some(registration) = registration {
+        registration.abort();
+    }
     if let Some(labels) = labels {
         labels.abort();
     }

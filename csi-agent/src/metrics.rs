@@ -62,6 +62,7 @@ pub struct Metrics {
     volume_used: Family<VolumeLabel, Gauge>,
     volume_capacity: Family<VolumeLabel, Gauge>,
     media_load: Family<MediaLabel, Gauge>,
+    kubelet_registered: Gauge,
     /// Every external command the agent runs.
     pub commands: CommandMetrics,
     /// Unix time of the last rescan that completed, for `/healthz`.
@@ -93,6 +94,7 @@ impl Metrics {
         let volume_used = Family::default();
         let volume_capacity = Family::default();
         let media_load = Family::default();
+        let kubelet_registered = Gauge::default();
         let commands = CommandMetrics::default();
         commands.register(&mut registry);
         registry.register(
@@ -166,6 +168,11 @@ impl Metrics {
             "How busy the disks of a media class's volume group are, 0 to 100, smoothed",
             media_load.clone(),
         );
+        registry.register(
+            "kubelet_registered",
+            "1 once kubelet has accepted the driver's registration, 0 if it refused it",
+            kubelet_registered.clone(),
+        );
         Self {
             registry,
             vg_size,
@@ -183,6 +190,7 @@ impl Metrics {
             volume_used,
             volume_capacity,
             media_load,
+            kubelet_registered,
             commands,
             last_rescan: AtomicU64::new(0),
         }
@@ -288,6 +296,11 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// What kubelet answered to the driver's registration.
+    pub fn kubelet_registered(&self, registered: bool) {
+        self.kubelet_registered.set(i64::from(registered));
     }
 
     pub fn encode(&self) -> String {

@@ -43,3 +43,8 @@ pub mod csi {
         tonic::include_proto!("csi.v1");
     }
 }
+
+/// kubelet's plugin registration service (v1, package `pluginregistration`).
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}

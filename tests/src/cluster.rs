@@ -583,6 +583,77 @@ impl Cluster {
         )
     }
 
+    /// The kubeconfig of node `node`'s kubelet in a VM: a client certificate
+    /// for `system:node:<node>` in group `system:nodes`, the identity the
+    /// Node authorizer grants a kubelet's rights to.
+    pub fn kubelet_kubeconfig(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let pki = self.path("pki");
+        let key = pki.join(format!("kubelet-{node}.key"));
+        let csr = pki.join(format!("kubelet-{node}.csr"));
+        let crt = pki.join(format!("kubelet-{node}.crt"));
+        let subject = format!("/O=system:nodes/CN=system:node:{node}");
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&pki)
+                .output()
+                .context("running openssl (scripts/setup.sh installs it)")?;
+            ensure!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let path = |p: &Path| p.display().to_string();
+        run(&[
+            "req",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            &path(&key),
+            "-out",
+            &path(&csr),
+            "-subj",
+            &subject,
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &path(&csr),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &path(&crt),
+        ])?;
+        let kubeconfig = self.path(&format!("kubelet-{node}.kubeconfig"));
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": format!("https://{HOST_FROM_GUEST}:{GUEST_API_PORT}"),
+                "certificate-authority": self.path("pki/ca.crt"),
+            }}],
+            "users": [{"name": node, "user": {
+                "client-certificate": crt,
+                "client-key": key,
+            }}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": node}}],
+            "current-context": "test",
+        });
+        fs::write(&kubeconfig, serde_json::to_string_pretty(&config)?)?;
+        Ok(kubeconfig)
+    }
+
     /// The container `name` of deploy/'s workload `workload`.
     fn container(&self, workload: &str, name: &str) -> anyhow::Result<Value> {
         let object = self
@@ -1007,6 +1078,99 @@ impl NodeVm {
         Ok(node)
     }
 
+    /// Boots `vm` as a real node `name` of `cluster`: containerd and kubelet
+    /// in the guest (vm/kubelet.sh), the node registered by kubelet itself
+    /// with these labels, then the agent, which registers the driver with
+    /// kubelet. Returns once kubelet reports the node Ready and has the
+    /// driver in the node's CSINode.
+    pub fn start_with_kubelet(
+        cluster: &mut Cluster,
+        name: &str,
+        vm: Vm,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let kubelet_kubeconfig = cluster.kubelet_kubeconfig(name)?;
+        let kubeconfig = cluster.agent_kubeconfig()?;
+        let vm = vm.forward(GUEST_API_PORT, cluster.api_port).serve()?;
+        let node = Self {
+            name: name.into(),
+            vm,
+            kubeconfig,
+        };
+        let root = workspace_root();
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        node.sh(&format!(
+            "NODE_NAME={name} KUBECONFIG={} KUBELET={} IMAGES={} NODE_LABELS={} sh {}",
+            kubelet_kubeconfig.display(),
+            component("kubelet").display(),
+            root.join("target/images/test-images.tar").display(),
+            labels.join(","),
+            root.join("vm/kubelet.sh").display(),
+        ))?;
+        wait_for(
+            &format!("kubelet registering {name} Ready"),
+            Duration::from_secs(300),
+            || {
+                let node_object = cluster
+                    .get(&["node", name])
+                    .map_err(|_| node.kubelet_log_tail(20))?;
+                let ready = node_object["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                ready.then_some(()).ok_or_else(|| {
+                    format!(
+                        "{}\n{}",
+                        node_object["status"]["conditions"],
+                        node.kubelet_log_tail(20)
+                    )
+                })
+            },
+        )?;
+        // Nothing lifts the not-ready taint a node is born with: the
+        // node-lifecycle controller is off, since the other nodes here have
+        // no kubelet.
+        cluster.kubectl(&[
+            "patch",
+            "node",
+            name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"taints":null}}"#,
+        ])?;
+        node.start_agent_with(&["--kubelet-registration-path", "/run/lvmlocal/csi.sock"])?;
+        wait_for(
+            &format!("kubelet registering {DRIVER} on {name}"),
+            Duration::from_secs(180),
+            || {
+                let csinode = cluster
+                    .get(&["csinode", name])
+                    .map_err(|err| err.to_string())?;
+                let registered = csinode["spec"]["drivers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|d| d["name"] == DRIVER && d["nodeID"] == name);
+                registered.then_some(()).ok_or_else(|| {
+                    format!(
+                        "{csinode}\n{}\n{}",
+                        node.kubelet_log_tail(20),
+                        node.agent_log()
+                    )
+                })
+            },
+        )?;
+        Ok(node)
+    }
+
+    /// The last `lines` lines kubelet logged.
+    pub fn kubelet_log_tail(&self, lines: usize) -> String {
+        let log = fs::read_to_string(self.vm.ctl_dir().join("kubelet.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
     /// Starts the agent in the guest, in a session of its own.
     pub fn start_agent(&self) -> anyhow::Result<()> {
         self.start_agent_with(&[])
@@ -1079,6 +1243,13 @@ impl Drop for NodeVm {
             eprintln!("--- agent on {} ---", self.name);
             for line in tail.iter().rev() {
                 eprintln!("{line}");
+            }
+            if self.vm.ctl_dir().join("kubelet.log").exists() {
+                eprintln!(
+                    "--- kubelet on {} ---\n{}",
+                    self.name,
+                    self.kubelet_log_tail(80)
+                );
             }
         }
     }

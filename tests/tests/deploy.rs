@@ -135,6 +135,26 @@ fn volume_at(container: &Container, path: &Path) -> String {
         .clone()
 }
 
+/// The host path behind `path` in `container`: the hostPath volume of the
+/// deepest mount holding it, joined with the rest of the path.
+fn host_of(pod: &PodSpec, container: &Container, path: &Path) -> PathBuf {
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path.starts_with(&m.mount_path))
+        .max_by_key(|m| Path::new(&m.mount_path).components().count())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} mounts nothing holding {}",
+                container.name,
+                path.display()
+            )
+        });
+    let rest = path.strip_prefix(&mount.mount_path).unwrap();
+    Path::new(&host_path(pod, &mount.name)).join(rest)
+}
+
 fn host_path(pod: &PodSpec, volume: &str) -> String {
     pod.volumes
         .iter()
@@ -314,8 +334,21 @@ fn agent_daemon_set_matches_the_agent() {
     let objects = render("deploy/base");
     let pod = pod_spec_of_daemon_set(&objects, "lvmlocal-agent");
     let agent = container(&pod, "agent");
-    let registrar = container(&pod, "node-driver-registrar");
     let liveness = container(&pod, "liveness-probe");
+    // The agent registers the driver with kubelet itself: no
+    // node-driver-registrar runs beside it, and every volume is used.
+    let names: BTreeSet<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["agent", "liveness-probe"].into());
+    for volume in pod.volumes.iter().flatten() {
+        assert!(
+            pod.containers
+                .iter()
+                .flat_map(|c| c.volume_mounts.iter().flatten())
+                .any(|m| m.name == volume.name),
+            "volume {} is mounted by no container",
+            volume.name
+        );
+    }
 
     let line = command_line(agent);
     assert_eq!(line[0], "csi-agent");
@@ -327,8 +360,8 @@ fn agent_daemon_set_matches_the_agent() {
         Some("spec.nodeName")
     );
 
-    // The socket: the agent's endpoint, the sidecars' address, and the host
-    // directory kubelet is told about, all the same file.
+    // The socket: the agent's endpoint, the sidecar's address, and the host
+    // path kubelet is told about, all the same file.
     let socket = lvmlocal_proto::server::socket_path(&parsed.csi_endpoint).unwrap();
     let socket_dir = socket.parent().unwrap();
     let plugin_dir = volume_at(agent, socket_dir);
@@ -339,23 +372,33 @@ fn agent_daemon_set_matches_the_agent() {
             .join("plugins")
             .join(DRIVER_NAME)
     );
-    for sidecar in [registrar, liveness] {
-        assert_eq!(
-            flag(sidecar, "csi-address").map(PathBuf::from).as_ref(),
-            Some(&socket),
-            "{}",
-            sidecar.name
-        );
-        assert_eq!(mount_of(sidecar, &plugin_dir), socket_dir.to_str().unwrap());
-    }
     assert_eq!(
-        flag(registrar, "kubelet-registration-path").map(PathBuf::from),
-        Some(Path::new(&host_dir).join(socket.file_name().unwrap()))
+        flag(liveness, "csi-address").map(PathBuf::from).as_ref(),
+        Some(&socket)
     );
-    let registration = volume_at(registrar, Path::new("/registration"));
     assert_eq!(
-        Path::new(&host_path(&pod, &registration)),
-        Path::new(&parsed.kubelet_dir).join("plugins_registry")
+        mount_of(liveness, &plugin_dir),
+        socket_dir.to_str().unwrap()
+    );
+    let registration_path = parsed
+        .kubelet_registration_path
+        .clone()
+        .expect("--kubelet-registration-path: the agent registers with kubelet");
+    assert_eq!(
+        registration_path,
+        Path::new(&host_dir).join(socket.file_name().unwrap())
+    );
+    assert_eq!(host_of(&pod, agent, &socket), registration_path);
+    // The agent's registration socket lands in the host's plugins_registry/,
+    // where kubelet looks for plugins.
+    let registration_socket = csi_agent::kubelet_registration::socket_path(&parsed.kubelet_dir);
+    assert_eq!(
+        host_of(&pod, agent, &registration_socket).parent(),
+        Some(
+            Path::new(&parsed.kubelet_dir)
+                .join("plugins_registry")
+                .as_path()
+        )
     );
 
     // kubelet's directory at the same path inside, mounts flowing back.
@@ -399,17 +442,15 @@ fn agent_daemon_set_matches_the_agent() {
         "the agent must wait for the host's udev, not race it"
     );
 
-    // Ports on the host network: the agent's metrics and the two sidecars'
-    // health endpoints, each where its probe looks, none on 9808.
+    // Ports on the host network: the agent's metrics and the sidecar's
+    // health endpoint, each where its probe looks, none on 9808.
     let metrics = i32::from(parsed.metrics_address.port());
     assert_eq!(named_port(agent, "metrics"), metrics);
     assert_eq!(probe_port(agent, "readiness"), metrics);
     let probe_sidecar = port_of(&flag(liveness, "http-endpoint").unwrap());
     assert_eq!(probe_port(agent, "liveness"), probe_sidecar);
-    let registrar_port = port_of(&flag(registrar, "http-endpoint").unwrap());
-    assert_eq!(probe_port(registrar, "liveness"), registrar_port);
-    let ports: BTreeSet<i32> = [metrics, probe_sidecar, registrar_port].into();
-    assert_eq!(ports.len(), 3, "host ports collide: {ports:?}");
+    let ports: BTreeSet<i32> = [metrics, probe_sidecar].into();
+    assert_eq!(ports.len(), 2, "host ports collide: {ports:?}");
     assert!(
         !ports.contains(&9808),
         "9808 is every livenessprobe's default"

@@ -316,6 +316,11 @@ fn the_schema_refuses_bad_values() {
             "rescan_interval_secs",
         ),
         ("namespace.name=Bad_Name", "namespace/name"),
+        // The agent registers with kubelet itself: there is no registrar.
+        (
+            "images.nodeDriverRegistrar=registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.15.0",
+            "nodeDriverRegistrar",
+        ),
     ] {
         let (ok, output) = helm(&["template", "x", CHART, "--set", set]);
         assert!(!ok, "--set {set} was taken");

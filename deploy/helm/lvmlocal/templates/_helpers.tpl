@@ -40,7 +40,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The key in .Values.images and .Values.resources of each container. */}}
 {{- define "lvmlocal.containerKeys" -}}
 agent: agent
-node-driver-registrar: nodeDriverRegistrar
 liveness-probe: livenessProbe
 controller: controller
 csi-provisioner: provisioner
