@@ -241,24 +241,26 @@ impl Cluster {
         out
     }
 
+    /// Runs openssl in the cluster's `pki` directory.
+    fn openssl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.path("pki"))
+            .output()
+            .context("running openssl (scripts/setup.sh installs it)")?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     fn make_pki(&self) -> anyhow::Result<()> {
         let pki = self.path("pki");
         fs::create_dir_all(&pki)?;
-        let openssl = |args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&pki)
-                .output()
-                .context("running openssl (scripts/setup.sh installs it)")?;
-            ensure!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        };
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        openssl(
+        self.openssl(
             &[
                 &["req", "-x509", "-nodes", "-days", "2"][..],
                 &ec,
@@ -273,7 +275,7 @@ impl Cluster {
             ]
             .concat(),
         )?;
-        openssl(
+        self.openssl(
             &[
                 &["req", "-nodes"][..],
                 &ec,
@@ -295,7 +297,7 @@ impl Cluster {
                 "subjectAltName=IP:127.0.0.1,IP:{HOST_FROM_GUEST},DNS:localhost,DNS:kubernetes.default.svc\n"
             ),
         )?;
-        openssl(&[
+        self.openssl(&[
             "x509",
             "-req",
             "-in",
@@ -312,7 +314,7 @@ impl Cluster {
             "-out",
             "apiserver.crt",
         ])?;
-        openssl(&[
+        self.openssl(&[
             "ecparam",
             "-name",
             "prime256v1",
@@ -321,7 +323,7 @@ impl Cluster {
             "-out",
             "sa.key",
         ])?;
-        openssl(&["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        self.openssl(&["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         // The control plane's own components act as cluster admins; what is
         // tested is lvmlocal's RBAC, whose components get ServiceAccount tokens.
         fs::write(
@@ -592,21 +594,8 @@ impl Cluster {
         let csr = pki.join(format!("kubelet-{node}.csr"));
         let crt = pki.join(format!("kubelet-{node}.crt"));
         let subject = format!("/O=system:nodes/CN=system:node:{node}");
-        let run = |args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&pki)
-                .output()
-                .context("running openssl (scripts/setup.sh installs it)")?;
-            ensure!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        };
         let path = |p: &Path| p.display().to_string();
-        run(&[
+        self.openssl(&[
             "req",
             "-nodes",
             "-newkey",
@@ -620,7 +609,7 @@ impl Cluster {
             "-subj",
             &subject,
         ])?;
-        run(&[
+        self.openssl(&[
             "x509",
             "-req",
             "-in",

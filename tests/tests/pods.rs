@@ -230,3 +230,131 @@ fn pods_write_and_read_their_volumes_through_kubelet() {
     })
     .unwrap();
 }
+
+/// `pod` with `patch` merged into its spec's first container (`container`)
+/// and into its spec (`spec`).
+fn with(mut pod: Value, spec: Value, container: Value) -> Value {
+    for (key, value) in spec.as_object().unwrap() {
+        pod["spec"][key] = value.clone();
+    }
+    for (key, value) in container.as_object().unwrap() {
+        pod["spec"]["containers"][0][key] = value.clone();
+    }
+    pod
+}
+
+#[test]
+fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = kubelet_node(&mut cluster, "vm-node");
+
+    // A raw block volume: bytes written to the device in one pod are on the
+    // device in the next.
+    let mut raw = claim("raw", "lvmlocal-ssd", "1Gi");
+    raw["spec"]["volumeMode"] = json!("Block");
+    cluster.apply(&raw).unwrap();
+    let device = |name: &str, script: &str| {
+        with(
+            job_pod(name, "raw", script),
+            json!({}),
+            json!({"volumeMounts": [], "volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]}),
+        )
+    };
+    cluster
+        .apply(&device(
+            "raw-writer",
+            "dd if=/dev/urandom of=/tmp/blob bs=64k count=64 2>/dev/null && \
+             dd if=/tmp/blob of=/dev/xvda bs=64k conv=fsync 2>/dev/null && \
+             set -- $(sha256sum /tmp/blob) && echo $1 > /dev/termination-log",
+        ))
+        .unwrap();
+    let written = finished(&cluster, &node, "raw-writer");
+    assert_eq!(written.len(), 64, "{written:?}");
+    delete_pod(&cluster, "raw-writer");
+    cluster
+        .apply(&device(
+            "raw-reader",
+            "set -- $(dd if=/dev/xvda bs=64k count=64 2>/dev/null | sha256sum) && \
+             echo $1 > /dev/termination-log",
+        ))
+        .unwrap();
+    assert_eq!(finished(&cluster, &node, "raw-reader"), written);
+    delete_pod(&cluster, "raw-reader");
+
+    // fsGroup: kubelet gives the volume's files to the pod's group (the
+    // CSIDriver's fsGroupPolicy is File), so a pod running as another user
+    // writes there, and its new files take the group.
+    cluster
+        .apply(&claim("shared", "lvmlocal-nvme", "1Gi"))
+        .unwrap();
+    cluster
+        .apply(&with(
+            job_pod(
+                "grouped",
+                "shared",
+                "touch /data/mine && set -- $(stat -c '%g %u' /data/mine) && \
+                 echo \"$(stat -c %g /data) $1 $2\" > /dev/termination-log",
+            ),
+            json!({"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000}}),
+            json!({}),
+        ))
+        .unwrap();
+    assert_eq!(
+        finished(&cluster, &node, "grouped"),
+        "2000 2000 1000",
+        "the volume's group, and the group and owner of a file the pod made"
+    );
+    delete_pod(&cluster, "grouped");
+
+    // Online expansion: the claim grows while its pod runs, and the pod
+    // sees the larger filesystem without a restart.
+    cluster
+        .apply(&claim("growing", "lvmlocal-nvme", "1Gi"))
+        .unwrap();
+    cluster
+        .apply(&job_pod(
+            "grower",
+            "growing",
+            "while :; do set -- $(df -Pk /data | tail -n 1); \
+             if [ \"$2\" -gt 1500000 ]; then echo $2 > /dev/termination-log; exit 0; fi; \
+             sleep 1; done",
+        ))
+        .unwrap();
+    wait_for("pod grower running", Duration::from_secs(300), || {
+        let pod = cluster
+            .get(&["pod", "grower", "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (pod["status"]["phase"] == "Running")
+            .then_some(())
+            .ok_or(pod["status"].to_string())
+    })
+    .unwrap();
+    cluster
+        .kubectl(&[
+            "patch",
+            "pvc",
+            "growing",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#,
+        ])
+        .unwrap();
+    let kib: u64 = finished(&cluster, &node, "grower").parse().unwrap();
+    assert!(
+        kib > 1_500_000 && kib <= 2 * 1024 * 1024,
+        "the pod's df after the expansion: {kib} KiB"
+    );
+    wait_for("PVC growing at 2Gi", Duration::from_secs(120), || {
+        let pvc = cluster
+            .get(&["pvc", "growing", "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (pvc["status"]["capacity"]["storage"] == "2Gi")
+            .then_some(())
+            .ok_or(pvc["status"].to_string())
+    })
+    .unwrap();
+    delete_pod(&cluster, "grower");
+}
