@@ -70,7 +70,9 @@ authentication:
   anonymous: {enabled: false}
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
-readOnlyPort: 0
+# The tests read kubelet's metrics over plain HTTP from inside the guest;
+# nothing outside the VM reaches this port.
+readOnlyPort: 10255
 # Memory is small and state lives in memory: evict only at the very end.
 evictionHard: {memory.available: 20Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 imageGCHighThresholdPercent: 100

@@ -9,6 +9,7 @@ pub mod manifests;
 pub mod process;
 pub mod size;
 pub mod vm;
+pub mod workload;
 
 pub use size::{GIB, MIB, parse_size};
 pub use vm::{DEFAULT_AHCI_SLOT, Disk, DiskBus, HOST_FROM_GUEST, RunningVm, Vm, VmOutput};

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use lvmlocal_tests::cluster::{Cluster, NAMESPACE, NodeVm, Options, RELEASE, TOPOLOGY_KEY};
 use lvmlocal_tests::manifests::CHART;
 use lvmlocal_tests::process::wait_for;
+use lvmlocal_tests::workload::{NS, claim};
 use lvmlocal_tests::{GIB, HOST_FROM_GUEST, Vm};
 use serde_json::{Value, json};
 
 /// One cluster and VM at a time: the machine has two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const NS: &str = "default";
 const CONTROL_PLANE: &str = "node-role.kubernetes.io/control-plane";
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -61,19 +61,6 @@ fn node_vm(cluster: &mut Cluster, name: &str) -> NodeVm {
         .unwrap();
     }
     node
-}
-
-fn claim(name: &str, class: &str, size: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": class,
-            "resources": {"requests": {"storage": size}},
-        },
-    })
 }
 
 fn pod(name: &str, claims: &[&str]) -> Value {

@@ -8,15 +8,12 @@ use std::time::Duration;
 
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options, TOPOLOGY_KEY};
 use lvmlocal_tests::process::wait_for;
+use lvmlocal_tests::workload::{NS, SHELL_IMAGE, claim, shell_pod};
 use lvmlocal_tests::{GIB, Vm};
 use serde_json::{Value, json};
 
 /// One cluster and VM at a time: the machine has two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const NS: &str = "default";
-/// Built by scripts/images.sh and imported into the node's containerd.
-const SHELL_IMAGE: &str = "lvmlocal.test/shell:1";
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
@@ -46,43 +43,6 @@ fn kubelet_node(cluster: &mut Cluster, name: &str) -> NodeVm {
     )
     .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
     node
-}
-
-fn claim(name: &str, class: &str, size: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": class,
-            "resources": {"requests": {"storage": size}},
-        },
-    })
-}
-
-/// A pod that runs `script` once with claim `claim` at /data, on the host's
-/// network (the node has no CNI network), and writes what it wants the test
-/// to see to its termination message.
-fn job_pod(name: &str, claim: &str, script: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "hostNetwork": true,
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{
-                "name": "job",
-                "image": SHELL_IMAGE,
-                "imagePullPolicy": "Never",
-                "command": ["/bin/sh", "-c", script],
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-            }],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
-        },
-    })
 }
 
 /// Waits for pod `name` to succeed and returns its termination message.
@@ -149,9 +109,9 @@ fn data_survives_its_pod(cluster: &Cluster, node: &NodeVm, class: &str, fs: &str
     let claim_name = format!("data-{fs}");
     cluster.apply(&claim(&claim_name, class, "1Gi")).unwrap();
     cluster
-        .apply(&job_pod(
+        .apply(&shell_pod(
             &format!("writer-{fs}"),
-            &claim_name,
+            Some(&claim_name),
             "dd if=/dev/urandom of=/data/blob bs=64k count=64 2>/dev/null && sync && \
              set -- $(sha256sum /data/blob) && echo $1 > /dev/termination-log",
         ))
@@ -176,9 +136,9 @@ fn data_survives_its_pod(cluster: &Cluster, node: &NodeVm, class: &str, fs: &str
     );
 
     cluster
-        .apply(&job_pod(
+        .apply(&shell_pod(
             &format!("reader-{fs}"),
-            &claim_name,
+            Some(&claim_name),
             "set -- $(sha256sum /data/blob) && echo $1 > /dev/termination-log",
         ))
         .unwrap();
@@ -256,7 +216,7 @@ fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
     cluster.apply(&raw).unwrap();
     let device = |name: &str, script: &str| {
         with(
-            job_pod(name, "raw", script),
+            shell_pod(name, Some("raw"), script),
             json!({}),
             json!({"volumeMounts": [], "volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]}),
         )
@@ -290,9 +250,9 @@ fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
         .unwrap();
     cluster
         .apply(&with(
-            job_pod(
+            shell_pod(
                 "grouped",
-                "shared",
+                Some("shared"),
                 "touch /data/mine && set -- $(stat -c '%g %u' /data/mine) && \
                  echo \"$(stat -c %g /data) $1 $2\" > /dev/termination-log",
             ),
@@ -313,9 +273,9 @@ fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
         .apply(&claim("growing", "lvmlocal-nvme", "1Gi"))
         .unwrap();
     cluster
-        .apply(&job_pod(
+        .apply(&shell_pod(
             "grower",
-            "growing",
+            Some("growing"),
             "while :; do set -- $(df -Pk /data | tail -n 1); \
              if [ \"$2\" -gt 1500000 ]; then echo $2 > /dev/termination-log; exit 0; fi; \
              sleep 1; done",
@@ -357,4 +317,151 @@ fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
     })
     .unwrap();
     delete_pod(&cluster, "grower");
+}
+
+/// The value of the first sample of `metric` whose labels contain
+/// `labels`, in a Prometheus text exposition.
+fn sample(exposition: &str, metric: &str, labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+        let (found, value) = rest.split_once("} ")?;
+        found.contains(labels).then(|| value.trim().parse().ok())?
+    })
+}
+
+#[test]
+fn a_stateful_set_spreads_and_kubelet_reports_what_the_agent_measures() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = kubelet_node(&mut cluster, "vm-node");
+    // A second node with room, but of SSD only: kube-scheduler's own
+    // storage capacity check (the CSIStorageCapacity objects) refuses it
+    // before the extender is asked.
+    cluster
+        .add_paper_node("paper-ssd", "ssd", 100 * GIB)
+        .unwrap();
+
+    // Two replicas that may not share a node: one runs on the VM node with
+    // its claim; the other has nowhere to go, and says why for each node.
+    cluster
+        .apply(&json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": NS},
+            "spec": {
+                "serviceName": "db",
+                "replicas": 2,
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {
+                    "metadata": {"labels": {"app": "db"}},
+                    "spec": {
+                        "hostNetwork": true,
+                        "terminationGracePeriodSeconds": 2,
+                        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                            "labelSelector": {"matchLabels": {"app": "db"}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        }]}},
+                        "containers": [{
+                            "name": "db",
+                            "image": SHELL_IMAGE,
+                            "imagePullPolicy": "Never",
+                            "command": ["/bin/sh", "-c",
+                                "dd if=/dev/zero of=/data/fill bs=1M count=8 2>/dev/null && sync && exec sleep 3600"],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        }],
+                    },
+                },
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "data"},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": "lvmlocal-nvme",
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    },
+                }],
+            },
+        }))
+        .unwrap();
+    let running = wait_for("one replica running", Duration::from_secs(300), || {
+        let pods = cluster.list("pods").map_err(|err| err.to_string())?;
+        pods.iter()
+            .find(|pod| pod["status"]["phase"] == "Running")
+            .map(|pod| pod.clone())
+            .ok_or(format!("{pods:?}"))
+    })
+    .unwrap();
+    assert_eq!(running["spec"]["nodeName"], "vm-node");
+    let name = running["metadata"]["name"].as_str().unwrap().to_owned();
+    let other = if name == "db-0" { "db-1" } else { "db-0" };
+    let reason = wait_for(
+        &format!("{other} refused by every node"),
+        Duration::from_secs(120),
+        || {
+            let events = cluster
+                .kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    NS,
+                    "--field-selector",
+                    &format!("involvedObject.name={other},reason=FailedScheduling"),
+                    "-o",
+                    "jsonpath={.items[*].message}",
+                ])
+                .map_err(|err| err.to_string())?;
+            (events.contains("1 node(s) didn't match pod anti-affinity rules")
+                && events.contains("1 node(s) did not have enough free storage"))
+            .then_some(events.clone())
+            .ok_or(events)
+        },
+    )
+    .unwrap();
+    let pending = cluster.get(&["pod", other, "-n", NS]).unwrap();
+    assert_eq!(pending["status"]["phase"], "Pending", "{reason}");
+    assert!(pending["spec"]["nodeName"].is_null());
+
+    // kubelet's volume stats for the running replica's claim are what the
+    // agent answered NodeGetVolumeStats with.
+    let claim_name = format!("data-{name}");
+    let pvc = cluster.get(&["pvc", &claim_name, "-n", NS]).unwrap();
+    let volume = pvc["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let (used, capacity) = wait_for(
+        "kubelet's volume stats equal to the agent's",
+        Duration::from_secs(120),
+        || {
+            let kubelet = node
+                .sh("busybox wget -qO- http://127.0.0.1:10255/metrics")
+                .map_err(|err| err.to_string())?;
+            let agent = node
+                .sh("busybox wget -qO- http://127.0.0.1:9808/metrics")
+                .map_err(|err| err.to_string())?;
+            let of_claim = format!("persistentvolumeclaim=\"{claim_name}\"");
+            let of_volume = format!("volume=\"{volume}\"");
+            let kubelet_used = sample(&kubelet, "kubelet_volume_stats_used_bytes", &of_claim);
+            let kubelet_capacity =
+                sample(&kubelet, "kubelet_volume_stats_capacity_bytes", &of_claim);
+            let agent_used = sample(&agent, "lvmlocal_agent_volume_used_bytes", &of_volume);
+            let agent_capacity =
+                sample(&agent, "lvmlocal_agent_volume_capacity_bytes", &of_volume);
+            let seen = format!(
+                "kubelet used {kubelet_used:?} capacity {kubelet_capacity:?}, agent used {agent_used:?} capacity {agent_capacity:?}"
+            );
+            match (kubelet_used, kubelet_capacity) {
+                (Some(used), Some(capacity))
+                    if used >= 8.0 * 1024.0 * 1024.0
+                        && kubelet_used == agent_used
+                        && kubelet_capacity == agent_capacity =>
+                {
+                    Ok((used, capacity))
+                }
+                _ => Err(seen),
+            }
+        },
+    )
+    .unwrap();
+    assert!(
+        used < capacity && capacity <= GIB as f64,
+        "{used} of {capacity}"
+    );
 }
