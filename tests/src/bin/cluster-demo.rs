@@ -121,6 +121,19 @@ fn main() -> anyhow::Result<()> {
         lvs.is_empty().then_some(()).ok_or(format!("{lvs:?}"))
     })?;
     kubectl(&cluster, &["get", "logicalvolumes,pv"])?;
+    wait_for(
+        "the space back in the node's report",
+        Duration::from_secs(180),
+        || {
+            let nls = cluster
+                .get(&["nodelocalstorage", NODE])
+                .map_err(|err| err.to_string())?;
+            let nvme = &nls["status"]["nvme"];
+            (nvme["freeBytes"] == nvme["totalBytes"])
+                .then_some(())
+                .ok_or(nvme.to_string())
+        },
+    )?;
     kubectl(&cluster, &["get", "nodelocalstorage"])?;
     took(at);
 
@@ -139,10 +152,27 @@ fn took(at: Instant) {
     println!("   ({:.1?})", at.elapsed());
 }
 
-/// Prints `kubectl ARGS` and what it answers.
+/// Prints `kubectl ARGS` as a shell would take it, and what it answers.
 fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<()> {
-    println!("$ kubectl {}", args.join(" "));
-    print!("{}", cluster.kubectl(args)?);
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|arg| {
+            let plain = arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,~".contains(c));
+            if plain {
+                (*arg).to_owned()
+            } else {
+                format!("'{arg}'")
+            }
+        })
+        .collect();
+    println!("$ kubectl {}", quoted.join(" "));
+    let out = cluster.kubectl(args)?;
+    if out.is_empty() {
+        println!("No resources found");
+    }
+    print!("{out}");
     Ok(())
 }
 
