@@ -415,6 +415,17 @@ impl Cluster {
     /// Writes `<name>.kubeconfig` for `server` with a bearer token, unless it
     /// exists: processes already started may be reading it.
     fn write_kubeconfig(&self, name: &str, server: &str, token: &str) -> anyhow::Result<PathBuf> {
+        self.write_kubeconfig_as(name, server, serde_json::json!({"token": token}))
+    }
+
+    /// Writes `<name>.kubeconfig` for `server` with the credentials `user`,
+    /// unless it exists.
+    fn write_kubeconfig_as(
+        &self,
+        name: &str,
+        server: &str,
+        user: Value,
+    ) -> anyhow::Result<PathBuf> {
         let path = self.path(&format!("{name}.kubeconfig"));
         if path.exists() {
             return Ok(path);
@@ -426,7 +437,7 @@ impl Cluster {
                 "server": server,
                 "certificate-authority": self.path("pki/ca.crt"),
             }}],
-            "users": [{"name": name, "user": {"token": token}}],
+            "users": [{"name": name, "user": user}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
             "current-context": "test",
         });
@@ -624,23 +635,11 @@ impl Cluster {
             "-out",
             &path(&crt),
         ])?;
-        let kubeconfig = self.path(&format!("kubelet-{node}.kubeconfig"));
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {
-                "server": format!("https://{HOST_FROM_GUEST}:{GUEST_API_PORT}"),
-                "certificate-authority": self.path("pki/ca.crt"),
-            }}],
-            "users": [{"name": node, "user": {
-                "client-certificate": crt,
-                "client-key": key,
-            }}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": node}}],
-            "current-context": "test",
-        });
-        fs::write(&kubeconfig, serde_json::to_string_pretty(&config)?)?;
-        Ok(kubeconfig)
+        self.write_kubeconfig_as(
+            &format!("kubelet-{node}"),
+            &format!("https://{HOST_FROM_GUEST}:{GUEST_API_PORT}"),
+            serde_json::json!({"client-certificate": crt, "client-key": key}),
+        )
     }
 
     /// The container `name` of deploy/'s workload `workload`.
