@@ -387,7 +387,7 @@ fn a_stateful_set_spreads_and_kubelet_reports_what_the_agent_measures() {
         let pods = cluster.list("pods").map_err(|err| err.to_string())?;
         pods.iter()
             .find(|pod| pod["status"]["phase"] == "Running")
-            .map(|pod| pod.clone())
+            .cloned()
             .ok_or(format!("{pods:?}"))
     })
     .unwrap();
