@@ -52,3 +52,49 @@ pub fn shell_pod(name: &str, claim: Option<&str>, script: &str) -> Value {
         },
     })
 }
+
+/// A StatefulSet `name` of `replicas` pods (label `app: <name>`) running
+/// `script` in the shell image, each with its own claim `data-<name>-<i>` of
+/// `size` in StorageClass `class` at /data; the pod's uid is in `$POD_UID`.
+pub fn shell_stateful_set(
+    name: &str,
+    replicas: u32,
+    class: &str,
+    size: &str,
+    script: &str,
+) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "serviceName": name,
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "hostNetwork": true,
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": name,
+                        "image": SHELL_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", script],
+                        "env": [{"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": class,
+                    "resources": {"requests": {"storage": size}},
+                },
+            }],
+        },
+    })
+}

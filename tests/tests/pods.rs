@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options, TOPOLOGY_KEY};
 use lvmlocal_tests::process::wait_for;
-use lvmlocal_tests::workload::{NS, SHELL_IMAGE, claim, shell_pod};
+use lvmlocal_tests::workload::{NS, claim, shell_pod, shell_stateful_set};
 use lvmlocal_tests::{GIB, Vm};
 use serde_json::{Value, json};
 
@@ -343,46 +343,20 @@ fn a_stateful_set_spreads_and_kubelet_reports_what_the_agent_measures() {
 
     // Two replicas that may not share a node: one runs on the VM node with
     // its claim; the other has nowhere to go, and says why for each node.
-    cluster
-        .apply(&json!({
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": {"name": "db", "namespace": NS},
-            "spec": {
-                "serviceName": "db",
-                "replicas": 2,
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": {"app": "db"}},
-                "template": {
-                    "metadata": {"labels": {"app": "db"}},
-                    "spec": {
-                        "hostNetwork": true,
-                        "terminationGracePeriodSeconds": 2,
-                        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
-                            "labelSelector": {"matchLabels": {"app": "db"}},
-                            "topologyKey": "kubernetes.io/hostname",
-                        }]}},
-                        "containers": [{
-                            "name": "db",
-                            "image": SHELL_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["/bin/sh", "-c",
-                                "dd if=/dev/zero of=/data/fill bs=1M count=8 2>/dev/null && sync && exec sleep 3600"],
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                        }],
-                    },
-                },
-                "volumeClaimTemplates": [{
-                    "metadata": {"name": "data"},
-                    "spec": {
-                        "accessModes": ["ReadWriteOnce"],
-                        "storageClassName": "lvmlocal-nvme",
-                        "resources": {"requests": {"storage": "1Gi"}},
-                    },
-                }],
-            },
-        }))
-        .unwrap();
+    let mut db = shell_stateful_set(
+        "db",
+        2,
+        "lvmlocal-nvme",
+        "1Gi",
+        "dd if=/dev/zero of=/data/fill bs=1M count=8 2>/dev/null && sync && exec sleep 3600",
+    );
+    db["spec"]["template"]["spec"]["affinity"] = json!({"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": {"app": "db"}},
+            "topologyKey": "kubernetes.io/hostname",
+        }],
+    }});
+    cluster.apply(&db).unwrap();
     let running = wait_for("one replica running", Duration::from_secs(300), || {
         let pods = cluster.list("pods").map_err(|err| err.to_string())?;
         pods.iter()

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options};
 use lvmlocal_tests::process::wait_for;
-use lvmlocal_tests::workload::{NS, SHELL_IMAGE};
+use lvmlocal_tests::workload::{NS, shell_stateful_set};
 use lvmlocal_tests::{GIB, Vm};
-use serde_json::json;
 
 const NODE: &str = "vm-node";
 
@@ -60,7 +59,13 @@ fn main() -> anyhow::Result<()> {
 
     let at = Instant::now();
     step("a StatefulSet on NVMe: each start of its pod appends a line to /data/history");
-    cluster.apply(&stateful_set())?;
+    cluster.apply(&shell_stateful_set(
+        "db",
+        1,
+        "lvmlocal-nvme",
+        "1Gi",
+        "echo \"pod $POD_UID started\" >> /data/history && exec sleep 3600",
+    ))?;
     println!(
         "$ kubectl apply -f db.yaml   # StatefulSet db, volumeClaimTemplates: 1Gi of lvmlocal-nvme"
     );
@@ -174,43 +179,6 @@ fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<()> {
     }
     print!("{out}");
     Ok(())
-}
-
-fn stateful_set() -> serde_json::Value {
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "db", "namespace": NS},
-        "spec": {
-            "serviceName": "db",
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "db"}},
-            "template": {
-                "metadata": {"labels": {"app": "db"}},
-                "spec": {
-                    "hostNetwork": true,
-                    "terminationGracePeriodSeconds": 2,
-                    "containers": [{
-                        "name": "db",
-                        "image": SHELL_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c",
-                            "echo \"pod $POD_UID started\" >> /data/history && exec sleep 3600"],
-                        "env": [{"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                    }],
-                },
-            },
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data"},
-                "spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "storageClassName": "lvmlocal-nvme",
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            }],
-        },
-    })
 }
 
 /// Waits for db-0 running (another pod than `not`) and returns its uid.
