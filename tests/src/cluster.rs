@@ -356,6 +356,27 @@ impl Cluster {
     }
 
     fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        // A port found free can be taken before the server binds it: the
+        // kernel hands out the same range to outgoing connections.
+        let mut attempts = 1;
+        loop {
+            match self.spawn_apiserver() {
+                Err(_)
+                    if attempts < 3
+                        && self
+                            .service("kube-apiserver")
+                            .log()
+                            .contains("address already in use") =>
+                {
+                    attempts += 1;
+                    self.api_port = free_port();
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn spawn_apiserver(&mut self) -> anyhow::Result<()> {
         let pki = self.path("pki");
         let pki = |name: &str| pki.join(name).display().to_string();
         let mut apiserver = Command::new(component("kube-apiserver"));
