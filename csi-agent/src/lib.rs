@@ -15,6 +15,7 @@ mod fake_lvm;
 pub mod fs_probe;
 pub mod heartbeat;
 pub mod inventory;
+pub mod io_limits;
 pub mod kernel_log;
 pub mod kubelet_registration;
 pub mod lvm;
@@ -53,6 +54,7 @@ use crate::claim::{NodeLabels, NodeSource};
 use crate::command::Runner;
 use crate::config::{ConfigError, ConfigFile, DiscoveryConfig};
 use crate::inventory::{InventoryError, Sources};
+use crate::io_limits::IoLimiter;
 use crate::kernel_log::KernelErrors;
 use crate::kubelet_registration::Registrar;
 use crate::lvm::Lvm;
@@ -119,6 +121,11 @@ pub struct Args {
     /// the driver with kubelet through a socket in `<kubelet-dir>/plugins_registry`.
     #[arg(long)]
     pub kubelet_registration_path: Option<PathBuf>,
+
+    /// The host's cgroup v2 hierarchy, where the volumes' IO limits are
+    /// written into the cgroups of their pods.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
 
     /// Most volumes kubelet may place on this node (0: no limit).
     #[arg(long, default_value_t = 0)]
@@ -345,11 +352,17 @@ async fn serve(args: Args) -> Result<(), AgentError> {
             Duration::from_secs(args.heartbeat_seconds),
         ))
     });
+    let limiter = Arc::new(IoLimiter::new(
+        args.cgroup_root.clone(),
+        io_limits::records_dir(&args.kubelet_dir),
+    ));
+    let limits = tokio::spawn(io_limits::run(limiter.clone()));
     let reconciler = client.map(|client| {
         tokio::spawn(reconciler::run(
             client,
             node.clone(),
             volumes.clone(),
+            limiter.clone(),
             metrics.clone(),
             volumes.lv_changes(),
         ))
@@ -364,6 +377,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
         Mounter::new(runner.clone()),
         rpc.clone(),
         metrics.clone(),
+        limiter,
     );
     let mut router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
@@ -411,6 +425,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     tracing::info!(%signal, "csi-agent stopping");
     disks.abort();
     load.abort();
+    limits.abort();
     if let Some(registration) = registration {
         registration.abort();
     }

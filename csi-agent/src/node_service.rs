@@ -22,12 +22,14 @@ use lvmlocal_proto::csi::v1::{
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCapability,
     VolumeCondition, VolumeUsage,
 };
+use lvmlocal_proto::params::POD_UID_CONTEXT;
 use lvmlocal_proto::rpc::RpcMetrics;
 use lvmlocal_proto::validate::{self, Invalid, Wanted};
 use lvmlocal_proto::volume::{Access, FsType};
 use tonic::{Code, Request, Response, Status};
 
 use crate::fs_probe::{FsProbe, ProbeError};
+use crate::io_limits::{IoLimiter, LimitError, check_uid};
 use crate::metrics::Metrics;
 use crate::mount::{
     MountError, Mounter, Preparation, check_readable, comma_separated, devno, mounted_at,
@@ -41,6 +43,8 @@ pub enum NodeError {
     Invalid(#[from] Invalid),
     #[error("{0} is missing")]
     Missing(&'static str),
+    #[error("volume context {POD_UID_CONTEXT}: {0}")]
+    PodUid(LimitError),
     #[error("{what} {path:?} must be an absolute path under {kubelet_dir} without '..'")]
     OutsideKubelet {
         what: &'static str,
@@ -116,6 +120,7 @@ impl From<NodeError> for Status {
         let code = match &err {
             NodeError::Invalid(invalid) => invalid.code(),
             NodeError::Missing(_)
+            | NodeError::PodUid(_)
             | NodeError::OutsideKubelet { .. }
             | NodeError::MountOption(_) => Code::InvalidArgument,
             NodeError::UnknownVolume(_) | NodeError::NotAtPath { .. } => Code::NotFound,
@@ -151,6 +156,7 @@ pub struct NodeService {
     usage: Arc<Metrics>,
     busy: Busy,
     probe: FsProbe,
+    limiter: Arc<IoLimiter>,
 }
 
 /// Volumes with a Node call under way. A second call for the same volume is
@@ -198,6 +204,7 @@ impl NodeService {
         mounter: Mounter,
         metrics: RpcMetrics,
         usage: Arc<Metrics>,
+        limiter: Arc<IoLimiter>,
     ) -> Self {
         Self {
             settings,
@@ -207,6 +214,37 @@ impl NodeService {
             usage,
             busy: Busy::default(),
             probe: FsProbe::default(),
+            limiter,
+        }
+    }
+
+    /// Records which pod has `volume` published at `target`, holding it to
+    /// the volume's IO limits. The volume works without: a failure is
+    /// logged, and the limiter's next pass tries again.
+    async fn record_publication(
+        &self,
+        volume: &LocalVolume,
+        pod_uid: Option<String>,
+        target: &Path,
+    ) {
+        let Some(pod_uid) = pod_uid else {
+            return;
+        };
+        let limiter = self.limiter.clone();
+        let (id, device, target) = (
+            volume.id.clone(),
+            PathBuf::from(&volume.device_path),
+            target.to_owned(),
+        );
+        let recorded =
+            tokio::task::spawn_blocking(move || limiter.published(&id, &pod_uid, &target, &device))
+                .await;
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot hold the pod to the volume's IO limits")
+            }
+            Err(err) => tracing::warn!(error = %err, "recording the publication stopped"),
         }
     }
 
@@ -368,6 +406,10 @@ impl NodeService {
     ) -> Result<NodePublishVolumeResponse, NodeError> {
         validate::volume_id(&req.volume_id)?;
         let target = self.path("target_path", &req.target_path)?;
+        let pod_uid = req.volume_context.get(POD_UID_CONTEXT).cloned();
+        if let Some(uid) = &pod_uid {
+            check_uid(uid).map_err(NodeError::PodUid)?;
+        }
         let capability = req
             .volume_capability
             .ok_or(NodeError::Missing("volume_capability"))?;
@@ -415,15 +457,15 @@ impl NodeService {
             })
             .await?;
         if let Some((mounted_device, read_only)) = published {
-            return if mounted_device == device_no && read_only == req.readonly {
-                Ok(NodePublishVolumeResponse {})
-            } else {
-                Err(NodeError::TakenPath {
+            if mounted_device != device_no || read_only != req.readonly {
+                return Err(NodeError::TakenPath {
                     path: target.display().to_string(),
-                })
-            };
+                });
+            }
+        } else {
+            self.mounter.bind(source, &target, req.readonly).await?;
         }
-        self.mounter.bind(source, &target, req.readonly).await?;
+        self.record_publication(&volume, pod_uid, &target).await;
         Ok(NodePublishVolumeResponse {})
     }
 
@@ -436,6 +478,12 @@ impl NodeService {
         let _claim = self.busy.claim(id.as_str())?;
         self.mounter.unmount(&target).await?;
         self.on_path(&target, remove_target).await?;
+        let limiter = self.limiter.clone();
+        let forgotten =
+            tokio::task::spawn_blocking(move || limiter.unpublished(id.as_str(), &target)).await;
+        if let Ok(Err(err)) = forgotten {
+            tracing::warn!(error = %err, "cannot forget the publication");
+        }
         Ok(NodeUnpublishVolumeResponse {})
     }
 
@@ -838,7 +886,27 @@ mod tests {
             Mounter::default(),
             RpcMetrics::default(),
             Arc::new(Metrics::new(&RpcMetrics::default())),
+            Arc::new(IoLimiter::new(
+                "/nonexistent/cgroup".into(),
+                "/nonexistent/records".into(),
+            )),
         )
+    }
+
+    #[tokio::test]
+    async fn a_pod_uid_that_is_no_uid_is_refused_first() {
+        let node = service();
+        let err = node
+            .node_publish_volume(Request::new(NodePublishVolumeRequest {
+                volume_id: "pvc-1".into(),
+                target_path: "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/pv/mount".into(),
+                volume_context: HashMap::from([(POD_UID_CONTEXT.into(), "../../etc".into())]),
+                ..NodePublishVolumeRequest::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(POD_UID_CONTEXT), "{}", err.message());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! [`crate::orphans`].
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,13 +29,14 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{
-    DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumePhase, LogicalVolumeStatus,
-    VolumeCondition,
+    DELETE_INTENT, IoLimitsStatus, LV_FINALIZER, LogicalVolume, LogicalVolumePhase,
+    LogicalVolumeStatus, VolumeCondition,
 };
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::volume::FsType;
 use serde_json::{Value, json};
 
+use crate::io_limits::IoLimiter;
 use crate::metrics::Metrics;
 use crate::node_storage::{FIELD_MANAGER, recorder};
 use crate::orphans::OrphanCheck;
@@ -203,7 +205,11 @@ fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
 
 /// The status `outcome` amounts to: only what was observed, answering the
 /// object's current generation.
-pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
+pub fn status(
+    lv: &LogicalVolume,
+    outcome: &Outcome,
+    io_limits: Option<IoLimitsStatus>,
+) -> LogicalVolumeStatus {
     let observed_generation = lv.metadata.generation;
     match outcome {
         Outcome::Ready(volume) => LogicalVolumeStatus {
@@ -213,6 +219,7 @@ pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
             message: None,
             observed_generation,
             condition: Some(volume.condition()),
+            io_limits,
         },
         Outcome::Failed(failure) => LogicalVolumeStatus {
             phase: LogicalVolumePhase::Failed,
@@ -221,6 +228,7 @@ pub fn status(lv: &LogicalVolume, outcome: &Outcome) -> LogicalVolumeStatus {
             message: Some(failure.message.clone()),
             observed_generation,
             condition: failure.condition(),
+            io_limits,
         },
     }
 }
@@ -298,6 +306,7 @@ impl Error {
 
 pub struct Context<B> {
     pub volumes: Arc<B>,
+    pub limiter: Arc<IoLimiter>,
     pub api: Api<LogicalVolume>,
     pub recorder: Recorder,
     pub node: String,
@@ -315,9 +324,16 @@ pub struct Context<B> {
 }
 
 impl<B: VolumeBackend> Context<B> {
-    pub fn new(client: Client, node: &str, volumes: Arc<B>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        node: &str,
+        volumes: Arc<B>,
+        limiter: Arc<IoLimiter>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             volumes,
+            limiter,
             api: Api::all(client.clone()),
             pvs: Api::all(client.clone()),
             recorder: recorder(client.clone(), node),
@@ -378,7 +394,11 @@ impl<B: VolumeBackend> Context<B> {
     /// Writes the status `outcome` amounts to, unless the object already
     /// says exactly that: a reconcile that changes nothing writes nothing.
     async fn report(&self, lv: &LogicalVolume, outcome: Outcome) -> Result<Action, Error> {
-        let status = status(lv, &outcome);
+        let io_limits = match &outcome {
+            Outcome::Ready(volume) => self.hold(lv, volume).await,
+            Outcome::Failed(_) => lv.status.as_ref().and_then(|s| s.io_limits.clone()),
+        };
+        let status = status(lv, &outcome, io_limits);
         self.count_condition(lv, status.condition.as_ref());
         if lv.status.as_ref() != Some(&status) {
             let patch = json!({
@@ -409,6 +429,27 @@ impl<B: VolumeBackend> Context<B> {
             if let Some(condition) = turned(before, status.condition.as_ref()) {
                 self.tell_claim(lv, condition).await;
             }
+            let io_before = lv.status.as_ref().and_then(|s| s.io_limits.as_ref());
+            if let Some(io) = &status.io_limits
+                && io_before != Some(io)
+            {
+                if io.enforced {
+                    tracing::info!(limits = %io.applied, "IO limits in force");
+                } else {
+                    let why = io.message.clone().unwrap_or_default();
+                    tracing::warn!(limits = %io.applied, %why, "IO limits not enforced");
+                    self.warn(
+                        lv,
+                        "IoLimitsNotEnforced",
+                        "LimitIO",
+                        format!(
+                            "{} cannot be enforced: {why}; the volume works without",
+                            io.applied
+                        ),
+                    )
+                    .await;
+                }
+            }
         }
         Ok(match outcome {
             Outcome::Ready(_) => Action::requeue(RECHECK),
@@ -417,6 +458,34 @@ impl<B: VolumeBackend> Context<B> {
                 Action::requeue(RETRY_FAILED)
             }
         })
+    }
+
+    /// Holds the pods of `volume` to the object's IO limits; the status to
+    /// report, none while the volume has no limits and never had.
+    async fn hold(&self, lv: &LogicalVolume, volume: &LocalVolume) -> Option<IoLimitsStatus> {
+        let had = lv.status.as_ref().is_some_and(|s| s.io_limits.is_some());
+        if lv.spec.io_limits.is_none() && !had {
+            return None;
+        }
+        let limits = lv.spec.io_limits.unwrap_or_default();
+        let limiter = self.limiter.clone();
+        let (id, device) = (volume.id.clone(), PathBuf::from(&volume.device_path));
+        Some(
+            tokio::task::spawn_blocking(move || limiter.set(&id, &device, limits))
+                .await
+                .unwrap_or_else(|err| IoLimitsStatus {
+                    applied: limits,
+                    enforced: false,
+                    message: Some(format!("applying the limits stopped: {err}")),
+                }),
+        )
+    }
+
+    /// Forgets the IO limits and publications of a volume whose LV is gone.
+    async fn forget_limits(&self, name: &str) {
+        let limiter = self.limiter.clone();
+        let name = name.to_owned();
+        let _ = tokio::task::spawn_blocking(move || limiter.forget(&name)).await;
     }
 
     /// Keeps the count of abnormal volumes by media and reason current.
@@ -593,6 +662,7 @@ async fn carry_out<B: VolumeBackend>(
                     source,
                 })?;
             tracing::info!("volume removed");
+            ctx.forget_limits(&name).await;
             ctx.count_condition(lv, None);
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
@@ -613,6 +683,7 @@ async fn carry_out<B: VolumeBackend>(
             Ok(Action::await_change())
         }
         Plan::Release { finalizer } => {
+            ctx.forget_limits(&name).await;
             ctx.count_condition(lv, None);
             ctx.patch_finalizers(&name, drop_finalizer(finalizer))
                 .await?;
@@ -638,6 +709,7 @@ pub async fn run<B: VolumeBackend>(
     client: Client,
     node: String,
     volumes: Arc<B>,
+    limiter: Arc<IoLimiter>,
     metrics: Arc<Metrics>,
     lv_changes: tokio::sync::watch::Receiver<u64>,
 ) {
@@ -652,6 +724,7 @@ pub async fn run<B: VolumeBackend>(
         client.clone(),
         &node,
         volumes.clone(),
+        limiter,
         metrics.clone(),
     ));
     // What LVM shows changed behind the agent's back (an LV made or
@@ -739,6 +812,7 @@ mod tests {
             message: None,
             observed_generation: Some(generation),
             condition: Some(VolumeCondition::healthy()),
+            io_limits: None,
         }
     }
 
@@ -912,7 +986,7 @@ mod tests {
             ),
             (
                 "reported lost, still gone",
-                with_status(lv(), status(&lv(), &Outcome::Failed(lost.clone()))),
+                with_status(lv(), status(&lv(), &Outcome::Failed(lost.clone()), None)),
                 None,
                 Plan::Refuse(lost),
             ),
@@ -1048,6 +1122,7 @@ mod tests {
                     message: None,
                     observed_generation: Some(3),
                     condition: Some(VolumeCondition::healthy()),
+                    io_limits: None,
                 },
             ),
             (
@@ -1064,6 +1139,7 @@ mod tests {
                     message: Some("nvme: needs 1073741824 bytes, 0 free".into()),
                     observed_generation: Some(3),
                     condition: None,
+                    io_limits: None,
                 },
             ),
             (
@@ -1080,6 +1156,7 @@ mod tests {
                     message: Some("nvme: needs 536870912 bytes, 0 free".into()),
                     observed_generation: Some(3),
                     condition: None,
+                    io_limits: None,
                 },
             ),
             (
@@ -1094,15 +1171,18 @@ mod tests {
                         "VolumeLost",
                         Failure::lost("/dev/lvmlocal-nvme/pvc-1".into()).message,
                     )),
+                    io_limits: None,
                 },
             ),
         ];
         for (outcome, want) in cases {
-            assert_eq!(status(&lv, &outcome), want, "{outcome:?}");
+            assert_eq!(status(&lv, &outcome, None), want, "{outcome:?}");
         }
         let mut partial = local("pvc-1", MediaClass::Nvme, GIB);
         partial.healthy = false;
-        let condition = status(&lv, &Outcome::Ready(partial)).condition.unwrap();
+        let condition = status(&lv, &Outcome::Ready(partial), None)
+            .condition
+            .unwrap();
         assert!(condition.abnormal);
         assert_eq!(condition.reason, "VolumeUnhealthy");
         assert!(
@@ -1117,7 +1197,7 @@ mod tests {
         let lv = object(GIB, 2);
         let nvme = local("pvc-1", MediaClass::Nvme, GIB);
         let read = |outcome: Outcome| {
-            let status = status(&lv, &outcome);
+            let status = status(&lv, &outcome, None);
             volume_of(&with_status(lv.clone(), status)).unwrap().state
         };
         assert_eq!(
@@ -1215,7 +1295,16 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&RpcMetrics::default()));
         let client = Client::new(service, "default");
         (
-            Arc::new(Context::new(client, "node-a", Arc::new(backend), metrics)),
+            Arc::new(Context::new(
+                client,
+                "node-a",
+                Arc::new(backend),
+                Arc::new(IoLimiter::new(
+                    "/nonexistent/cgroup".into(),
+                    "/nonexistent/records".into(),
+                )),
+                metrics,
+            )),
             handle,
         )
     }

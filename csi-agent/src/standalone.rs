@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::io_limits::IoLimits;
 use lvmlocal_proto::placement::NodeCapacity;
 use lvmlocal_proto::store::{Store, StoreError};
 use lvmlocal_proto::volume::{Access, FsType, NewVolume, Volume, VolumeId, VolumeState};
@@ -48,6 +49,7 @@ impl LvTagStore {
             // never an older generation to wait for.
             generation: 1,
             condition: Some(local.condition()),
+            io_limits: IoLimits::NONE,
         })
     }
 }
@@ -67,6 +69,9 @@ impl Store for LvTagStore {
     }
 
     async fn create(&self, volume: NewVolume) -> Result<Volume, StoreError> {
+        if !volume.io_limits.is_none() {
+            return Err(no_io_limits());
+        }
         let request = VolumeRequest {
             id: volume.id.to_string(),
             media: volume.media,
@@ -96,6 +101,7 @@ impl Store for LvTagStore {
                 actual_bytes: None,
                 generation: 1,
                 condition: None,
+                io_limits: IoLimits::NONE,
             }),
             Err(err) => Err(StoreError::unavailable("creating the logical volume", err)),
         }
@@ -129,6 +135,10 @@ impl Store for LvTagStore {
             }),
             Err(err) => Err(StoreError::unavailable("extending the logical volume", err)),
         }
+    }
+
+    async fn modify(&self, _: &Volume, _: IoLimits) -> Result<Volume, StoreError> {
+        Err(no_io_limits())
     }
 
     async fn list(
@@ -168,4 +178,13 @@ impl Store for LvTagStore {
             .into_iter()
             .collect())
     }
+}
+
+/// Standalone, there is no LogicalVolume to keep the limits in and no kubelet
+/// to say which pods use a volume.
+fn no_io_limits() -> StoreError {
+    StoreError::Unsupported(
+        "IO limits are kept and enforced in a cluster only; the standalone agent has no IO limits"
+            .into(),
+    )
 }

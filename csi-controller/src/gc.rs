@@ -126,6 +126,7 @@ mod tests {
                 size_bytes: 1,
                 fs_type: None,
                 pvc: None,
+                io_limits: None,
             },
         );
         if deleting {

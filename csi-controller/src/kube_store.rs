@@ -10,6 +10,7 @@ use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec};
+use lvmlocal_proto::io_limits::IoLimits;
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
 use lvmlocal_proto::placement::NodeCapacity;
@@ -202,6 +203,7 @@ impl Store for KubeStore {
                 size_bytes: new.size_bytes,
                 fs_type: new.access.fs_type().map(|fs| fs.to_string()),
                 pvc: new.pvc,
+                io_limits: (!new.io_limits.is_none()).then_some(new.io_limits),
             },
             status: None,
         };
@@ -281,6 +283,27 @@ impl Store for KubeStore {
             .await
             .map_err(|err| {
                 StoreError::unavailable(format!("cannot resize LogicalVolume {}", volume.id), err)
+            })?;
+        volume_of(&lv)
+    }
+
+    async fn modify(&self, volume: &Volume, io_limits: IoLimits) -> Result<Volume, StoreError> {
+        // A merge patch replaces the whole field: null drops every limit.
+        let limits = (!io_limits.is_none()).then_some(io_limits);
+        let patch = json!({ "spec": { "ioLimits": limits } });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let lv = self
+            .api
+            .patch(volume.id.as_str(), &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|err| {
+                StoreError::unavailable(
+                    format!("cannot change the IO limits of LogicalVolume {}", volume.id),
+                    err,
+                )
             })?;
         volume_of(&lv)
     }

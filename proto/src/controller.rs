@@ -56,7 +56,7 @@ impl Default for ControllerSettings {
 }
 
 /// The capabilities a CO may rely on; nothing else is implemented.
-const CAPABILITIES: [rpc::Type; 7] = [
+const CAPABILITIES: [rpc::Type; 8] = [
     rpc::Type::CreateDeleteVolume,
     rpc::Type::ExpandVolume,
     rpc::Type::GetCapacity,
@@ -64,6 +64,7 @@ const CAPABILITIES: [rpc::Type; 7] = [
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::GetVolume,
     rpc::Type::VolumeCondition,
+    rpc::Type::ModifyVolume,
 ];
 
 pub struct ControllerService<S> {
@@ -131,6 +132,7 @@ impl<S: Store> ControllerService<S> {
             size_bytes,
             pvc: req.pvc.clone(),
             on_node_loss: req.on_node_loss,
+            io_limits: req.io_limits,
         })
     }
 
@@ -218,6 +220,22 @@ impl<S: Store> ControllerService<S> {
             capacity_bytes,
             node_expansion_required: matches!(volume.access, Access::Filesystem(_)),
         })
+    }
+
+    /// Records the volume's new IO limits; the node applies them to the
+    /// volume's pods and says so in the volume's status.
+    async fn modify(
+        &self,
+        req: ControllerModifyVolumeRequest,
+    ) -> Result<ControllerModifyVolumeResponse, CsiError> {
+        let req = validate::modify(&req)?;
+        Span::current().record("volume", req.id.as_str());
+        let volume = self.live(&req.id).await?;
+        if volume.io_limits != req.io_limits {
+            tracing::info!(from = %volume.io_limits, to = %req.io_limits, "changing IO limits");
+            self.store.modify(&volume, req.io_limits).await?;
+        }
+        Ok(ControllerModifyVolumeResponse {})
     }
 
     async fn validate_capabilities(
@@ -592,12 +610,10 @@ impl<S: Store> Controller for ControllerService<S> {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<ControllerModifyVolumeRequest>,
+        request: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
         self.metrics
-            .observe("ControllerModifyVolume", async {
-                unsupported("ControllerModifyVolume")
-            })
+            .observe("ControllerModifyVolume", self.modify(request.into_inner()))
             .await
     }
 }

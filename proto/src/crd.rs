@@ -6,6 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::MediaClass;
+use crate::io_limits::IoLimits;
 
 /// Keeps a `LogicalVolume` until its LV is gone from the node.
 pub const LV_FINALIZER: &str = "lvmlocal.io/logical-volume";
@@ -264,6 +265,10 @@ pub struct LogicalVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.pvc is immutable"))]
     pub pvc: Option<PvcRef>,
+    /// The IO limits the volume's pods are held to; changed by
+    /// ControllerModifyVolume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_limits: Option<IoLimits>,
 }
 
 impl LogicalVolume {
@@ -316,6 +321,26 @@ pub struct LogicalVolumeStatus {
     /// the external health monitor report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition: Option<VolumeCondition>,
+    /// What the node does about `spec.ioLimits`; absent while the volume
+    /// has none and never had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_limits: Option<IoLimitsStatus>,
+}
+
+/// The agent's word on a volume's IO limits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IoLimitsStatus {
+    /// The limits the agent holds the volume's pods to: written into the
+    /// cgroup of every pod that has the volume published, and of every pod
+    /// that publishes it later.
+    pub applied: IoLimits,
+    /// False when the node cannot enforce them (no cgroup v2, or no io
+    /// controller) or writing them failed; the message says why. The
+    /// volume works either way.
+    pub enforced: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod extender;
 pub mod extent;
 pub mod heartbeat;
+pub mod io_limits;
 pub mod load;
 mod media;
 mod names;

@@ -35,6 +35,7 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
             .status
             .as_ref()
             .and_then(|status| status.condition.clone()),
+        io_limits: lv.spec.io_limits.unwrap_or_default(),
     })
 }
 
@@ -124,6 +125,7 @@ mod tests {
                 size_bytes: size,
                 fs_type: Some("ext4".into()),
                 pvc: None,
+                io_limits: None,
             },
         );
         lv.metadata.generation = Some(generation);
@@ -142,6 +144,7 @@ mod tests {
             message: (phase == LogicalVolumePhase::Failed).then(|| "not enough space".into()),
             observed_generation: observed,
             condition: None,
+            io_limits: None,
         }
     }
 

@@ -19,6 +19,9 @@ pub const ON_NODE_LOSS: &str = "lvmlocal.io/on-node-loss";
 pub const PVC_NAME_PARAM: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE_PARAM: &str = "csi.storage.k8s.io/pvc/namespace";
 pub const PV_NAME_PARAM: &str = "csi.storage.k8s.io/pv/name";
+/// The pod's UID in NodePublishVolume's volume context, from kubelet (the
+/// CSIDriver's `podInfoOnMount`).
+pub const POD_UID_CONTEXT: &str = "csi.storage.k8s.io/pod.uid";
 
 /// Placement policy for the volumes of one StorageClass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

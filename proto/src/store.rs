@@ -7,6 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::MediaClass;
+use crate::io_limits::IoLimits;
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -48,6 +49,14 @@ pub trait Store: Send + Sync + 'static {
         size_bytes: u64,
     ) -> impl Future<Output = Result<Volume, StoreError>> + Send;
 
+    /// Asks for the volume's IO limits to become `io_limits`; returns the
+    /// stored volume.
+    fn modify(
+        &self,
+        volume: &Volume,
+        io_limits: IoLimits,
+    ) -> impl Future<Output = Result<Volume, StoreError>> + Send;
+
     /// Up to `limit` volumes not being deleted, sorted by id, starting after
     /// `after`.
     fn list(
@@ -75,6 +84,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Corrupt(String),
+    /// The store cannot keep what the request asks for.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {
@@ -91,6 +103,7 @@ impl StoreError {
             StoreError::Timeout { .. } => Code::DeadlineExceeded,
             StoreError::Unavailable { .. } => Code::Unavailable,
             StoreError::Corrupt(_) => Code::Internal,
+            StoreError::Unsupported(_) => Code::InvalidArgument,
         }
     }
 }

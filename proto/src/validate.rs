@@ -9,10 +9,11 @@ use crate::crd::PvcRef;
 use crate::csi::v1::volume_capability::access_mode::Mode;
 use crate::csi::v1::volume_capability::{AccessMode, AccessType};
 use crate::csi::v1::{
-    CapacityRange, ControllerExpandVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
-    GetCapacityRequest, ListVolumesRequest, Topology, ValidateVolumeCapabilitiesRequest,
-    VolumeCapability,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerModifyVolumeRequest,
+    CreateVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, ListVolumesRequest, Topology,
+    ValidateVolumeCapabilitiesRequest, VolumeCapability,
 };
+use crate::io_limits::{self, InvalidIoLimit, IoLimits};
 use crate::params::{
     FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, OnNodeLoss, PLACEMENT_PARAM, PV_NAME_PARAM,
     PVC_NAME_PARAM, PVC_NAMESPACE_PARAM, ParseOnNodeLossError, Placement,
@@ -63,10 +64,18 @@ pub enum Invalid {
     Placement(String),
     #[error("parameter {0}")]
     OnNodeLoss(#[from] ParseOnNodeLossError),
+    #[error(transparent)]
+    IoLimit(#[from] InvalidIoLimit),
     #[error(
-        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM}, {PLACEMENT_PARAM} and {ON_NODE_LOSS}"
+        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM}, {PLACEMENT_PARAM}, {ON_NODE_LOSS} and the IO limits {keys}",
+        keys = io_limits::KEYS.join(", ")
     )]
     UnknownParameter(String),
+    #[error(
+        "mutable parameter {0:?} cannot be set: a VolumeAttributesClass of lvmlocal sets only the IO limits {keys}",
+        keys = io_limits::KEYS.join(", ")
+    )]
+    UnknownMutableParameter(String),
     #[error("parameters {PVC_NAME_PARAM} and {PVC_NAMESPACE_PARAM} come together")]
     PartialPvc,
     #[error("capacity range has a negative value")]
@@ -77,8 +86,6 @@ pub enum Invalid {
     MissingCapacity,
     #[error("volume content sources (snapshots, clones) are not supported")]
     ContentSource,
-    #[error("mutable parameters are not supported")]
-    MutableParameters,
     #[error("topology segment {0:?} does not name a node with {TOPOLOGY_KEY}")]
     Segment(HashMap<String, String>),
     #[error("max_entries must not be negative")]
@@ -138,6 +145,17 @@ pub struct CreateRequest {
     pub nodes: NodeChoice,
     pub pvc: Option<PvcRef>,
     pub on_node_loss: OnNodeLoss,
+    /// The class's limits, overlaid with those of the claim's
+    /// VolumeAttributesClass.
+    pub io_limits: IoLimits,
+}
+
+/// A checked ControllerModifyVolume: the volume's limits become exactly
+/// `io_limits`, since a VolumeAttributesClass says all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModifyRequest {
+    pub id: VolumeId,
+    pub io_limits: IoLimits,
 }
 
 /// A checked ControllerExpandVolume.
@@ -181,6 +199,7 @@ pub struct Parameters {
     pub pvc: Option<PvcRef>,
     pub placement: Option<Placement>,
     pub on_node_loss: OnNodeLoss,
+    pub io_limits: IoLimits,
 }
 
 /// Checks a volume id from a CO request; shared with the Node service.
@@ -210,9 +229,9 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
         },
         None => NodeChoice::default(),
     };
-    if !req.mutable_parameters.is_empty() {
-        return Err(Invalid::MutableParameters);
-    }
+    let io_limits = params
+        .io_limits
+        .overlaid(mutable_parameters(&req.mutable_parameters)?);
     Ok(CreateRequest {
         name: req.name.clone(),
         id: VolumeId::from_name(&req.name),
@@ -222,7 +241,25 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
         nodes,
         pvc: params.pvc,
         on_node_loss: params.on_node_loss,
+        io_limits,
     })
+}
+
+pub fn modify(req: &ControllerModifyVolumeRequest) -> Result<ModifyRequest, Invalid> {
+    let id = volume_id(&req.volume_id)?;
+    let io_limits = mutable_parameters(&req.mutable_parameters)?;
+    Ok(ModifyRequest { id, io_limits })
+}
+
+/// Reads a VolumeAttributesClass's parameters: IO limits only.
+fn mutable_parameters(params: &HashMap<String, String>) -> Result<IoLimits, Invalid> {
+    let mut limits = IoLimits::NONE;
+    for (key, value) in params {
+        if !limits.set(key, value)? {
+            return Err(Invalid::UnknownMutableParameter(key.clone()));
+        }
+    }
+    Ok(limits)
 }
 
 pub fn delete(req: &DeleteVolumeRequest) -> Result<VolumeId, Invalid> {
@@ -367,7 +404,11 @@ pub fn parameters<'a>(
             PVC_NAMESPACE_PARAM => pvc_namespace = Some(value.clone()),
             PV_NAME_PARAM => {}
             other if other.starts_with(SIDECAR_PREFIX) => {}
-            other => return Err(Invalid::UnknownParameter(other.to_owned())),
+            other => {
+                if !parsed.io_limits.set(other, value)? {
+                    return Err(Invalid::UnknownParameter(other.to_owned()));
+                }
+            }
         }
     }
     parsed.pvc = match (pvc_namespace, pvc_name) {
@@ -418,6 +459,7 @@ mod tests {
     use super::*;
     use crate::csi::v1::volume_capability::{BlockVolume, MountVolume};
     use crate::csi::v1::{TopologyRequirement, VolumeContentSource, volume_content_source};
+    use crate::io_limits::{READ_BPS, READ_IOPS, WRITE_BPS, WRITE_IOPS};
 
     const PVC: &str = "pvc-0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10";
 
@@ -502,6 +544,7 @@ mod tests {
                     name: "data-0".into()
                 }),
                 on_node_loss: OnNodeLoss::Recreate,
+                io_limits: IoLimits::NONE,
             }
         );
     }
@@ -716,11 +759,33 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (
-                "mutable parameters",
+                "a mutable parameter that is no IO limit",
                 |r| {
                     r.mutable_parameters.insert("iops".into(), "1".into());
                 },
-                Invalid::MutableParameters,
+                Invalid::UnknownMutableParameter("iops".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                "a bad IO limit in the class",
+                |r| {
+                    r.parameters.insert(WRITE_IOPS.into(), "0".into());
+                },
+                Invalid::IoLimit(InvalidIoLimit::Iops {
+                    key: WRITE_IOPS,
+                    value: "0".into(),
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                "a bad IO limit in the attributes class",
+                |r| {
+                    r.mutable_parameters.insert(READ_BPS.into(), "1MB".into());
+                },
+                Invalid::IoLimit(InvalidIoLimit::Bps {
+                    key: READ_BPS,
+                    value: "1MB".into(),
+                }),
                 Code::InvalidArgument,
             ),
         ];
@@ -731,6 +796,55 @@ mod tests {
             assert_eq!(err, want, "{what}");
             assert_eq!(err.code(), code, "{what}");
         }
+    }
+
+    #[test]
+    fn io_limits_come_from_the_class_overlaid_by_the_attributes_class() {
+        let mut req = create_req();
+        req.parameters.insert(WRITE_IOPS.into(), "100".into());
+        req.parameters.insert(READ_IOPS.into(), "200".into());
+        req.mutable_parameters = params(&[(WRITE_IOPS, "50"), (WRITE_BPS, "1Mi")]);
+        assert_eq!(
+            create(&req).unwrap().io_limits,
+            IoLimits {
+                read_iops: Some(200),
+                write_iops: Some(50),
+                read_bps: None,
+                write_bps: Some(1 << 20),
+            }
+        );
+        assert_eq!(create(&create_req()).unwrap().io_limits, IoLimits::NONE);
+    }
+
+    #[test]
+    fn a_modify_names_all_the_limits_and_nothing_else() {
+        let modify_req = |pairs: &[(&str, &str)]| ControllerModifyVolumeRequest {
+            volume_id: PVC.into(),
+            mutable_parameters: params(pairs),
+            ..ControllerModifyVolumeRequest::default()
+        };
+        assert_eq!(
+            modify(&modify_req(&[(READ_BPS, "10M")])),
+            Ok(ModifyRequest {
+                id: VolumeId::parse(PVC).unwrap(),
+                io_limits: IoLimits {
+                    read_bps: Some(10_000_000),
+                    ..IoLimits::NONE
+                },
+            })
+        );
+        assert_eq!(modify(&modify_req(&[])).unwrap().io_limits, IoLimits::NONE);
+        assert_eq!(
+            modify(&modify_req(&[(MEDIA_PARAM, "ssd")])),
+            Err(Invalid::UnknownMutableParameter(MEDIA_PARAM.into()))
+        );
+        assert!(matches!(
+            modify(&modify_req(&[(WRITE_IOPS, "many")])),
+            Err(Invalid::IoLimit(_))
+        ));
+        let mut bad_id = modify_req(&[]);
+        bad_id.volume_id = "../x".into();
+        assert_eq!(modify(&bad_id).unwrap_err().code(), Code::InvalidArgument);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use crate::MediaClass;
 use crate::crd::PvcRef;
+use crate::io_limits::IoLimits;
 use crate::params::OnNodeLoss;
 use sha2::{Digest, Sha256};
 
@@ -171,6 +172,8 @@ pub struct Volume {
     pub generation: i64,
     /// The node's last word on the volume's health; None until it has one.
     pub condition: Option<VolumeCondition>,
+    /// The IO limits asked for the volume.
+    pub io_limits: IoLimits,
 }
 
 impl Volume {
@@ -214,6 +217,7 @@ pub struct NewVolume {
     /// The class's choice, kept with the volume: a claim deleted meanwhile
     /// can no longer say it.
     pub on_node_loss: OnNodeLoss,
+    pub io_limits: IoLimits,
 }
 
 #[cfg(test)]
@@ -308,6 +312,7 @@ mod tests {
             actual_bytes: None,
             generation: 1,
             condition: None,
+            io_limits: IoLimits::NONE,
         };
         assert!(!volume.settled());
         volume.state = VolumeState::Ready { size_bytes: 50 };

@@ -18,6 +18,7 @@ use lvmlocal_proto::csi::v1::volume_capability::{
 };
 use lvmlocal_proto::csi::v1::*;
 use lvmlocal_proto::identity::IdentityService;
+use lvmlocal_proto::io_limits::{IoLimits, READ_BPS, READ_IOPS, WRITE_IOPS};
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM};
 use lvmlocal_proto::rpc::RpcMetrics;
 use lvmlocal_proto::{MediaClass, TOPOLOGY_KEY};
@@ -152,6 +153,7 @@ async fn capabilities_are_advertised() {
         rpc::Type::SingleNodeMultiWriter,
         rpc::Type::GetVolume,
         rpc::Type::VolumeCondition,
+        rpc::Type::ModifyVolume,
     ] {
         assert!(types.contains(&(want as i32)), "{want:?} missing");
     }
@@ -429,6 +431,81 @@ async fn expand_returns_the_exact_new_size() {
         !resp.node_expansion_required,
         "a block device has no filesystem"
     );
+}
+
+fn modify_req(id: &str, pairs: &[(&str, &str)]) -> ControllerModifyVolumeRequest {
+    ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn io_limits_are_kept_from_creation_and_replaced_by_a_modify() {
+    let svc = service(Agent::Instant);
+    let mut req = create_req("pvc-1", SIZE);
+    req.parameters.insert(WRITE_IOPS.into(), "100".into());
+    req.mutable_parameters.insert(READ_BPS.into(), "1Mi".into());
+    create(&svc, req).await.unwrap();
+    let stored = |svc: &ControllerService<MemoryStore>| {
+        svc.store().volume("pvc-1").expect("stored").io_limits
+    };
+    assert_eq!(
+        stored(&svc),
+        IoLimits {
+            write_iops: Some(100),
+            read_bps: Some(1 << 20),
+            ..IoLimits::NONE
+        }
+    );
+
+    svc.controller_modify_volume(Request::new(modify_req("pvc-1", &[(READ_IOPS, "7")])))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&svc),
+        IoLimits {
+            read_iops: Some(7),
+            ..IoLimits::NONE
+        },
+        "a modify says every limit"
+    );
+
+    // Refusals change nothing.
+    let generation = svc.store().volume("pvc-1").unwrap().generation;
+    for (req, code) in [
+        (
+            modify_req("pvc-1", &[(READ_IOPS, "0")]),
+            Code::InvalidArgument,
+        ),
+        (
+            modify_req("pvc-1", &[(MEDIA_PARAM, "hdd")]),
+            Code::InvalidArgument,
+        ),
+        (
+            modify_req("../pvc-1", &[(READ_IOPS, "1")]),
+            Code::InvalidArgument,
+        ),
+        (modify_req("", &[(READ_IOPS, "1")]), Code::InvalidArgument),
+        (modify_req("pvc-404", &[(READ_IOPS, "1")]), Code::NotFound),
+    ] {
+        let err = svc
+            .controller_modify_volume(Request::new(req.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+    }
+    assert_eq!(svc.store().volume("pvc-1").unwrap().generation, generation);
+
+    // The same limits again are no change at all.
+    svc.controller_modify_volume(Request::new(modify_req("pvc-1", &[(READ_IOPS, "7")])))
+        .await
+        .unwrap();
+    assert_eq!(svc.store().volume("pvc-1").unwrap().generation, generation);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::io_limits::IoLimits;
 use lvmlocal_proto::placement::NodeCapacity;
 use lvmlocal_proto::store::{Store, StoreError};
 use lvmlocal_proto::volume::{NewVolume, Volume, VolumeId, VolumeState};
@@ -137,6 +138,7 @@ impl Store for MemoryStore {
                 actual_bytes: None,
                 generation: 1,
                 condition: None,
+                io_limits: new.io_limits,
             });
         }
         let stored = self.volumes.lock().unwrap()[&new.id].clone();
@@ -183,6 +185,16 @@ impl Store for MemoryStore {
         if matches!(stored.state, VolumeState::Failed { .. }) {
             stored.state = VolumeState::Pending;
         }
+        Ok(stored.clone())
+    }
+
+    async fn modify(&self, volume: &Volume, io_limits: IoLimits) -> Result<Volume, StoreError> {
+        let mut volumes = self.volumes.lock().unwrap();
+        let stored = volumes
+            .get_mut(&volume.id)
+            .expect("modify of a known volume");
+        stored.io_limits = io_limits;
+        stored.generation += 1;
         Ok(stored.clone())
     }
 
