@@ -59,6 +59,10 @@ fn unavailable(what: &str) -> impl FnOnce(VolumeError) -> StoreError + '_ {
 }
 
 impl Store for LvTagStore {
+    fn keeps_io_limits(&self) -> bool {
+        false
+    }
+
     async fn get(&self, id: &VolumeId) -> Result<Option<Volume>, StoreError> {
         let local = self
             .volumes

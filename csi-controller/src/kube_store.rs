@@ -16,7 +16,7 @@ use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
 use lvmlocal_proto::placement::NodeCapacity;
 use lvmlocal_proto::store::{Store, StoreError};
 use lvmlocal_proto::volume::{NewVolume, Volume, VolumeId};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::caches::Caches;
@@ -288,8 +288,18 @@ impl Store for KubeStore {
     }
 
     async fn modify(&self, volume: &Volume, io_limits: IoLimits) -> Result<Volume, StoreError> {
-        // A merge patch replaces the whole field: null drops every limit.
-        let limits = (!io_limits.is_none()).then_some(io_limits);
+        // A merge patch merges objects: every limit is named, an absent one
+        // as null, so that the limits become exactly these.
+        let limits = if io_limits.is_none() {
+            Value::Null
+        } else {
+            json!({
+                "readIops": io_limits.read_iops,
+                "writeIops": io_limits.write_iops,
+                "readBps": io_limits.read_bps,
+                "writeBps": io_limits.write_bps,
+            })
+        };
         let patch = json!({ "spec": { "ioLimits": limits } });
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),

@@ -22,6 +22,7 @@ use lvmlocal_proto::csi::v1::controller_server::Controller;
 use lvmlocal_proto::csi::v1::volume_capability::access_mode::Mode;
 use lvmlocal_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use lvmlocal_proto::csi::v1::*;
+use lvmlocal_proto::io_limits::READ_IOPS;
 use lvmlocal_proto::params::MEDIA_PARAM;
 use lvmlocal_proto::rpc::RpcMetrics;
 use serde_json::{Value, json};
@@ -501,6 +502,46 @@ async fn expand_patches_the_size_and_waits_for_the_new_generation() {
     let resp = call.await.unwrap().unwrap().into_inner();
     assert_eq!(resp.capacity_bytes, 20 * GIB as i64);
     assert!(resp.node_expansion_required);
+}
+
+/// A modify names every limit, absent ones as null: a merge patch would
+/// otherwise keep the limits the new class no longer sets.
+#[tokio::test]
+async fn modify_patches_exactly_the_new_limits() {
+    let mut existing = logical_volume(NAME, "node-a", 10 * GIB, 1, ready(10 * GIB, 1));
+    existing["spec"]["ioLimits"] = json!({"writeIops": 50, "writeBps": 1024});
+    for (parameters, patch) in [
+        (
+            HashMap::from([(READ_IOPS.to_owned(), "80".to_owned())]),
+            json!({"readIops": 80, "writeIops": null, "readBps": null, "writeBps": null}),
+        ),
+        (HashMap::new(), Value::Null),
+    ] {
+        let Cluster {
+            service, mut api, ..
+        } = controller(vec![existing.clone()]).await;
+        let call = tokio::spawn(async move {
+            service
+                .controller_modify_volume(Request::new(ControllerModifyVolumeRequest {
+                    volume_id: NAME.into(),
+                    mutable_parameters: parameters,
+                    ..Default::default()
+                }))
+                .await
+        });
+        expect_get(&mut api, Some(existing.clone())).await;
+        let (request, send) = next(&mut api).await;
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(request.uri().path(), lv_url());
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/merge-patch+json"
+        );
+        assert_eq!(request.body(), &json!({"spec": {"ioLimits": patch}}));
+        respond(send, StatusCode::OK, &existing);
+        call.await.unwrap().unwrap();
+        expect_no_more(&mut api).await;
+    }
 }
 
 #[tokio::test]

@@ -228,6 +228,9 @@ impl<S: Store> ControllerService<S> {
         &self,
         req: ControllerModifyVolumeRequest,
     ) -> Result<ControllerModifyVolumeResponse, CsiError> {
+        if !self.store.keeps_io_limits() {
+            return unsupported("ControllerModifyVolume");
+        }
         let req = validate::modify(&req)?;
         Span::current().record("volume", req.id.as_str());
         let volume = self.live(&req.id).await?;
@@ -552,6 +555,9 @@ impl<S: Store> Controller for ControllerService<S> {
                 Ok::<_, CsiError>(ControllerGetCapabilitiesResponse {
                     capabilities: CAPABILITIES
                         .iter()
+                        .filter(|rpc| {
+                            **rpc != rpc::Type::ModifyVolume || self.store.keeps_io_limits()
+                        })
                         .map(|rpc| ControllerServiceCapability {
                             r#type: Some(CapabilityType::Rpc(Rpc {
                                 r#type: *rpc as i32,

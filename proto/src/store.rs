@@ -19,6 +19,12 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// A backend for [`crate::ControllerService`]. Every method must be safe to
 /// repeat and to abandon half-way: the CO retries every call.
 pub trait Store: Send + Sync + 'static {
+    /// Whether the store keeps IO limits, so ControllerModifyVolume is
+    /// offered.
+    fn keeps_io_limits(&self) -> bool {
+        true
+    }
+
     /// The volume with this id, read from the source of truth (not a cache),
     /// since it decides whether a retried CreateVolume makes a second volume.
     fn get(&self, id: &VolumeId)

@@ -65,12 +65,28 @@ impl Drop for Service {
     }
 }
 
-/// A port on 127.0.0.1 that nothing listened on a moment ago.
+/// A port on 127.0.0.1 that nothing listens on, never the same twice in a
+/// process. It is taken below the kernel's ephemeral range (32768 and up),
+/// so that neither an outgoing connection nor a second call hands it out
+/// again before its listener binds it; the start depends on the process,
+/// so that test processes running side by side keep apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("binding an ephemeral port on 127.0.0.1")
+    const FIRST: u16 = 20000;
+    const SPAN: u16 = 12000;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    loop {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            step < SPAN,
+            "no free port left between {FIRST} and {}",
+            FIRST + SPAN
+        );
+        let port = FIRST + (start + step) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`

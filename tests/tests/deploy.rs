@@ -28,6 +28,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use lvmlocal_proto::crd::DELETE_INTENT;
+use lvmlocal_proto::io_limits;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
 use lvmlocal_tests::cluster::workspace_root;
 use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render};
@@ -1350,10 +1351,44 @@ fn storage_class_policy_knows_the_drivers_names() {
             "{name} not in {text}"
         );
     }
+    for key in io_limits::KEYS {
+        assert!(
+            text.contains(&format!("\\\"{key}\\\"")),
+            "{key} not in {text}"
+        );
+    }
     let binding = named(
         &objects,
         "ValidatingAdmissionPolicyBinding",
         "lvmlocal-storageclass-parameters",
+    );
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+
+    // A VolumeAttributesClass of the driver may set the IO limits only.
+    let policy = named(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "lvmlocal-volumeattributesclass-parameters",
+    );
+    let text = policy.to_string();
+    assert!(
+        text.contains(&format!("object.driverName == \\\"{DRIVER_NAME}\\\"")),
+        "{text}"
+    );
+    for key in io_limits::KEYS {
+        assert!(
+            text.contains(&format!("\\\"{key}\\\"")),
+            "{key} not in {text}"
+        );
+    }
+    for other in [MEDIA_PARAM, PLACEMENT_PARAM, ON_NODE_LOSS] {
+        assert!(!text.contains(other), "{other} in {text}");
+    }
+    let binding = named(
+        &objects,
+        "ValidatingAdmissionPolicyBinding",
+        "lvmlocal-volumeattributesclass-parameters",
     );
     assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
     assert_eq!(binding["spec"]["validationActions"][0], "Deny");

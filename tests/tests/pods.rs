@@ -3,6 +3,7 @@
 //! kubelet. Every volume here is staged, published, expanded and torn down
 //! by kubelet's own calls, and every byte is written and read by a pod.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -438,4 +439,309 @@ fn a_stateful_set_spreads_and_kubelet_reports_what_the_agent_measures() {
         used < capacity && capacity <= GIB as f64,
         "{used} of {capacity}"
     );
+}
+
+/// What one `dd` in a pod's cgroup did: bytes it moved and seconds it took,
+/// by its own count, and what its cgroup's `io.stat` counted on the
+/// volume's device.
+struct Run {
+    bytes: f64,
+    seconds: f64,
+    device: BTreeMap<String, f64>,
+}
+
+impl Run {
+    /// The device's count of `key` (`wbytes`, `rios`, ...) per second.
+    fn device_rate(&self, key: &str) -> f64 {
+        self.device.get(key).copied().unwrap_or(0.0) / self.seconds
+    }
+}
+
+/// Runs `command` in the guest in a cgroup of its own under pod `uid`'s
+/// cgroup, as a container of the pod would; `device` is the volume's
+/// `MAJ:MIN`.
+fn dd_in_pod(node: &NodeVm, uid: &str, device: &str, command: &str) -> Run {
+    let output = node
+        .sh(&format!(
+            "cg=$(for d in /sys/fs/cgroup/kubepods/pod{uid} /sys/fs/cgroup/kubepods/*/pod{uid}; do \
+               [ -d $d ] && echo $d; done | head -n 1)\n\
+             [ -n \"$cg\" ] || {{ echo no cgroup for pod {uid}; exit 1; }}\n\
+             mkdir -p $cg/io-test\n\
+             sh -c \"echo \\$\\$ > $cg/io-test/cgroup.procs && exec {command}\" 2>&1; rc=$?\n\
+             grep '^{device} ' $cg/io-test/io.stat\n\
+             rmdir $cg/io-test\n\
+             exit $rc"
+        ))
+        .unwrap();
+    // GNU dd: "37748736 bytes (38 MB, 36 MiB) copied, 6.01 s, 6.3 MB/s"
+    let line = output
+        .lines()
+        .rfind(|line| line.contains(" copied, "))
+        .unwrap_or_else(|| panic!("no dd summary in {output}"));
+    let bytes: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    let seconds: f64 = line
+        .split(" copied, ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {line}"));
+    let device = output
+        .lines()
+        .find(|line| line.starts_with(&format!("{device} ")))
+        .unwrap_or_else(|| panic!("no io.stat for {device} in {output}"))
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.split_once('='))
+        .map(|(key, value)| (key.to_owned(), value.parse().unwrap_or(0.0)))
+        .collect();
+    Run {
+        bytes,
+        seconds,
+        device,
+    }
+}
+
+/// `measured` is within 10 % of `limit`.
+fn near(what: &str, measured: f64, limit: f64) {
+    let ratio = measured / limit;
+    println!(
+        "{what}: {measured:.1} against a limit of {limit:.0} ({:.1} %)",
+        ratio * 100.0
+    );
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{what}: {measured:.1} is not within 10 % of {limit}"
+    );
+}
+
+fn io_status(cluster: &Cluster, volume: &str) -> Value {
+    cluster.get(&["logicalvolume", volume]).unwrap()["status"]["ioLimits"].clone()
+}
+
+/// IO limits from the StorageClass hold a running pod's direct and
+/// buffered writes and its reads to the limits; a VolumeAttributesClass set
+/// on the claim replaces them (csi-resizer's ControllerModifyVolume) and
+/// the pod's writes are unlimited again within seconds. Bad values are
+/// refused by the API server, naming the parameter.
+#[test]
+fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = kubelet_node(&mut cluster, "vm-node");
+
+    const WRITE_BPS: f64 = 6.0 * 1024.0 * 1024.0;
+    const WRITE_IOPS: f64 = 50.0;
+    const READ_IOPS: f64 = 80.0;
+    let mut class: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    class["metadata"] = json!({"name": "lvmlocal-nvme-limited"});
+    class["parameters"]["lvmlocal.io/write-bps"] = json!("6Mi");
+    class["parameters"]["lvmlocal.io/write-iops"] = json!("50");
+    class["parameters"]["lvmlocal.io/read-iops"] = json!("80");
+    let mut bad = class.clone();
+    bad["metadata"] = json!({"name": "lvmlocal-nvme-bad"});
+    bad["parameters"]["lvmlocal.io/write-iops"] = json!("0");
+    let refused = cluster.apply(&bad).expect_err("a write-iops of 0");
+    assert!(
+        format!("{refused:#}").contains("lvmlocal.io/write-iops must be whole numbers"),
+        "{refused:#}"
+    );
+    cluster.apply(&class).unwrap();
+    let attributes = |name: &str, parameters: Value| {
+        json!({
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "VolumeAttributesClass",
+            "metadata": {"name": name},
+            "driverName": "lvmlocal.io",
+            "parameters": parameters,
+        })
+    };
+    let refused = cluster
+        .apply(&attributes("bad", json!({"lvmlocal.io/write-bps": "6MB"})))
+        .expect_err("a write-bps in MB");
+    assert!(
+        format!("{refused:#}").contains("lvmlocal.io/write-bps must be whole numbers"),
+        "{refused:#}"
+    );
+    let refused = cluster
+        .apply(&attributes("bad", json!({"lvmlocal.io/media": "hdd"})))
+        .expect_err("a media class in an attributes class");
+    assert!(
+        format!("{refused:#}")
+            .contains("unknown VolumeAttributesClass parameter lvmlocal.io/media"),
+        "{refused:#}"
+    );
+
+    cluster
+        .apply(&claim("limited", "lvmlocal-nvme-limited", "1Gi"))
+        .unwrap();
+    cluster
+        .apply(&shell_pod("limited", Some("limited"), "sleep 3600"))
+        .unwrap();
+    wait_for("pod limited running", Duration::from_secs(300), || {
+        let pod = cluster
+            .get(&["pod", "limited", "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (pod["status"]["phase"] == "Running")
+            .then_some(())
+            .ok_or(pod["status"].to_string())
+    })
+    .unwrap();
+    let pod = cluster.get(&["pod", "limited", "-n", NS]).unwrap();
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
+    let pvc = cluster.get(&["pvc", "limited", "-n", NS]).unwrap();
+    let pv = pvc["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let volume = cluster.get(&["pv", &pv]).unwrap()["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let limits = json!({"writeBps": 6291456, "writeIops": 50, "readIops": 80});
+    wait_for("the limits in force", Duration::from_secs(60), || {
+        let status = io_status(&cluster, &volume);
+        (status["applied"] == limits && status["enforced"] == true)
+            .then_some(())
+            .ok_or(status.to_string())
+    })
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    let io_max = node
+        .sh(&format!("cat /sys/fs/cgroup/kubepods/*/pod{uid}/io.max /sys/fs/cgroup/kubepods/pod{uid}/io.max 2>/dev/null; true"))
+        .unwrap();
+    assert!(
+        io_max.contains("rbps=max wbps=6291456 riops=80 wiops=50"),
+        "{io_max}"
+    );
+
+    let target = format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/{pv}/mount");
+    let lv_path = cluster.get(&["logicalvolume", &volume]).unwrap()["status"]["devicePath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let device = node
+        .sh(&format!(
+            "printf '%d:%d' 0x$(stat -L -c %t {lv_path}) 0x$(stat -L -c %T {lv_path})"
+        ))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let run = dd_in_pod(
+        &node,
+        &uid,
+        &device,
+        &format!("dd if=/dev/zero of={target}/direct bs=1M count=36 oflag=direct"),
+    );
+    near("direct writes, bytes/s", run.bytes / run.seconds, WRITE_BPS);
+    let run = dd_in_pod(
+        &node,
+        &uid,
+        &device,
+        &format!("dd if=/dev/zero of={target}/direct bs=4k count=300 oflag=direct conv=notrunc"),
+    );
+    near(
+        "direct 4 KiB writes, IOPS",
+        run.bytes / 4096.0 / run.seconds,
+        WRITE_IOPS,
+    );
+    // Buffered writes fill the page cache at memory speed; the limit holds
+    // their writeback, charged to the pod: timed here as the fsync that
+    // waits for it, against the bytes the device took from the cgroup.
+    let run = dd_in_pod(
+        &node,
+        &uid,
+        &device,
+        &format!(
+            "sh -c 'dd if=/dev/zero of={target}/buffered bs=1M count=48 2>/dev/null && \
+             dd if=/dev/null of={target}/buffered count=0 oflag=append conv=notrunc,fsync'"
+        ),
+    );
+    assert!(
+        run.device.get("wbytes").copied().unwrap_or(0.0) >= 48.0 * 1024.0 * 1024.0,
+        "the writeback was not charged to the pod: {:?}",
+        run.device
+    );
+    near(
+        "buffered writes' writeback, bytes/s",
+        run.device_rate("wbytes"),
+        WRITE_BPS,
+    );
+    let run = dd_in_pod(
+        &node,
+        &uid,
+        &device,
+        &format!("dd if={target}/direct of=/dev/null bs=4k count=240 iflag=direct"),
+    );
+    near(
+        "direct 4 KiB reads, IOPS",
+        run.bytes / 4096.0 / run.seconds,
+        READ_IOPS,
+    );
+
+    // A VolumeAttributesClass with reads limited only: the writes are free.
+    cluster
+        .apply(&attributes(
+            "reads-only",
+            json!({"lvmlocal.io/read-iops": "80"}),
+        ))
+        .unwrap();
+    let asked = std::time::Instant::now();
+    cluster
+        .kubectl(&[
+            "patch",
+            "pvc",
+            "limited",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"volumeAttributesClassName":"reads-only"}}"#,
+        ])
+        .unwrap();
+    wait_for("the new limits in force", Duration::from_secs(120), || {
+        let status = io_status(&cluster, &volume);
+        (status["applied"] == json!({"readIops": 80}) && status["enforced"] == true)
+            .then_some(())
+            .ok_or(status.to_string())
+    })
+    .unwrap();
+    println!(
+        "claim patched → new limits in force: {:.1} s",
+        asked.elapsed().as_secs_f64()
+    );
+    wait_for("the claim's class current", Duration::from_secs(60), || {
+        let pvc = cluster
+            .get(&["pvc", "limited", "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (pvc["status"]["currentVolumeAttributesClassName"] == "reads-only")
+            .then_some(())
+            .ok_or(pvc["status"].to_string())
+    })
+    .unwrap();
+    let run = dd_in_pod(
+        &node,
+        &uid,
+        &device,
+        &format!("dd if=/dev/zero of={target}/direct bs=1M count=36 oflag=direct conv=notrunc"),
+    );
+    let unlimited = run.bytes / run.seconds;
+    println!("direct writes without a limit: {unlimited:.0} bytes/s");
+    assert!(
+        unlimited > 1.5 * WRITE_BPS,
+        "writes still held to the old limit: {unlimited:.0} bytes/s"
+    );
+
+    delete_pod(&cluster, "limited");
+    cluster
+        .kubectl(&[
+            "delete",
+            "pvc",
+            "limited",
+            "-n",
+            NS,
+            "--wait=true",
+            "--timeout=180s",
+        ])
+        .unwrap();
+    // The publication records went with the volume.
+    let records = node
+        .sh("ls /var/lib/kubelet/plugins/lvmlocal.io/publications 2>/dev/null; true")
+        .unwrap();
+    assert!(!records.contains(&volume), "{records}");
 }
