@@ -25,6 +25,10 @@ use crate::capacity::capacities;
 /// How long DeleteVolume waits for the watch to show its deletion.
 const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How many times DeleteVolume reads and judges an object that keeps
+/// changing under it before it answers UNAVAILABLE.
+const DELETE_ATTEMPTS: u32 = 3;
+
 /// Field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "lvmlocal-controller";
 
@@ -65,39 +69,54 @@ impl KubeStore {
     /// Records on `lv` that DeleteVolume asked for its removal, and for
     /// which PersistentVolume; refused if `lv` changed since it was read.
     /// Returns the object as written.
-    async fn record_intent(&self, lv: &LogicalVolume) -> Result<LogicalVolume, StoreError> {
-        let id = lv.name_any();
-        let pvs = persistent_volumes_naming(&self.pvs, &id)
-            .await
-            .map_err(|err| {
-                StoreError::unavailable(format!("cannot list the PersistentVolumes of {id}"), err)
-            })?;
-        record_intent(&self.api, lv, &intent(&pvs))
-            .await
-            .map_err(|err| {
-                StoreError::unavailable(
-                    format!("cannot record the deletion intent on LogicalVolume {id}"),
-                    err,
-                )
-            })
+    /// Asks for the deletion of `id`, judged on the object as read. The
+    /// object changing meanwhile (its agent writes the status) is a
+    /// conflict: it is read and judged again, a few times, before the
+    /// caller is told to retry.
+    async fn request_deletion(&self, id: &VolumeId) -> Result<(), StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.try_deletion(id).await {
+                Err((context, kube::Error::Api(status)))
+                    if status.code == 409 && attempt < DELETE_ATTEMPTS =>
+                {
+                    tracing::debug!(%context, attempt, "changed since read; reading it again");
+                    attempt += 1;
+                }
+                Err((context, err)) => return Err(StoreError::unavailable(context, err)),
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
-    async fn request_deletion(&self, id: &VolumeId) -> Result<(), StoreError> {
-        let Some(mut lv) = self.api.get_opt(id.as_str()).await.map_err(|err| {
-            StoreError::unavailable(format!("cannot read LogicalVolume {id}"), err)
-        })?
+    async fn try_deletion(&self, id: &VolumeId) -> Result<(), (String, kube::Error)> {
+        let Some(mut lv) = self
+            .api
+            .get_opt(id.as_str())
+            .await
+            .map_err(|err| (format!("cannot read LogicalVolume {id}"), err))?
         else {
             return Ok(());
         };
         if delete_intent(&lv).is_none() {
-            lv = self.record_intent(&lv).await?;
+            let pvs = persistent_volumes_naming(&self.pvs, id.as_str())
+                .await
+                .map_err(|err| (format!("cannot list the PersistentVolumes of {id}"), err))?;
+            lv = record_intent(&self.api, &lv, &intent(&pvs))
+                .await
+                .map_err(|err| {
+                    (
+                        format!("cannot record the deletion intent on LogicalVolume {id}"),
+                        err,
+                    )
+                })?;
         }
         if lv.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        delete_as_read(&self.api, &lv).await.map_err(|err| {
-            StoreError::unavailable(format!("cannot delete LogicalVolume {id}"), err)
-        })
+        delete_as_read(&self.api, &lv)
+            .await
+            .map_err(|err| (format!("cannot delete LogicalVolume {id}"), err))
     }
 
     /// Waits a little for the watch to show `id` being deleted or gone; past

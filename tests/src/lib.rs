@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod csi;
 pub mod guest;
 pub mod manifests;
+pub mod pod_io;
 pub mod process;
 pub mod size;
 pub mod vm;

@@ -757,7 +757,9 @@ fn csi_sanity_against_the_cluster_mode_pair() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     println!("csi-sanity, cluster mode: {summary}");
-    assert!(passed >= 40, "{summary}");
+    // 54 with csi-sanity's six ModifyVolume specs, which the cluster mode
+    // offers (the standalone agent keeps no IO limits and skips them).
+    assert!(passed >= 54, "{summary}");
     // csi-sanity deletes what it made: nothing is left in the cluster or VM.
     wait_for(
         "no LogicalVolume or LV left",

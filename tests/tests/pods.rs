@@ -3,11 +3,11 @@
 //! kubelet. Every volume here is staged, published, expanded and torn down
 //! by kubelet's own calls, and every byte is written and read by a pod.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options, TOPOLOGY_KEY};
+use lvmlocal_tests::pod_io::{attributes_class, dd_in_pod, volume_device};
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::workload::{NS, claim, shell_pod, shell_stateful_set};
 use lvmlocal_tests::{GIB, Vm};
@@ -441,66 +441,6 @@ fn a_stateful_set_spreads_and_kubelet_reports_what_the_agent_measures() {
     );
 }
 
-/// What one `dd` in a pod's cgroup did: bytes it moved and seconds it took,
-/// by its own count, and what its cgroup's `io.stat` counted on the
-/// volume's device.
-struct Run {
-    bytes: f64,
-    seconds: f64,
-    device: BTreeMap<String, f64>,
-}
-
-impl Run {
-    /// The device's count of `key` (`wbytes`, `rios`, ...) per second.
-    fn device_rate(&self, key: &str) -> f64 {
-        self.device.get(key).copied().unwrap_or(0.0) / self.seconds
-    }
-}
-
-/// Runs `command` in the guest in a cgroup of its own under pod `uid`'s
-/// cgroup, as a container of the pod would; `device` is the volume's
-/// `MAJ:MIN`.
-fn dd_in_pod(node: &NodeVm, uid: &str, device: &str, command: &str) -> Run {
-    let output = node
-        .sh(&format!(
-            "cg=$(for d in /sys/fs/cgroup/kubepods/pod{uid} /sys/fs/cgroup/kubepods/*/pod{uid}; do \
-               [ -d $d ] && echo $d; done | head -n 1)\n\
-             [ -n \"$cg\" ] || {{ echo no cgroup for pod {uid}; exit 1; }}\n\
-             mkdir -p $cg/io-test\n\
-             sh -c \"echo \\$\\$ > $cg/io-test/cgroup.procs && exec {command}\" 2>&1; rc=$?\n\
-             grep '^{device} ' $cg/io-test/io.stat\n\
-             rmdir $cg/io-test\n\
-             exit $rc"
-        ))
-        .unwrap();
-    // GNU dd: "37748736 bytes (38 MB, 36 MiB) copied, 6.01 s, 6.3 MB/s"
-    let line = output
-        .lines()
-        .rfind(|line| line.contains(" copied, "))
-        .unwrap_or_else(|| panic!("no dd summary in {output}"));
-    let bytes: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
-    let seconds: f64 = line
-        .split(" copied, ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no time in {line}"));
-    let device = output
-        .lines()
-        .find(|line| line.starts_with(&format!("{device} ")))
-        .unwrap_or_else(|| panic!("no io.stat for {device} in {output}"))
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|field| field.split_once('='))
-        .map(|(key, value)| (key.to_owned(), value.parse().unwrap_or(0.0)))
-        .collect();
-    Run {
-        bytes,
-        seconds,
-        device,
-    }
-}
-
 /// `measured` is within 10 % of `limit`.
 fn near(what: &str, measured: f64, limit: f64) {
     let ratio = measured / limit;
@@ -546,24 +486,21 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
         "{refused:#}"
     );
     cluster.apply(&class).unwrap();
-    let attributes = |name: &str, parameters: Value| {
-        json!({
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "VolumeAttributesClass",
-            "metadata": {"name": name},
-            "driverName": "lvmlocal.io",
-            "parameters": parameters,
-        })
-    };
     let refused = cluster
-        .apply(&attributes("bad", json!({"lvmlocal.io/write-bps": "6MB"})))
+        .apply(&attributes_class(
+            "bad",
+            json!({"lvmlocal.io/write-bps": "6MB"}),
+        ))
         .expect_err("a write-bps in MB");
     assert!(
         format!("{refused:#}").contains("lvmlocal.io/write-bps must be whole numbers"),
         "{refused:#}"
     );
     let refused = cluster
-        .apply(&attributes("bad", json!({"lvmlocal.io/media": "hdd"})))
+        .apply(&attributes_class(
+            "bad",
+            json!({"lvmlocal.io/media": "hdd"}),
+        ))
         .expect_err("a media class in an attributes class");
     assert!(
         format!("{refused:#}")
@@ -611,30 +548,22 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
     );
 
     let target = format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/{pv}/mount");
-    let lv_path = cluster.get(&["logicalvolume", &volume]).unwrap()["status"]["devicePath"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let device = node
-        .sh(&format!(
-            "printf '%d:%d' 0x$(stat -L -c %t {lv_path}) 0x$(stat -L -c %T {lv_path})"
-        ))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let device = volume_device(&cluster, &node, &volume).unwrap();
     let run = dd_in_pod(
         &node,
         &uid,
         &device,
         &format!("dd if=/dev/zero of={target}/direct bs=1M count=36 oflag=direct"),
-    );
+    )
+    .unwrap();
     near("direct writes, bytes/s", run.bytes / run.seconds, WRITE_BPS);
     let run = dd_in_pod(
         &node,
         &uid,
         &device,
         &format!("dd if=/dev/zero of={target}/direct bs=4k count=300 oflag=direct conv=notrunc"),
-    );
+    )
+    .unwrap();
     near(
         "direct 4 KiB writes, IOPS",
         run.bytes / 4096.0 / run.seconds,
@@ -651,7 +580,8 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
             "sh -c 'dd if=/dev/zero of={target}/buffered bs=1M count=48 2>/dev/null && \
              dd if=/dev/null of={target}/buffered count=0 oflag=append conv=notrunc,fsync'"
         ),
-    );
+    )
+    .unwrap();
     assert!(
         run.device.get("wbytes").copied().unwrap_or(0.0) >= 48.0 * 1024.0 * 1024.0,
         "the writeback was not charged to the pod: {:?}",
@@ -667,7 +597,8 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
         &uid,
         &device,
         &format!("dd if={target}/direct of=/dev/null bs=4k count=240 iflag=direct"),
-    );
+    )
+    .unwrap();
     near(
         "direct 4 KiB reads, IOPS",
         run.bytes / 4096.0 / run.seconds,
@@ -676,7 +607,7 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
 
     // A VolumeAttributesClass with reads limited only: the writes are free.
     cluster
-        .apply(&attributes(
+        .apply(&attributes_class(
             "reads-only",
             json!({"lvmlocal.io/read-iops": "80"}),
         ))
@@ -719,7 +650,8 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
         &uid,
         &device,
         &format!("dd if=/dev/zero of={target}/direct bs=1M count=36 oflag=direct conv=notrunc"),
-    );
+    )
+    .unwrap();
     let unlimited = run.bytes / run.seconds;
     println!("direct writes without a limit: {unlimited:.0} bytes/s");
     assert!(
