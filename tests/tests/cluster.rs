@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use lvmlocal_tests::cluster::{Cluster, NAMESPACE, NodeVm, Options, RELEASE, TOPOLOGY_KEY};
 use lvmlocal_tests::manifests::CHART;
+use lvmlocal_tests::pod_io::attributes_class;
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::workload::{NS, claim};
 use lvmlocal_tests::{GIB, HOST_FROM_GUEST, Vm};
@@ -231,6 +232,61 @@ fn a_claim_of_each_class_binds_grows_and_goes() {
         );
         volumes.push((media, name, pv_name, handle));
     }
+
+    // IO limits from the claim's VolumeAttributesClass reach the
+    // LogicalVolume at creation. This node has no cgroup v2 mounted: the
+    // volume works, and its status and an event say the limits are not
+    // enforced, and why.
+    cluster
+        .apply(&attributes_class(
+            "modest",
+            json!({"lvmlocal.io/write-iops": "100", "lvmlocal.io/read-bps": "10Mi"}),
+        ))
+        .unwrap();
+    let mut limited = claim("limited", "lvmlocal-ssd", "1Gi");
+    limited["spec"]["volumeAttributesClassName"] = json!("modest");
+    cluster.apply(&limited).unwrap();
+    cluster.apply(&pod("app-limited", &["limited"])).unwrap();
+    let bound = wait_bound(&cluster, "limited", Duration::from_secs(180));
+    let pv = cluster
+        .get(&["pv", bound["spec"]["volumeName"].as_str().unwrap()])
+        .unwrap();
+    let handle = pv["spec"]["csi"]["volumeHandle"].as_str().unwrap();
+    wait_for(
+        "the limits reported not enforced",
+        Duration::from_secs(60),
+        || {
+            let llv = cluster
+                .get(&["logicalvolume", handle])
+                .map_err(|err| err.to_string())?;
+            let io = &llv["status"]["ioLimits"];
+            (llv["status"]["phase"] == "Ready"
+                && llv["spec"]["ioLimits"] == json!({"writeIops": 100, "readBps": 10485760})
+                && io["applied"] == llv["spec"]["ioLimits"]
+                && io["enforced"] == false
+                && io["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("no cgroup v2 hierarchy at /sys/fs/cgroup")))
+            .then_some(())
+            .ok_or(llv.to_string())
+        },
+    )
+    .unwrap();
+    wait_for("the event", Duration::from_secs(30), || {
+        let said = all_events(&cluster, handle);
+        (said.contains("IoLimitsNotEnforced") && said.contains("the volume works without"))
+            .then_some(())
+            .ok_or(said)
+    })
+    .unwrap();
+    delete_all(&cluster, "app-limited", &["limited"]);
+    wait_for("the limited volume gone", Duration::from_secs(120), || {
+        let lvs = node.lvs().map_err(|err| err.to_string())?;
+        (!lvs.contains_key(&format!("lvmlocal-ssd/{handle}")))
+            .then_some(())
+            .ok_or(format!("{lvs:?}"))
+    })
+    .unwrap();
 
     // The extender saw every pod: its metrics count the filter calls.
     let metrics = lvmlocal_tests::guest::http_get(
