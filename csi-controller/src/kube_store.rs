@@ -69,6 +69,32 @@ impl KubeStore {
     /// Records on `lv` that DeleteVolume asked for its removal, and for
     /// which PersistentVolume; refused if `lv` changed since it was read.
     /// Returns the object as written.
+    /// Merges `spec` into the spec of `volume`'s object; `what` names the
+    /// change in an error.
+    async fn patch_spec(
+        &self,
+        volume: &Volume,
+        spec: Value,
+        what: &str,
+    ) -> Result<Volume, StoreError> {
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let lv = self
+            .api
+            .patch(
+                volume.id.as_str(),
+                &params,
+                &Patch::Merge(&json!({ "spec": spec })),
+            )
+            .await
+            .map_err(|err| {
+                StoreError::unavailable(format!("cannot {what} LogicalVolume {}", volume.id), err)
+            })?;
+        volume_of(&lv)
+    }
+
     /// Asks for the deletion of `id`, judged on the object as read. The
     /// object changing meanwhile (its agent writes the status) is a
     /// conflict: it is read and judged again, a few times, before the
@@ -291,19 +317,8 @@ impl Store for KubeStore {
     }
 
     async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StoreError> {
-        let patch = json!({ "spec": { "sizeBytes": size_bytes } });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..PatchParams::default()
-        };
-        let lv = self
-            .api
-            .patch(volume.id.as_str(), &params, &Patch::Merge(&patch))
+        self.patch_spec(volume, json!({ "sizeBytes": size_bytes }), "resize")
             .await
-            .map_err(|err| {
-                StoreError::unavailable(format!("cannot resize LogicalVolume {}", volume.id), err)
-            })?;
-        volume_of(&lv)
     }
 
     async fn modify(&self, volume: &Volume, io_limits: IoLimits) -> Result<Volume, StoreError> {
@@ -319,22 +334,12 @@ impl Store for KubeStore {
                 "writeBps": io_limits.write_bps,
             })
         };
-        let patch = json!({ "spec": { "ioLimits": limits } });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..PatchParams::default()
-        };
-        let lv = self
-            .api
-            .patch(volume.id.as_str(), &params, &Patch::Merge(&patch))
-            .await
-            .map_err(|err| {
-                StoreError::unavailable(
-                    format!("cannot change the IO limits of LogicalVolume {}", volume.id),
-                    err,
-                )
-            })?;
-        volume_of(&lv)
+        self.patch_spec(
+            volume,
+            json!({ "ioLimits": limits }),
+            "change the IO limits of",
+        )
+        .await
     }
 
     async fn list(

@@ -211,23 +211,16 @@ fn bench_media(cluster: &Cluster, node: &NodeVm, media: &str) -> anyhow::Result<
             applied.as_secs_f64()
         );
     }
-    cluster.kubectl(&[
-        "delete",
-        "pod",
-        &name,
-        "-n",
-        NS,
-        "--wait=true",
-        "--timeout=180s",
-    ])?;
-    cluster.kubectl(&[
-        "delete",
-        "pvc",
-        &name,
-        "-n",
-        NS,
-        "--wait=true",
-        "--timeout=180s",
-    ])?;
+    for kind in ["pod", "pvc"] {
+        cluster.kubectl(&[
+            "delete",
+            kind,
+            &name,
+            "-n",
+            NS,
+            "--wait=true",
+            "--timeout=180s",
+        ])?;
+    }
     Ok(())
 }
