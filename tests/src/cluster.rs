@@ -886,6 +886,25 @@ impl Cluster {
         Ok(serde_json::from_str(&self.kubectl(&args)?)?)
     }
 
+    /// Waits up to five minutes for pod `name` in `namespace` to run, and
+    /// returns it.
+    pub fn wait_running(&self, namespace: &str, name: &str) -> anyhow::Result<Value> {
+        wait_for(
+            &format!("pod {name} running"),
+            Duration::from_secs(300),
+            || {
+                let pod = self
+                    .get(&["pod", name, "-n", namespace])
+                    .map_err(|err| err.to_string())?;
+                if pod["status"]["phase"] == "Running" {
+                    Ok(pod)
+                } else {
+                    Err(pod["status"].to_string())
+                }
+            },
+        )
+    }
+
     /// Items of `kubectl get <kind> -o json` (all namespaces for namespaced kinds).
     pub fn list(&self, kind: &str) -> anyhow::Result<Vec<Value>> {
         let list = self.get(&[kind, "-A"])?;

@@ -282,15 +282,7 @@ fn block_volumes_fs_groups_and_online_expansion_in_running_pods() {
              sleep 1; done",
         ))
         .unwrap();
-    wait_for("pod grower running", Duration::from_secs(300), || {
-        let pod = cluster
-            .get(&["pod", "grower", "-n", NS])
-            .map_err(|err| err.to_string())?;
-        (pod["status"]["phase"] == "Running")
-            .then_some(())
-            .ok_or(pod["status"].to_string())
-    })
-    .unwrap();
+    cluster.wait_running(NS, "grower").unwrap();
     cluster
         .kubectl(&[
             "patch",
@@ -514,16 +506,7 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
     cluster
         .apply(&shell_pod("limited", Some("limited"), "sleep 3600"))
         .unwrap();
-    wait_for("pod limited running", Duration::from_secs(300), || {
-        let pod = cluster
-            .get(&["pod", "limited", "-n", NS])
-            .map_err(|err| err.to_string())?;
-        (pod["status"]["phase"] == "Running")
-            .then_some(())
-            .ok_or(pod["status"].to_string())
-    })
-    .unwrap();
-    let pod = cluster.get(&["pod", "limited", "-n", NS]).unwrap();
+    let pod = cluster.wait_running(NS, "limited").unwrap();
     let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
     let pvc = cluster.get(&["pvc", "limited", "-n", NS]).unwrap();
     let pv = pvc["spec"]["volumeName"].as_str().unwrap().to_owned();

@@ -117,19 +117,7 @@ fn bench_media(cluster: &Cluster, node: &NodeVm, media: &str) -> anyhow::Result<
     )?;
     cluster.apply(&claim(&name, &format!("lvmlocal-{media}"), "2Gi"))?;
     cluster.apply(&shell_pod(&name, Some(&name), "sleep 3600"))?;
-    wait_for(
-        &format!("pod {name} running"),
-        Duration::from_secs(300),
-        || {
-            let pod = cluster
-                .get(&["pod", &name, "-n", NS])
-                .map_err(|err| err.to_string())?;
-            (pod["status"]["phase"] == "Running")
-                .then_some(())
-                .ok_or(pod["status"].to_string())
-        },
-    )?;
-    let pod = cluster.get(&["pod", &name, "-n", NS])?;
+    let pod = cluster.wait_running(NS, &name)?;
     let uid = pod["metadata"]["uid"]
         .as_str()
         .context("pod uid")?
