@@ -19,6 +19,8 @@ use std::time::Duration;
 use lvmlocal_proto::crd::IoLimitsStatus;
 use lvmlocal_proto::io_limits::IoLimits;
 
+use crate::metrics::Metrics;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
     #[error("pod UID {0:?} is not a UID")]
@@ -78,10 +80,11 @@ pub struct IoLimiter {
     /// Why limits cannot be enforced on this node, if they cannot.
     unsupported: Option<String>,
     wanted: Mutex<HashMap<String, Wanted>>,
+    metrics: Arc<Metrics>,
 }
 
 impl IoLimiter {
-    pub fn new(cgroup_root: PathBuf, records: PathBuf) -> Self {
+    pub fn new(cgroup_root: PathBuf, records: PathBuf, metrics: Arc<Metrics>) -> Self {
         let unsupported = support(&cgroup_root).err();
         if let Some(reason) = &unsupported {
             tracing::warn!(%reason, "IO limits cannot be enforced on this node");
@@ -91,6 +94,7 @@ impl IoLimiter {
             records,
             unsupported,
             wanted: Mutex::default(),
+            metrics,
         }
     }
 
@@ -114,7 +118,8 @@ impl IoLimiter {
         if let (Some(limits), None) = (limits, &self.unsupported) {
             let (major, minor) = device_number(device)?;
             if let Some(cgroup) = pod_cgroup(&self.cgroup_root, pod_uid) {
-                hold(&cgroup, major, minor, limits)?;
+                hold(&cgroup, major, minor, limits)
+                    .inspect_err(|_| self.metrics.io_limit_failed())?;
             }
         }
         Ok(())
@@ -173,17 +178,20 @@ impl IoLimiter {
 
     /// Holds the pods of every volume to its limits again: a pod whose
     /// cgroup came after its publication, or whose entry was changed by
-    /// someone else, is put right.
+    /// someone else, is put right. Counts the pods held.
     pub fn refresh(&self) {
         if self.unsupported.is_some() {
             return;
         }
         let wanted = self.wanted.lock().expect("limit table poisoned").clone();
+        let mut held = 0;
         for (id, wanted) in wanted {
-            if let Err(err) = self.apply(&id, &wanted.device, wanted.limits) {
-                tracing::warn!(volume = %id, error = %err, "cannot apply IO limits");
+            match self.apply(&id, &wanted.device, wanted.limits) {
+                Ok(pods) => held += pods,
+                Err(err) => tracing::debug!(volume = %id, error = %err, "IO limits not applied"),
             }
         }
+        self.metrics.io_limited_pods(held);
     }
 
     fn wanted_limits(&self, id: &str) -> Option<IoLimits> {
@@ -194,19 +202,36 @@ impl IoLimiter {
             .map(|wanted| wanted.limits)
     }
 
-    fn apply(&self, id: &str, device: &Path, limits: IoLimits) -> Result<(), LimitError> {
+    /// Holds every pod that publishes volume `id` to `limits`: how many
+    /// pods it holds to a limit, or the first failure (the other pods are
+    /// held all the same).
+    fn apply(&self, id: &str, device: &Path, limits: IoLimits) -> Result<usize, LimitError> {
         let publications = self.publications(id)?;
         if publications.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let (major, minor) = device_number(device)?;
+        let mut held = 0;
+        let mut failure = None;
         for (uid, _) in publications {
-            match pod_cgroup(&self.cgroup_root, &uid) {
-                Some(cgroup) => hold(&cgroup, major, minor, limits)?,
-                None => tracing::debug!(pod = %uid, "no cgroup for the pod (yet)"),
+            let Some(cgroup) = pod_cgroup(&self.cgroup_root, &uid) else {
+                tracing::debug!(pod = %uid, "no cgroup for the pod (yet)");
+                continue;
+            };
+            match hold(&cgroup, major, minor, limits) {
+                Ok(()) => held += 1,
+                Err(err) => {
+                    self.metrics.io_limit_failed();
+                    tracing::warn!(volume = %id, pod = %uid, error = %err, "cannot apply IO limits");
+                    failure.get_or_insert(err);
+                }
             }
         }
-        Ok(())
+        match failure {
+            Some(err) => Err(err),
+            None if limits.is_none() => Ok(0),
+            None => Ok(held),
+        }
     }
 
     /// The pods that publish volume `id`, with their target paths.
@@ -312,6 +337,10 @@ mod tests {
 
     const UID: &str = "0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10";
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&lvmlocal_proto::rpc::RpcMetrics::default()))
+    }
+
     #[test]
     fn pod_cgroups_are_found_in_either_layout() {
         let root = tempfile::tempdir().unwrap();
@@ -340,7 +369,7 @@ mod tests {
     #[test]
     fn a_node_without_the_io_controller_says_so() {
         let root = tempfile::tempdir().unwrap();
-        let limiter = IoLimiter::new(root.path().into(), root.path().join("records"));
+        let limiter = IoLimiter::new(root.path().into(), root.path().join("records"), metrics());
         let limits = IoLimits {
             write_iops: Some(10),
             ..IoLimits::NONE
@@ -357,7 +386,7 @@ mod tests {
         );
 
         fs::write(root.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
-        let limiter = IoLimiter::new(root.path().into(), root.path().join("records"));
+        let limiter = IoLimiter::new(root.path().into(), root.path().join("records"), metrics());
         let status = limiter.set("v", Path::new("/dev/null"), limits);
         assert!(status.message.unwrap().contains("io controller"));
     }
@@ -376,7 +405,7 @@ mod tests {
         )
         .unwrap();
         let records = root.path().join("records");
-        let limiter = IoLimiter::new(root.path().into(), records.clone());
+        let limiter = IoLimiter::new(root.path().into(), records.clone(), metrics());
         let device = Path::new("/dev/null");
         let (major, minor) = device_number(device).unwrap();
         let target = Path::new("/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/pv/mount");
@@ -397,6 +426,21 @@ mod tests {
             format!("{major}:{minor} rbps=max wbps=1048576 riops=max wiops=max")
         );
         assert!(limiter.published("v", "../../etc", target, device).is_err());
+        limiter.refresh();
+        let text = limiter.metrics.encode();
+        assert!(text.contains("lvmlocal_agent_io_limited_pods 1"), "{text}");
+
+        // An io.max that cannot be written (the controller gone from the
+        // pod's cgroup) fails the status and is counted.
+        fs::remove_file(cgroup.join("io.max")).unwrap();
+        let status = limiter.set("v", device, IoLimits::NONE);
+        assert!(!status.enforced);
+        assert!(status.message.unwrap().contains("io.max"));
+        let text = limiter.metrics.encode();
+        assert!(
+            text.contains("lvmlocal_agent_io_limit_failures_total 1"),
+            "{text}"
+        );
 
         limiter.unpublished("v", Path::new("/elsewhere")).unwrap();
         assert!(records.join("v").join(UID).exists(), "another target");

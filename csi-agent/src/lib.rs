@@ -355,6 +355,7 @@ async fn serve(args: Args) -> Result<(), AgentError> {
     let limiter = Arc::new(IoLimiter::new(
         args.cgroup_root.clone(),
         io_limits::records_dir(&args.kubelet_dir),
+        metrics.clone(),
     ));
     let limits = tokio::spawn(io_limits::run(limiter.clone()));
     let reconciler = client.map(|client| {

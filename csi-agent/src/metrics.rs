@@ -63,6 +63,8 @@ pub struct Metrics {
     volume_capacity: Family<VolumeLabel, Gauge>,
     media_load: Family<MediaLabel, Gauge>,
     kubelet_registered: Gauge,
+    io_limited_pods: Gauge,
+    io_limit_failures: Counter,
     /// Every external command the agent runs.
     pub commands: CommandMetrics,
     /// Unix time of the last rescan that completed, for `/healthz`.
@@ -95,6 +97,18 @@ impl Metrics {
         let volume_capacity = Family::default();
         let media_load = Family::default();
         let kubelet_registered = Gauge::default();
+        let io_limited_pods = Gauge::default();
+        let io_limit_failures = Counter::default();
+        registry.register(
+            "io_limited_pods",
+            "Pods held to a volume's IO limits, one per volume and pod, as of the last check",
+            io_limited_pods.clone(),
+        );
+        registry.register(
+            "io_limit_failures",
+            "Attempts to write a volume's IO limits into a pod's cgroup that failed",
+            io_limit_failures.clone(),
+        );
         let commands = CommandMetrics::default();
         commands.register(&mut registry);
         registry.register(
@@ -191,6 +205,8 @@ impl Metrics {
             volume_capacity,
             media_load,
             kubelet_registered,
+            io_limited_pods,
+            io_limit_failures,
             commands,
             last_rescan: AtomicU64::new(0),
         }
@@ -299,6 +315,17 @@ impl Metrics {
     }
 
     /// What kubelet answered to the driver's registration.
+    /// How many pods, counted once per volume, the last check held to IO
+    /// limits.
+    pub fn io_limited_pods(&self, pods: usize) {
+        self.io_limited_pods
+            .set(i64::try_from(pods).unwrap_or(i64::MAX));
+    }
+
+    pub fn io_limit_failed(&self) {
+        self.io_limit_failures.inc();
+    }
+
     pub fn kubelet_registered(&self, registered: bool) {
         self.kubelet_registered.set(i64::from(registered));
     }

@@ -889,6 +889,7 @@ mod tests {
             Arc::new(IoLimiter::new(
                 "/nonexistent/cgroup".into(),
                 "/nonexistent/records".into(),
+                Arc::new(Metrics::new(&RpcMetrics::default())),
             )),
         )
     }

@@ -1302,6 +1302,7 @@ mod tests {
                 Arc::new(IoLimiter::new(
                     "/nonexistent/cgroup".into(),
                     "/nonexistent/records".into(),
+                    metrics.clone(),
                 )),
                 metrics,
             )),

@@ -522,6 +522,17 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
             .ok_or(status.to_string())
     })
     .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    // The agent's next check counts the pod as held.
+    wait_for("the pod counted as held", Duration::from_secs(30), || {
+        let metrics = node
+            .sh("busybox wget -qO- http://127.0.0.1:9808/metrics")
+            .map_err(|err| err.to_string())?;
+        metrics
+            .contains("lvmlocal_agent_io_limited_pods 1")
+            .then_some(())
+            .ok_or(metrics)
+    })
+    .unwrap();
     let io_max = node
         .sh(&format!("cat /sys/fs/cgroup/kubepods/*/pod{uid}/io.max /sys/fs/cgroup/kubepods/pod{uid}/io.max 2>/dev/null; true"))
         .unwrap();
