@@ -653,6 +653,51 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
         "writes still held to the old limit: {unlimited:.0} bytes/s"
     );
 
+    // A crashed and restarted agent, which has seen no publication since,
+    // still reaches the running pod: its publication was recorded on disk.
+    node.kill_agent().unwrap();
+    node.start_agent_with(&["--kubelet-registration-path", "/run/lvmlocal/csi.sock"])
+        .unwrap();
+    cluster
+        .apply(&attributes_class(
+            "writes-8mi",
+            json!({"lvmlocal.io/write-bps": "8Mi"}),
+        ))
+        .unwrap();
+    cluster
+        .kubectl(&[
+            "patch",
+            "pvc",
+            "limited",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"volumeAttributesClassName":"writes-8mi"}}"#,
+        ])
+        .unwrap();
+    wait_for(
+        "the pod held by the restarted agent",
+        Duration::from_secs(120),
+        || {
+            let status = io_status(&cluster, &volume);
+            let io_max = node
+                .sh(&format!(
+                    "cat /sys/fs/cgroup/kubepods/*/pod{uid}/io.max \
+                     /sys/fs/cgroup/kubepods/pod{uid}/io.max 2>/dev/null; true"
+                ))
+                .map_err(|err| err.to_string())?;
+            (status["applied"] == json!({"writeBps": 8388608})
+                && status["enforced"] == true
+                && io_max.contains(&format!(
+                    "{device} rbps=max wbps=8388608 riops=max wiops=max"
+                )))
+            .then_some(())
+            .ok_or(format!("{status}\n{io_max}"))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+
     delete_pod(&cluster, "limited");
     cluster
         .kubectl(&[
