@@ -117,10 +117,7 @@ impl IoLimiter {
         let limits = self.wanted_limits(id);
         if let (Some(limits), None) = (limits, &self.unsupported) {
             let (major, minor) = device_number(device)?;
-            if let Some(cgroup) = pod_cgroup(&self.cgroup_root, pod_uid) {
-                hold(&cgroup, major, minor, limits)
-                    .inspect_err(|_| self.metrics.io_limit_failed())?;
-            }
+            self.hold_pod(pod_uid, major, minor, limits)?;
         }
         Ok(())
     }
@@ -214,14 +211,10 @@ impl IoLimiter {
         let mut held = 0;
         let mut failure = None;
         for (uid, _) in publications {
-            let Some(cgroup) = pod_cgroup(&self.cgroup_root, &uid) else {
-                tracing::debug!(pod = %uid, "no cgroup for the pod (yet)");
-                continue;
-            };
-            match hold(&cgroup, major, minor, limits) {
-                Ok(()) => held += 1,
+            match self.hold_pod(&uid, major, minor, limits) {
+                Ok(true) => held += 1,
+                Ok(false) => {}
                 Err(err) => {
-                    self.metrics.io_limit_failed();
                     tracing::warn!(volume = %id, pod = %uid, error = %err, "cannot apply IO limits");
                     failure.get_or_insert(err);
                 }
@@ -232,6 +225,23 @@ impl IoLimiter {
             None if limits.is_none() => Ok(0),
             None => Ok(held),
         }
+    }
+
+    /// Holds pod `uid` to `limits` on device `major:minor`; false when the
+    /// pod has no cgroup (not yet, or no longer). A failure is counted.
+    fn hold_pod(
+        &self,
+        uid: &str,
+        major: u64,
+        minor: u64,
+        limits: IoLimits,
+    ) -> Result<bool, LimitError> {
+        let Some(cgroup) = pod_cgroup(&self.cgroup_root, uid) else {
+            tracing::debug!(pod = %uid, "no cgroup for the pod (yet)");
+            return Ok(false);
+        };
+        hold(&cgroup, major, minor, limits).inspect_err(|_| self.metrics.io_limit_failed())?;
+        Ok(true)
     }
 
     /// The pods that publish volume `id`, with their target paths.
