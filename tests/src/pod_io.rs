@@ -51,19 +51,54 @@ impl Run {
     }
 }
 
+/// Shell lines that set `$cg` to pod `uid`'s cgroup in kubelet's cgroupfs
+/// layout (any QoS class), or fail naming the pod.
+fn pod_cgroup(uid: &str) -> String {
+    format!(
+        "cg=$(for d in /sys/fs/cgroup/kubepods/pod{uid} /sys/fs/cgroup/kubepods/*/pod{uid}; do \
+           [ -d $d ] && echo $d; done | head -n 1)\n\
+         [ -n \"$cg\" ] || {{ echo no cgroup for pod {uid}; exit 1; }}\n"
+    )
+}
+
+/// The `io.max` of pod `uid`'s cgroup on `node`.
+pub fn pod_io_max(node: &NodeVm, uid: &str) -> anyhow::Result<String> {
+    node.sh(&format!("{}cat $cg/io.max", pod_cgroup(uid)))
+}
+
+/// Gives claim `claim` in `namespace` the VolumeAttributesClass `class`:
+/// csi-resizer then calls ControllerModifyVolume.
+pub fn set_attributes_class(
+    cluster: &Cluster,
+    namespace: &str,
+    claim: &str,
+    class: &str,
+) -> anyhow::Result<()> {
+    cluster
+        .kubectl(&[
+            "patch",
+            "pvc",
+            claim,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            &json!({"spec": {"volumeAttributesClassName": class}}).to_string(),
+        ])
+        .map(drop)
+}
+
 /// Runs `command` in the guest in a cgroup of its own under pod `uid`'s
 /// cgroup, as a container of the pod would; `device` is the volume's
 /// `MAJ:MIN`.
 pub fn dd_in_pod(node: &NodeVm, uid: &str, device: &str, command: &str) -> anyhow::Result<Run> {
     let output = node.sh(&format!(
-        "cg=$(for d in /sys/fs/cgroup/kubepods/pod{uid} /sys/fs/cgroup/kubepods/*/pod{uid}; do \
-               [ -d $d ] && echo $d; done | head -n 1)\n\
-             [ -n \"$cg\" ] || {{ echo no cgroup for pod {uid}; exit 1; }}\n\
-             mkdir -p $cg/io-test\n\
+        "{}mkdir -p $cg/io-test\n\
              sh -c \"echo \\$\\$ > $cg/io-test/cgroup.procs && exec {command}\" 2>&1; rc=$?\n\
              grep '^{device} ' $cg/io-test/io.stat\n\
              rmdir $cg/io-test\n\
-             exit $rc"
+             exit $rc",
+        pod_cgroup(uid)
     ))?;
     // GNU dd: "37748736 bytes (38 MB, 36 MiB) copied, 6.01 s, 6.3 MB/s"
     let line = output

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options, TOPOLOGY_KEY};
-use lvmlocal_tests::pod_io::{attributes_class, dd_in_pod, volume_device};
+use lvmlocal_tests::pod_io::{
+    attributes_class, dd_in_pod, pod_io_max, set_attributes_class, volume_device,
+};
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::workload::{NS, claim, shell_pod, shell_stateful_set};
 use lvmlocal_tests::{GIB, Vm};
@@ -533,9 +535,7 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
             .ok_or(metrics)
     })
     .unwrap();
-    let io_max = node
-        .sh(&format!("cat /sys/fs/cgroup/kubepods/*/pod{uid}/io.max /sys/fs/cgroup/kubepods/pod{uid}/io.max 2>/dev/null; true"))
-        .unwrap();
+    let io_max = pod_io_max(&node, &uid).unwrap();
     assert!(
         io_max.contains("rbps=max wbps=6291456 riops=80 wiops=50"),
         "{io_max}"
@@ -607,18 +607,7 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
         ))
         .unwrap();
     let asked = std::time::Instant::now();
-    cluster
-        .kubectl(&[
-            "patch",
-            "pvc",
-            "limited",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"volumeAttributesClassName":"reads-only"}}"#,
-        ])
-        .unwrap();
+    set_attributes_class(&cluster, NS, "limited", "reads-only").unwrap();
     wait_for("the new limits in force", Duration::from_secs(120), || {
         let status = io_status(&cluster, &volume);
         (status["applied"] == json!({"readIops": 80}) && status["enforced"] == true)
@@ -664,29 +653,13 @@ fn io_limits_hold_a_pods_io_and_follow_its_attributes_class() {
             json!({"lvmlocal.io/write-bps": "8Mi"}),
         ))
         .unwrap();
-    cluster
-        .kubectl(&[
-            "patch",
-            "pvc",
-            "limited",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"volumeAttributesClassName":"writes-8mi"}}"#,
-        ])
-        .unwrap();
+    set_attributes_class(&cluster, NS, "limited", "writes-8mi").unwrap();
     wait_for(
         "the pod held by the restarted agent",
         Duration::from_secs(120),
         || {
             let status = io_status(&cluster, &volume);
-            let io_max = node
-                .sh(&format!(
-                    "cat /sys/fs/cgroup/kubepods/*/pod{uid}/io.max \
-                     /sys/fs/cgroup/kubepods/pod{uid}/io.max 2>/dev/null; true"
-                ))
-                .map_err(|err| err.to_string())?;
+            let io_max = pod_io_max(&node, &uid).map_err(|err| err.to_string())?;
             (status["applied"] == json!({"writeBps": 8388608})
                 && status["enforced"] == true
                 && io_max.contains(&format!(

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lvmlocal_tests::cluster::{CLAIM_LABEL, Cluster, NodeVm, Options};
-use lvmlocal_tests::pod_io::{Run, attributes_class, dd_in_pod, volume_device};
+use lvmlocal_tests::pod_io::{
+    Run, attributes_class, dd_in_pod, set_attributes_class, volume_device,
+};
 use lvmlocal_tests::process::wait_for;
 use lvmlocal_tests::workload::{NS, claim, shell_pod};
 use lvmlocal_tests::{GIB, Vm};
@@ -163,16 +165,7 @@ fn bench_media(cluster: &Cluster, node: &NodeVm, media: &str) -> anyhow::Result<
 
     for limit in limits() {
         let asked = Instant::now();
-        cluster.kubectl(&[
-            "patch",
-            "pvc",
-            &name,
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            &json!({"spec": {"volumeAttributesClassName": limit.class}}).to_string(),
-        ])?;
+        set_attributes_class(cluster, NS, &name, limit.class)?;
         wait_for("the limit in force", Duration::from_secs(120), || {
             let status = cluster
                 .get(&["logicalvolume", &volume])
