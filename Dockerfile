@@ -25,11 +25,12 @@ ENTRYPOINT ["csi-scheduler"]
 # Last, so a build without --target makes the node plugin. What the agent
 # runs: lvm2 (pvcreate, vgcreate, lvcreate, lvs, ...), util-linux (blkid,
 # wipefs, blkdiscard), mount (mount, umount), e2fsprogs (mkfs.ext4,
-# resize2fs) and xfsprogs (mkfs.xfs, xfs_growfs). It must run as root (privileged).
+# resize2fs), xfsprogs (mkfs.xfs, xfs_growfs) and thin-provisioning-tools
+# (thin_check, which LVM runs on thin pools). It must run as root (privileged).
 FROM debian:bookworm-slim AS agent
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        lvm2 util-linux mount e2fsprogs xfsprogs \
+        lvm2 util-linux mount e2fsprogs xfsprogs thin-provisioning-tools \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/csi-agent /usr/local/bin/
 ENTRYPOINT ["csi-agent"]

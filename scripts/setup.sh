@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# qemu runs the test bed; lvm2, e2fsprogs, xfsprogs and util-linux are the
-# host tools the guest borrows (fdisk makes partition tables in tests); busybox-static, cpio and kmod build its initramfs;
+# qemu runs the test bed; lvm2, thin-provisioning-tools (thin_check for thin
+# pools), e2fsprogs, xfsprogs and util-linux are the host tools the guest borrows (fdisk makes partition tables in tests); busybox-static, cpio and kmod build its initramfs;
 # socat carries the guest's connections to the host's API server; openssl makes the test cluster's certificates;
 # containerd, runc and the CNI plugins are the container runtime of the kubelet that runs in the guest.
-packages=(qemu-system-x86 lvm2 e2fsprogs xfsprogs util-linux fdisk mount busybox-static cpio kmod socat openssl
+packages=(qemu-system-x86 lvm2 thin-provisioning-tools e2fsprogs xfsprogs util-linux fdisk mount busybox-static cpio kmod socat openssl
     containerd runc containernetworking-plugins)
 missing=()
 for pkg in "${packages[@]}"; do

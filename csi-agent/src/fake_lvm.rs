@@ -127,10 +127,15 @@ impl VolumeBackend for FakeLvm {
                         .map(|volume| (volume.id.clone(), volume.size_bytes))
                         .collect(),
                     other_bytes: self.other.lock().unwrap().get(media),
+                    pool: None,
                 };
                 (media, usage)
             })
             .collect())
+    }
+
+    async fn tend_pools(&self) -> Result<Vec<String>, VolumeError> {
+        Ok(Vec::new())
     }
 }
 
@@ -147,6 +152,7 @@ pub fn local(id: &str, media: MediaClass, size_bytes: u64) -> LocalVolume {
         healthy: true,
         dm_name: None,
         kernel_errors: None,
+        thin: None,
     }
 }
 

@@ -92,7 +92,8 @@ impl Lvm {
         args.extend([
             "--nosuffix",
             "-o",
-            "lv_name,vg_name,lv_size,lv_tags,lv_attr,lv_path,lv_kernel_minor",
+            "lv_name,vg_name,lv_size,lv_tags,lv_attr,lv_path,lv_kernel_minor,pool_lv,\
+             lv_metadata_size,data_percent,metadata_percent,lv_when_full",
         ]);
         args.extend(vg);
         let cmd = Cmd::new("lvs", args);
@@ -123,6 +124,63 @@ impl Lvm {
         self.runner
             .run(&lvcreate_cmd(vg, name, size_bytes, tags))
             .await?;
+        Ok(())
+    }
+
+    /// Creates the thin pool `name` with `data_bytes` of data and
+    /// `metadata_bytes` of metadata (and a spare of that size for repairs).
+    /// New blocks are zeroed before a thin volume sees them, so a thin
+    /// volume never shows an earlier tenant's data; a full pool fails
+    /// writes at once instead of queueing them.
+    pub async fn create_thin_pool(
+        &self,
+        vg: &str,
+        name: &str,
+        data_bytes: u64,
+        metadata_bytes: u64,
+    ) -> Result<(), LvmError> {
+        self.runner
+            .run(&thin_pool_cmd(vg, name, data_bytes, metadata_bytes))
+            .await?;
+        self.fail_writes_when_full(vg, name).await
+    }
+
+    /// Makes a full thin pool fail writes at once; by default it queues
+    /// them for a minute, leaving the writer hung without a word.
+    pub async fn fail_writes_when_full(&self, vg: &str, pool: &str) -> Result<(), LvmError> {
+        let args = ["--errorwhenfull", "y", &format!("{vg}/{pool}")].map(str::to_owned);
+        self.runner.run(&Cmd::new("lvchange", args)).await?;
+        Ok(())
+    }
+
+    /// `lvcreate` of a thin volume of `size_bytes` in the pool `pool`.
+    pub async fn lvcreate_thin(
+        &self,
+        vg: &str,
+        pool: &str,
+        name: &str,
+        size_bytes: u64,
+        tags: &[String],
+    ) -> Result<(), LvmError> {
+        self.runner
+            .run(&thin_lvcreate_cmd(vg, pool, name, size_bytes, tags))
+            .await?;
+        Ok(())
+    }
+
+    /// Grows the metadata of the thin pool `pool` to `bytes`.
+    pub async fn extend_pool_metadata(
+        &self,
+        vg: &str,
+        pool: &str,
+        bytes: u64,
+    ) -> Result<(), LvmError> {
+        let args = [
+            "--poolmetadatasize".to_owned(),
+            format!("{bytes}b"),
+            format!("{vg}/{pool}"),
+        ];
+        self.runner.run(&Cmd::new("lvextend", args)).await?;
         Ok(())
     }
 
@@ -275,6 +333,15 @@ pub struct Lv {
     pub path: String,
     /// Minor number of its device-mapper device while active.
     pub kernel_minor: Option<u32>,
+    /// The thin pool of a thin LV.
+    pub pool: Option<String>,
+    /// A thin pool's metadata size, and how full its data and metadata are
+    /// in hundredths of a percent (0 to 10000).
+    pub metadata_bytes: Option<u64>,
+    pub data_percent: Option<u32>,
+    pub metadata_percent: Option<u32>,
+    /// A thin pool that fails writes when full rather than queueing them.
+    pub errors_when_full: bool,
 }
 
 impl Lv {
@@ -290,6 +357,45 @@ impl Lv {
     pub fn open(&self) -> bool {
         self.attr.chars().nth(5) == Some('o')
     }
+
+    /// A thin pool (volume type `t`).
+    pub fn thin_pool(&self) -> bool {
+        self.attr.starts_with('t')
+    }
+}
+
+fn thin_pool_cmd(vg: &str, name: &str, data_bytes: u64, metadata_bytes: u64) -> Cmd {
+    let args = [
+        "--type",
+        "thin-pool",
+        "--name",
+        name,
+        "--size",
+        &format!("{data_bytes}b"),
+        "--poolmetadatasize",
+        &format!("{metadata_bytes}b"),
+        "--zero",
+        "y",
+        vg,
+    ]
+    .map(str::to_owned);
+    Cmd::new("lvcreate", args)
+}
+
+fn thin_lvcreate_cmd(vg: &str, pool: &str, name: &str, size_bytes: u64, tags: &[String]) -> Cmd {
+    let mut args = vec![
+        "--name".to_owned(),
+        name.to_owned(),
+        "--virtualsize".to_owned(),
+        format!("{size_bytes}b"),
+        "--thinpool".to_owned(),
+        pool.to_owned(),
+    ];
+    for tag in tags {
+        args.extend(["--addtag".to_owned(), tag.clone()]);
+    }
+    args.push(vg.to_owned());
+    Cmd::new("lvcreate", args)
 }
 
 fn lvcreate_cmd(vg: &str, name: &str, size_bytes: u64, tags: &[String]) -> Cmd {
@@ -375,7 +481,28 @@ fn parse_lv(row: &Row) -> Result<Lv, String> {
         kernel_minor: field(row, "lv_kernel_minor")
             .ok()
             .and_then(|minor| minor.parse().ok()),
+        pool: field(row, "pool_lv")
+            .ok()
+            .filter(|pool| !pool.is_empty())
+            .map(str::to_owned),
+        metadata_bytes: field(row, "lv_metadata_size")
+            .ok()
+            .and_then(|bytes| bytes.trim().parse().ok()),
+        data_percent: field(row, "data_percent").ok().and_then(hundredths),
+        metadata_percent: field(row, "metadata_percent").ok().and_then(hundredths),
+        errors_when_full: field(row, "lv_when_full").is_ok_and(|when| when == "error"),
     })
+}
+
+/// `12.50` (LVM prints two decimals) as 1250.
+fn hundredths(percent: &str) -> Option<u32> {
+    let (whole, fraction) = percent
+        .trim()
+        .split_once('.')
+        .unwrap_or((percent.trim(), ""));
+    let fraction = format!("{fraction:0<2}");
+    let fraction: u32 = fraction.get(..2)?.parse().ok()?;
+    Some(whole.parse::<u32>().ok()? * 100 + fraction)
 }
 
 fn parse_vg(row: &Row) -> Result<Vg, String> {
@@ -475,6 +602,47 @@ mod tests {
     }
 
     #[test]
+    fn thin_pools_zero_new_blocks_and_fail_writes_when_full() {
+        assert_eq!(
+            thin_pool_cmd("lvmlocal-ssd", "lvmlocal_thinpool", 1 << 30, 4 << 20).to_string(),
+            "lvcreate --type thin-pool --name lvmlocal_thinpool --size 1073741824b \
+             --poolmetadatasize 4194304b --zero y lvmlocal-ssd"
+        );
+        assert_eq!(
+            thin_lvcreate_cmd(
+                "lvmlocal-ssd",
+                "lvmlocal_thinpool",
+                "pvc-1",
+                2 << 30,
+                &["lvmlocal.io/volume".to_owned()]
+            )
+            .to_string(),
+            "lvcreate --name pvc-1 --virtualsize 2147483648b --thinpool lvmlocal_thinpool \
+             --addtag lvmlocal.io/volume lvmlocal-ssd"
+        );
+        let lvs = r#"{"report":[{"lv":[
+            {"lv_name":"lvmlocal_thinpool","vg_name":"lvmlocal-ssd","lv_size":"536870912","lv_tags":"","lv_attr":"twi-aotz--","lv_path":"","lv_kernel_minor":"2","pool_lv":"","lv_metadata_size":"4194304","data_percent":"12.50","metadata_percent":"10.84","lv_when_full":"error"},
+            {"lv_name":"pvc-1","vg_name":"lvmlocal-ssd","lv_size":"1073741824","lv_tags":"lvmlocal.io/volume","lv_attr":"Vwi-a-tz--","lv_path":"/dev/lvmlocal-ssd/pvc-1","lv_kernel_minor":"4","pool_lv":"lvmlocal_thinpool","lv_metadata_size":"","data_percent":"6.25","metadata_percent":"","lv_when_full":""}
+        ]}]}"#;
+        let lvs: Vec<Lv> = rows(lvs, "lv")
+            .unwrap()
+            .iter()
+            .map(parse_lv)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(lvs[0].thin_pool() && !lvs[1].thin_pool());
+        assert!(lvs[0].errors_when_full && !lvs[1].errors_when_full);
+        assert_eq!(lvs[0].metadata_bytes, Some(4 << 20));
+        assert_eq!(lvs[0].data_percent, Some(1250));
+        assert_eq!(lvs[0].metadata_percent, Some(1084));
+        assert_eq!(hundredths("100.00"), Some(10_000));
+        assert_eq!(hundredths("0"), Some(0));
+        assert_eq!(hundredths(""), None);
+        assert_eq!(lvs[1].pool.as_deref(), Some("lvmlocal_thinpool"));
+        assert_eq!(lvs[1].metadata_percent, None);
+    }
+
+    #[test]
     fn attr_says_active_and_open() {
         let lv = |attr: &str| Lv {
             name: "v".into(),
@@ -484,6 +652,11 @@ mod tests {
             attr: attr.into(),
             path: "/dev/g/v".into(),
             kernel_minor: Some(3),
+            pool: None,
+            metadata_bytes: None,
+            data_percent: None,
+            metadata_percent: None,
+            errors_when_full: false,
         };
         assert!(lv("-wi-ao----").active() && lv("-wi-ao----").open());
         assert!(lv("-wi-a-----").active() && !lv("-wi-a-----").open());

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::NodeLoad;
+use lvmlocal_proto::crd::{NodeLoad, ThinPools};
 use lvmlocal_proto::rpc::RpcMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -65,6 +65,9 @@ pub struct Metrics {
     kubelet_registered: Gauge,
     io_limited_pods: Gauge,
     io_limit_failures: Counter,
+    thin_pool_data: Family<MediaLabel, Gauge>,
+    thin_pool_metadata: Family<MediaLabel, Gauge>,
+    thin_pool_size: Family<MediaLabel, Gauge>,
     /// Every external command the agent runs.
     pub commands: CommandMetrics,
     /// Unix time of the last rescan that completed, for `/healthz`.
@@ -99,6 +102,24 @@ impl Metrics {
         let kubelet_registered = Gauge::default();
         let io_limited_pods = Gauge::default();
         let io_limit_failures = Counter::default();
+        let thin_pool_data = Family::default();
+        let thin_pool_metadata = Family::default();
+        let thin_pool_size = Family::default();
+        registry.register(
+            "thin_pool_data_percent",
+            "How full the data of a media class's thin pool is, 0 to 100",
+            thin_pool_data.clone(),
+        );
+        registry.register(
+            "thin_pool_metadata_percent",
+            "How full the metadata of a media class's thin pool is, 0 to 100",
+            thin_pool_metadata.clone(),
+        );
+        registry.register(
+            "thin_pool_size_bytes",
+            "Size of the data of a media class's thin pool",
+            thin_pool_size.clone(),
+        );
         registry.register(
             "io_limited_pods",
             "Pods held to a volume's IO limits, one per volume and pod, as of the last check",
@@ -207,6 +228,9 @@ impl Metrics {
             kubelet_registered,
             io_limited_pods,
             io_limit_failures,
+            thin_pool_data,
+            thin_pool_metadata,
+            thin_pool_size,
             commands,
             last_rescan: AtomicU64::new(0),
         }
@@ -275,6 +299,33 @@ impl Metrics {
                 error: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Sets the figures of each thin pool; a class without one has none.
+    pub fn thin_pools(&self, pools: &ThinPools) {
+        for media in MediaClass::ALL {
+            let label = MediaLabel {
+                media: media.to_string(),
+            };
+            match pools.get(media) {
+                Some(pool) => {
+                    self.thin_pool_data
+                        .get_or_create(&label)
+                        .set(i64::from(pool.data_percent));
+                    self.thin_pool_metadata
+                        .get_or_create(&label)
+                        .set(i64::from(pool.metadata_percent));
+                    self.thin_pool_size
+                        .get_or_create(&label)
+                        .set(gauge(pool.data_bytes));
+                }
+                None => {
+                    self.thin_pool_data.remove(&label);
+                    self.thin_pool_metadata.remove(&label);
+                    self.thin_pool_size.remove(&label);
+                }
+            }
+        }
     }
 
     pub fn orphaned_volumes(&self, count: usize) {

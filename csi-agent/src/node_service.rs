@@ -965,6 +965,7 @@ mod tests {
             healthy: true,
             dm_name: None,
             kernel_errors: None,
+            thin: None,
         };
         let xfs = volume("xfs");
         assert_eq!(

@@ -6,7 +6,7 @@
 //! accounts for (orphans, LVs made by hand, LVs being removed), which the
 //! cluster's capacity arithmetic cannot see otherwise.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,10 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
-use lvmlocal_proto::crd::{LogicalVolume, MediaBytes, NodeLocalStorage, OrphanedVolume};
+use lvmlocal_proto::MediaClass;
+use lvmlocal_proto::crd::{
+    LogicalVolume, MediaBytes, NodeLocalStorage, OrphanedVolume, ThinPoolStatus, ThinPools,
+};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -64,6 +67,42 @@ pub fn unaccounted(
 pub struct Audit {
     pub orphans: Vec<LocalVolume>,
     pub unaccounted: MediaBytes,
+    pub pools: ThinPools,
+    /// Thin pools grown since the last audit.
+    pub grown: Vec<String>,
+}
+
+/// How alarming a thin pool's fill is: the higher of its data and metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum PoolAlarm {
+    Fine,
+    /// At the threshold the agent grows pools at, and could not grow it.
+    Filling,
+    /// Writes that need a new block fail.
+    Full,
+}
+
+/// A thin pool this full (in percent) is reported as filling.
+pub const POOL_ALARM_PERCENT: u32 = 80;
+
+fn alarm(pool: &ThinPoolStatus) -> PoolAlarm {
+    let fill = pool.data_percent.max(pool.metadata_percent);
+    if fill >= 100 {
+        PoolAlarm::Full
+    } else if fill >= POOL_ALARM_PERCENT {
+        PoolAlarm::Filling
+    } else {
+        PoolAlarm::Fine
+    }
+}
+
+/// The thin pools `usage` reports, by class.
+pub fn pools(usage: &[(lvmlocal_proto::MediaClass, GroupUse)]) -> ThinPools {
+    let mut pools = ThinPools::default();
+    for (media, group) in usage {
+        *pools.get_mut(*media) = group.pool.clone();
+    }
+    pools
 }
 
 /// How an orphan is listed in the node's status.
@@ -89,7 +128,9 @@ pub struct OrphanCheck<B> {
     /// Orphans already announced, so each is announced when it appears.
     reported: BTreeSet<String>,
     /// What was last written to the status; None until a write succeeds.
-    published: Option<(Vec<OrphanedVolume>, MediaBytes)>,
+    published: Option<(Vec<OrphanedVolume>, MediaBytes, ThinPools)>,
+    /// The alarm each class's thin pool was last announced at.
+    alarms: HashMap<MediaClass, PoolAlarm>,
 }
 
 impl<B: VolumeBackend> OrphanCheck<B> {
@@ -111,6 +152,7 @@ impl<B: VolumeBackend> OrphanCheck<B> {
             node: node.to_owned(),
             reported: BTreeSet::new(),
             published: None,
+            alarms: HashMap::new(),
         }
     }
 
@@ -138,13 +180,19 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         let Audit {
             orphans: found,
             unaccounted,
+            pools,
+            grown,
         } = audit;
+        self.metrics.thin_pools(&pools);
         let list: Vec<OrphanedVolume> = found.iter().map(listed).collect();
-        let report = (list, unaccounted);
+        let report = (list, unaccounted, pools.clone());
         if self.published.as_ref() != Some(&report) {
             let mut status = json!({ "unaccountedBytes": unaccounted });
             if !report.0.is_empty() {
                 status["orphanedVolumes"] = json!(report.0);
+            }
+            if pools != ThinPools::default() {
+                status["thinPools"] = json!(pools);
             }
             let patch = json!({
                 "apiVersion": NodeLocalStorage::api_version(&()),
@@ -170,6 +218,52 @@ impl<B: VolumeBackend> OrphanCheck<B> {
             name: Some(self.node.clone()),
             ..ObjectReference::default()
         };
+        for note in grown {
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "ThinPoolGrown".into(),
+                note: Some(note),
+                action: "Grow".into(),
+                secondary: None,
+            };
+            if let Err(err) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %err, "cannot record event");
+            }
+        }
+        for media in MediaClass::ALL {
+            let now = pools.get(media).map_or(PoolAlarm::Fine, alarm);
+            let before = self.alarms.insert(media, now).unwrap_or(PoolAlarm::Fine);
+            if now <= before {
+                continue;
+            }
+            let pool = pools.get(media).expect("an alarm needs a pool");
+            let (reason, what) = match now {
+                PoolAlarm::Full => (
+                    "ThinPoolFull",
+                    "is full: writes of its thin volumes that need a new block fail with an I/O \
+                     error until room is made (delete snapshots or volumes, or add a disk)",
+                ),
+                _ => (
+                    "ThinPoolFilling",
+                    "is filling and its volume group has no room to grow it: add a disk, or \
+                     delete snapshots or volumes",
+                ),
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(format!(
+                    "the {media} thin pool {} {what}; data {}% of {} bytes, metadata {}%",
+                    pool.name, pool.data_percent, pool.data_bytes, pool.metadata_percent
+                )),
+                action: "Audit".into(),
+                secondary: None,
+            };
+            tracing::warn!(%media, data = pool.data_percent, metadata = pool.metadata_percent, "{reason}");
+            if let Err(err) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %err, "cannot record event");
+            }
+        }
         for volume in found.iter().filter(|v| !self.reported.contains(&v.id)) {
             let event = Event {
                 type_: EventType::Warning,
@@ -202,12 +296,14 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         // LVs first: an LV is made only once its object is in the cache, so
         // a volume being made now cannot pass for an orphan.
         let listed = async {
+            let grown = self.volumes.tend_pools().await?;
             Ok::<_, crate::volumes::VolumeError>((
                 self.volumes.list().await?,
                 self.volumes.usage().await?,
+                grown,
             ))
         };
-        let (local, usage) = match listed.await {
+        let (local, usage, grown) = match listed.await {
             Ok(read) => read,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot list LVs to look for orphans");
@@ -234,6 +330,8 @@ impl<B: VolumeBackend> OrphanCheck<B> {
         Some(Audit {
             orphans: found.into_iter().cloned().collect(),
             unaccounted: unaccounted(&usage, &objects),
+            pools: pools(&usage),
+            grown,
         })
     }
 }

@@ -200,6 +200,7 @@ fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
             .pvc
             .as_ref()
             .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
+        thin: volume.thin,
     })
 }
 
@@ -823,6 +824,7 @@ mod tests {
             size_bytes: size,
             access: access.into(),
             pvc: Some("db/data-0".into()),
+            thin: None,
         }
     }
 

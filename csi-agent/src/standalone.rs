@@ -50,6 +50,7 @@ impl LvTagStore {
             generation: 1,
             condition: Some(local.condition()),
             io_limits: IoLimits::NONE,
+            thin: local.thin,
         })
     }
 }
@@ -88,6 +89,7 @@ impl Store for LvTagStore {
                 .pvc
                 .as_ref()
                 .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
+            thin: volume.thin,
         };
         match self.volumes.ensure(&request).await {
             Ok(local) => self.volume(local),
@@ -106,6 +108,7 @@ impl Store for LvTagStore {
                 generation: 1,
                 condition: None,
                 io_limits: IoLimits::NONE,
+                thin: volume.thin,
             }),
             Err(err) => Err(StoreError::unavailable("creating the logical volume", err)),
         }
@@ -175,6 +178,7 @@ impl Store for LvTagStore {
                 // Its own figure already counts everything LVM holds.
                 allocated_bytes: space.size_bytes - space.free_bytes,
                 unaccounted_bytes: 0,
+                thin_free_bytes: space.thin_free_bytes,
                 extent_bytes: space.extent_bytes,
                 degraded: space.missing_pvs > 0,
                 silent: None,

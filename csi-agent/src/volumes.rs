@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::VolumeCondition;
+use lvmlocal_proto::crd::{ThinPoolStatus, VolumeCondition};
 use lvmlocal_proto::extent::round_up;
+use lvmlocal_proto::thin::Ratio;
 use tokio::sync::watch;
 
 use crate::config::DiscoveryConfig;
@@ -41,6 +42,16 @@ pub const PVC_TAG: &str = "lvmlocal.io/pvc=";
 pub const FORMATTED_TAG: &str = "lvmlocal.io/formatted=";
 /// Where the LV is in its life: `creating`, `ready` or `deleting`.
 pub const STATE_TAG: &str = "lvmlocal.io/state=";
+/// A thin volume's overprovisioning ratio in hundredths: what it is charged
+/// against its group is its size divided by that.
+pub const THIN_TAG: &str = "lvmlocal.io/thin=";
+/// The thin pool of each volume group, made by the first thin volume. The
+/// underscore keeps it apart from every volume id.
+pub const THIN_POOL: &str = "lvmlocal_thinpool";
+/// The smallest thin pool metadata: LVM's own minimum is 2 MiB.
+const MIN_POOL_METADATA: u64 = 4 << 20;
+/// The largest thin pool metadata LVM supports, rounded down.
+const MAX_POOL_METADATA: u64 = 15 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -162,6 +173,8 @@ pub struct VolumeRequest {
     pub access: String,
     /// `<namespace>/<name>`.
     pub pvc: Option<String>,
+    /// A thin volume's overprovisioning ratio; None for a thick one.
+    pub thin: Option<Ratio>,
 }
 
 /// The condition reason of a volume whose device the kernel logged errors
@@ -186,9 +199,18 @@ pub struct LocalVolume {
     pub dm_name: Option<String>,
     /// Filesystem or I/O errors the kernel logged for that device.
     pub kernel_errors: Option<DeviceErrors>,
+    /// A thin volume's overprovisioning ratio; None for a thick one.
+    pub thin: Option<Ratio>,
 }
 
 impl LocalVolume {
+    /// What the volume takes from its volume group: its size, or a thin
+    /// volume's size over its ratio.
+    pub fn charged_bytes(&self) -> u64 {
+        self.thin
+            .map_or(self.size_bytes, |ratio| ratio.charge(self.size_bytes))
+    }
+
     /// The volume's health as the cluster is told it.
     pub fn condition(&self) -> VolumeCondition {
         if !self.healthy {
@@ -220,6 +242,9 @@ impl LocalVolume {
 pub struct GroupSpace {
     pub size_bytes: u64,
     pub free_bytes: u64,
+    /// The thin pool's data no thin volume's charge takes: room for thin
+    /// volumes only.
+    pub thin_free_bytes: u64,
     pub extent_bytes: u64,
     pub missing_pvs: u32,
 }
@@ -229,9 +254,12 @@ pub struct GroupSpace {
 /// that are not lvmlocal's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupUse {
-    /// `(volume id, bytes)`.
+    /// `(volume id, bytes charged)`.
     pub volumes: Vec<(String, u64)>,
+    /// LVs that are not lvmlocal's, and what the thin pool holds beyond
+    /// the charges of its thin volumes.
     pub other_bytes: u64,
+    pub pool: Option<ThinPoolStatus>,
 }
 
 /// An LV of the index: the volume it is, and where it is in its life.
@@ -272,14 +300,66 @@ impl Index {
     }
 }
 
-/// A volume group as `vgs` read it, and the bytes its LVs that are not
-/// lvmlocal's take.
+/// A volume group as `vgs` read it, the bytes its LVs that are neither
+/// lvmlocal's volumes nor its thin pool take, and its thin pool.
 #[derive(Debug, Clone, Copy)]
 struct Group {
     size_bytes: u64,
     extent_bytes: u64,
     missing_pvs: u32,
     other_bytes: u64,
+    pool: Option<Pool>,
+}
+
+/// A thin pool as `lvs` read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pool {
+    data_bytes: u64,
+    metadata_bytes: u64,
+    /// Hundredths of a percent.
+    data_percent: u32,
+    metadata_percent: u32,
+}
+
+impl Pool {
+    /// What the pool takes from its group: data, metadata, and LVM's spare
+    /// copy of the metadata for repairs.
+    fn footprint(&self) -> u64 {
+        self.data_bytes + 2 * self.metadata_bytes
+    }
+
+    fn status(&self, virtual_bytes: u64, charged: u64) -> ThinPoolStatus {
+        let used = u128::from(self.data_bytes) * u128::from(self.data_percent) / 10_000;
+        ThinPoolStatus {
+            name: THIN_POOL.to_owned(),
+            data_bytes: self.data_bytes,
+            data_used_bytes: u64::try_from(used).unwrap_or(u64::MAX),
+            data_percent: self.data_percent.div_ceil(100),
+            metadata_bytes: self.metadata_bytes,
+            metadata_percent: self.metadata_percent.div_ceil(100),
+            virtual_bytes,
+            free_bytes: self.data_bytes.saturating_sub(charged),
+        }
+    }
+
+    fn of(lv: &Lv) -> Self {
+        Pool {
+            data_bytes: lv.size_bytes,
+            metadata_bytes: lv.metadata_bytes.unwrap_or(0),
+            data_percent: lv.data_percent.unwrap_or(0),
+            metadata_percent: lv.metadata_percent.unwrap_or(0),
+        }
+    }
+}
+
+/// The metadata a new thin pool gets: enough to map every block of the
+/// whole volume group at LVM's default chunk size (a pool may grow into
+/// all of it), within LVM's bounds.
+pub fn pool_metadata_bytes(group_bytes: u64, extent_bytes: u64) -> u64 {
+    round_up(
+        (group_bytes / 512).clamp(MIN_POOL_METADATA, MAX_POOL_METADATA),
+        extent_bytes,
+    )
 }
 
 impl Index {
@@ -291,17 +371,35 @@ impl Index {
         let own: u64 = self
             .volumes
             .values()
-            .filter(|entry| entry.volume.vg == vg)
+            .filter(|entry| entry.volume.vg == vg && entry.volume.thin.is_none())
             .map(|entry| entry.volume.size_bytes)
             .sum();
+        let pool = group.pool.as_ref().map_or(0, Pool::footprint);
+        let thin_free_bytes = group.pool.as_ref().map_or(0, |pool| {
+            pool.data_bytes.saturating_sub(self.thin_use(vg).0)
+        });
         Some(GroupSpace {
+            thin_free_bytes,
             size_bytes: group.size_bytes,
             free_bytes: group
                 .size_bytes
-                .saturating_sub(group.other_bytes.saturating_add(own)),
+                .saturating_sub(group.other_bytes.saturating_add(own).saturating_add(pool)),
             extent_bytes: group.extent_bytes,
             missing_pvs: group.missing_pvs,
         })
+    }
+
+    /// What the thin volumes of `vg` are charged in all, and their sizes.
+    fn thin_use(&self, vg: &str) -> (u64, u64) {
+        self.volumes
+            .values()
+            .filter(|entry| entry.volume.vg == vg && entry.volume.thin.is_some())
+            .fold((0, 0), |(charged, size), entry| {
+                (
+                    charged + entry.volume.charged_bytes(),
+                    size + entry.volume.size_bytes,
+                )
+            })
     }
 }
 
@@ -445,17 +543,36 @@ impl Volumes {
                             .volumes
                             .values()
                             .filter(|entry| entry.volume.vg == *vg)
-                            .map(|entry| (entry.volume.id.clone(), entry.volume.size_bytes))
+                            .map(|entry| (entry.volume.id.clone(), entry.volume.charged_bytes()))
                             .collect();
+                        let (thin_charged, virtual_bytes) = index.thin_use(vg);
+                        let slack = group
+                            .pool
+                            .map_or(0, |pool| pool.footprint().saturating_sub(thin_charged));
                         let usage = GroupUse {
                             volumes,
-                            other_bytes: group.other_bytes,
+                            other_bytes: group.other_bytes + slack,
+                            pool: group
+                                .pool
+                                .map(|pool| pool.status(virtual_bytes, thin_charged)),
                         };
                         Some((shared.media(vg)?, usage))
                     })
                     .collect()
             })
             .await
+    }
+
+    /// Reads each thin pool's fill afresh and grows a pool whose data or
+    /// metadata is [`POOL_GROW_PERCENT`] full into its group's free space:
+    /// its data by a quarter, its metadata to twice its size. What it did,
+    /// for the node's events.
+    pub async fn tend_pools(&self) -> Result<Vec<String>, VolumeError> {
+        let mut done = Vec::new();
+        for (_, vg) in &self.shared.groups {
+            done.extend(self.shared.tend_pool(vg).await?);
+        }
+        Ok(done)
     }
 
     /// Every usable lvmlocal volume on this node, sorted by id.
@@ -561,6 +678,10 @@ impl Volumes {
         .await
     }
 }
+
+/// A thin pool this full (in hundredths of a percent), in data or in
+/// metadata, is grown if its group has room.
+pub const POOL_GROW_PERCENT: u32 = 8_000;
 
 /// What the tasks of [`Volumes`] share.
 struct Shared {
@@ -715,15 +836,22 @@ impl Shared {
             .map(|vg| {
                 let own: u64 = volumes
                     .values()
-                    .filter(|entry| entry.volume.vg == vg.name)
+                    .filter(|entry| entry.volume.vg == vg.name && entry.volume.thin.is_none())
                     .map(|entry| entry.volume.size_bytes)
                     .sum();
+                let pool = lvs
+                    .iter()
+                    .find(|lv| lv.vg == vg.name && lv.name == THIN_POOL && lv.thin_pool())
+                    .map(Pool::of);
                 let used = vg.size_bytes.saturating_sub(vg.free_bytes);
                 let group = Group {
                     size_bytes: vg.size_bytes,
                     extent_bytes: vg.extent_bytes,
                     missing_pvs: vg.missing_pvs,
-                    other_bytes: used.saturating_sub(own),
+                    other_bytes: used
+                        .saturating_sub(own)
+                        .saturating_sub(pool.as_ref().map_or(0, Pool::footprint)),
+                    pool,
                 };
                 (vg.name, group)
             })
@@ -755,6 +883,12 @@ impl Shared {
             // Device-mapper names its devices by minor number.
             dm_name: dm_name.clone(),
             kernel_errors: dm_name.and_then(|name| self.kernel.of(&name)),
+            thin: lv.pool.as_ref().map(|_| {
+                lv.tag_value(THIN_TAG)
+                    .and_then(|percent| percent.parse().ok())
+                    .and_then(Ratio::from_percent)
+                    .unwrap_or(Ratio::ONE)
+            }),
         };
         Some(Entry {
             volume,
@@ -808,9 +942,13 @@ impl Shared {
             if !entry.active {
                 self.lvm.activate(vg, id).await?;
             }
-            self.eraser
-                .wipe_new(&volume.device_path, volume.size_bytes)
-                .await?;
+            // A thin volume's pool zeroes each block before the volume
+            // first sees it: there is nothing earlier to erase.
+            if volume.thin.is_none() {
+                self.eraser
+                    .wipe_new(&volume.device_path, volume.size_bytes)
+                    .await?;
+            }
             self.lvm
                 .set_tags(vg, id, entry.state_tag.as_deref(), &ready)
                 .await
@@ -859,12 +997,19 @@ impl Shared {
             .await?
             .ok_or(VolumeError::NoGroup(request.media))?;
         let size_bytes = round_up(request.size_bytes, space.extent_bytes);
-        if space.free_bytes < size_bytes {
-            return Err(VolumeError::NoSpace {
-                media: request.media,
-                needed: size_bytes,
-                free: space.free_bytes,
-            });
+        match request.thin {
+            None if space.free_bytes < size_bytes => {
+                return Err(VolumeError::NoSpace {
+                    media: request.media,
+                    needed: size_bytes,
+                    free: space.free_bytes,
+                });
+            }
+            None => {}
+            Some(ratio) => {
+                self.make_room_in_pool(&vg, request.media, ratio.charge(size_bytes))
+                    .await?;
+            }
         }
         let mut tags = vec![
             VOLUME_TAG.to_owned(),
@@ -873,12 +1018,25 @@ impl Shared {
             format!("{ACCESS_TAG}{}", request.access),
         ];
         tags.extend(request.pvc.iter().map(|pvc| format!("{PVC_TAG}{pvc}")));
+        tags.extend(
+            request
+                .thin
+                .map(|ratio| format!("{THIN_TAG}{}", ratio.percent())),
+        );
         let changing = self.changing();
-        if let Err(err) = self
-            .lvm
-            .lvcreate(&vg, &request.id, request.size_bytes, &tags)
-            .await
-        {
+        let created = match request.thin {
+            None => {
+                self.lvm
+                    .lvcreate(&vg, &request.id, request.size_bytes, &tags)
+                    .await
+            }
+            Some(_) => {
+                self.lvm
+                    .lvcreate_thin(&vg, THIN_POOL, &request.id, request.size_bytes, &tags)
+                    .await
+            }
+        };
+        if let Err(err) = created {
             drop(changing);
             self.invalidate();
             return Err(self.explain(err, &vg, request.media, size_bytes).await);
@@ -896,6 +1054,7 @@ impl Shared {
                 healthy: true,
                 dm_name: None,
                 kernel_errors: None,
+                thin: request.thin,
             },
             state: LvState::Creating,
             state_tag: Some(LvState::Creating.tag()),
@@ -945,12 +1104,20 @@ impl Shared {
             .ok_or(VolumeError::NoGroup(volume.media))?;
         let new_size = round_up(size_bytes, space.extent_bytes);
         let extra = new_size - volume.size_bytes;
-        if space.free_bytes < extra {
-            return Err(VolumeError::NoSpace {
-                media: volume.media,
-                needed: extra,
-                free: space.free_bytes,
-            });
+        match volume.thin {
+            None if space.free_bytes < extra => {
+                return Err(VolumeError::NoSpace {
+                    media: volume.media,
+                    needed: extra,
+                    free: space.free_bytes,
+                });
+            }
+            None => {}
+            Some(ratio) => {
+                let more = ratio.charge(new_size) - ratio.charge(volume.size_bytes);
+                self.make_room_in_pool(&volume.vg, volume.media, more)
+                    .await?;
+            }
         }
         let changing = self.changing();
         if let Err(err) = self.lvm.lvextend(&volume.vg, &volume.id, size_bytes).await {
@@ -1007,13 +1174,17 @@ impl Shared {
             }
         };
         let volume = &entry.volume;
-        if !entry.active {
-            self.lvm.activate(&vg, id).await?;
+        // Zeroing a thin volume would only fill its pool: its blocks go back
+        // to the pool, which zeroes each before the next volume sees it.
+        if volume.thin.is_none() {
+            if !entry.active {
+                self.lvm.activate(&vg, id).await?;
+            }
+            self.eraser
+                .zero_whole(&volume.device_path, volume.size_bytes)
+                .await
+                .map_err(LvmError::from)?;
         }
-        self.eraser
-            .zero_whole(&volume.device_path, volume.size_bytes)
-            .await
-            .map_err(LvmError::from)?;
         let _serial = self.lock(&vg).await;
         let _changing = self.changing();
         if let Err(err) = self.lvm.lvremove(&vg, id).await {
@@ -1028,7 +1199,8 @@ impl Shared {
             volume = id,
             vg,
             bytes = volume.size_bytes,
-            "LV zeroed and removed"
+            thin = volume.thin.is_some(),
+            "LV zeroed (thick) and removed"
         );
         self.apply(|index| {
             index.volumes.remove(id);
@@ -1072,6 +1244,140 @@ impl Shared {
         Ok(Some(entry))
     }
 
+    /// Makes the thin pool of `vg` large enough for its thin volumes to be
+    /// charged `more` bytes more: creates it, or grows its data. A pool
+    /// never shrinks (LVM cannot), so what it holds beyond its volumes'
+    /// charges stays taken. The caller holds the group's lock.
+    async fn make_room_in_pool(
+        &self,
+        vg: &str,
+        media: MediaClass,
+        more: u64,
+    ) -> Result<(), VolumeError> {
+        let (space, pool, charged) = self
+            .with_index(|index| {
+                (
+                    index.space(vg),
+                    index.groups.get(vg).and_then(|group| group.pool),
+                    index.thin_use(vg).0,
+                )
+            })
+            .await?;
+        let space = space.ok_or(VolumeError::NoGroup(media))?;
+        let wanted = round_up(charged + more, space.extent_bytes);
+        let changing = self.changing();
+        let result = match pool {
+            None => {
+                let metadata = pool_metadata_bytes(space.size_bytes, space.extent_bytes);
+                let needed = wanted + 2 * metadata;
+                if space.free_bytes < needed {
+                    return Err(VolumeError::NoSpace {
+                        media,
+                        needed,
+                        free: space.free_bytes,
+                    });
+                }
+                tracing::info!(vg, data = wanted, metadata, "creating the thin pool");
+                self.lvm
+                    .create_thin_pool(vg, THIN_POOL, wanted, metadata)
+                    .await
+            }
+            Some(pool) if pool.data_bytes < wanted => {
+                let needed = wanted - pool.data_bytes;
+                if space.free_bytes < needed {
+                    return Err(VolumeError::NoSpace {
+                        media,
+                        needed,
+                        free: space.free_bytes,
+                    });
+                }
+                tracing::info!(
+                    vg,
+                    from = pool.data_bytes,
+                    to = wanted,
+                    "growing the thin pool"
+                );
+                self.lvm.lvextend(vg, THIN_POOL, wanted).await
+            }
+            Some(_) => return Ok(()),
+        };
+        drop(changing);
+        // The pool's new figures are read from LVM.
+        self.invalidate();
+        Ok(result?)
+    }
+
+    async fn tend_pool(&self, vg: &str) -> Result<Vec<String>, VolumeError> {
+        let _serial = self.lock(vg).await;
+        let known = self
+            .with_index(|index| index.groups.get(vg).is_some_and(|g| g.pool.is_some()))
+            .await?;
+        if !known {
+            return Ok(Vec::new());
+        }
+        let lvs = self.lvm.lvs(Some(vg)).await?;
+        let Some(pool_lv) = lvs.iter().find(|lv| lv.name == THIN_POOL && lv.thin_pool()) else {
+            self.invalidate();
+            return Ok(Vec::new());
+        };
+        // A crash between making the pool and setting this left it queueing.
+        if !pool_lv.errors_when_full {
+            self.lvm.fail_writes_when_full(vg, THIN_POOL).await?;
+        }
+        let pool = Pool::of(pool_lv);
+        self.apply(|index| {
+            if let Some(group) = index.groups.get_mut(vg) {
+                group.pool = Some(pool);
+            }
+        });
+        if pool.data_percent < POOL_GROW_PERCENT && pool.metadata_percent < POOL_GROW_PERCENT {
+            return Ok(Vec::new());
+        }
+        let Some(space) = self.with_index(|index| index.space(vg)).await? else {
+            return Ok(Vec::new());
+        };
+        let extent = space.extent_bytes.max(1);
+        let mut free = space.free_bytes / extent * extent;
+        let mut done = Vec::new();
+        let _changing = self.changing();
+        if pool.metadata_percent >= POOL_GROW_PERCENT {
+            let room = MAX_POOL_METADATA.saturating_sub(pool.metadata_bytes);
+            let more = pool
+                .metadata_bytes
+                .min(room)
+                .min(free / 2 / extent * extent);
+            if more > 0 {
+                // The spare grows with it: twice the growth is taken.
+                let to = pool.metadata_bytes + more;
+                let result = self.lvm.extend_pool_metadata(vg, THIN_POOL, to).await;
+                self.invalidate();
+                result?;
+                free -= 2 * more;
+                done.push(format!(
+                    "thin pool {vg}/{THIN_POOL} metadata grown from {} to {to} bytes",
+                    pool.metadata_bytes
+                ));
+            }
+        }
+        if pool.data_percent >= POOL_GROW_PERCENT {
+            let more = round_up(pool.data_bytes / 4, extent).min(free);
+            if more > 0 {
+                let to = pool.data_bytes + more;
+                let result = self.lvm.lvextend(vg, THIN_POOL, to).await;
+                self.invalidate();
+                result?;
+                done.push(format!(
+                    "thin pool {vg}/{THIN_POOL} data grown from {} to {to} bytes",
+                    pool.data_bytes
+                ));
+            }
+        }
+        for note in &done {
+            tracing::info!(vg, "{note}");
+        }
+        Ok(done)
+    }
+
     /// Turns LVM's "insufficient free space" into an answer an operator
     /// understands; checked after the fact so a create costs one command.
     async fn explain(
@@ -1111,6 +1417,8 @@ pub trait VolumeBackend: Send + Sync + 'static {
     fn usage(
         &self,
     ) -> impl Future<Output = Result<Vec<(MediaClass, GroupUse)>, VolumeError>> + Send;
+    /// See [`Volumes::tend_pools`].
+    fn tend_pools(&self) -> impl Future<Output = Result<Vec<String>, VolumeError>> + Send;
 }
 
 impl VolumeBackend for Volumes {
@@ -1132,6 +1440,10 @@ impl VolumeBackend for Volumes {
 
     async fn usage(&self) -> Result<Vec<(MediaClass, GroupUse)>, VolumeError> {
         Volumes::usage(self).await
+    }
+
+    async fn tend_pools(&self) -> Result<Vec<String>, VolumeError> {
+        Volumes::tend_pools(self).await
     }
 }
 
@@ -1283,10 +1595,53 @@ mod tests {
                     extent_bytes: 4 << 20,
                     missing_pvs: 0,
                     other_bytes: other,
+                    pool: None,
                 },
             )]
             .into(),
         }
+    }
+
+    #[test]
+    fn thin_volumes_take_their_charge_from_the_pool_and_the_pool_its_footprint() {
+        const GIB: u64 = 1 << 30;
+        let mut thin = entry("thin", 4 * GIB);
+        thin.volume.thin = Ratio::from_percent(400);
+        let mut index = index(&[entry("thick", GIB), thin], 0);
+        let group = index.groups.get_mut("lvmlocal-nvme").unwrap();
+        group.pool = Some(Pool {
+            data_bytes: 2 * GIB,
+            metadata_bytes: 4 << 20,
+            data_percent: 2_500,
+            metadata_percent: 100,
+        });
+        let space = index.space("lvmlocal-nvme").unwrap();
+        // 10 GiB less the thick volume and the pool with its metadata and
+        // spare; the thin volume's 4 GiB are inside the pool.
+        assert_eq!(space.free_bytes, 7 * GIB - (8 << 20));
+        // The pool backs 2 GiB; the thin volume is charged 1 GiB of it.
+        assert_eq!(space.thin_free_bytes, GIB);
+        assert_eq!(index.thin_use("lvmlocal-nvme"), (GIB, 4 * GIB));
+        let status = Pool {
+            data_bytes: 2 * GIB,
+            metadata_bytes: 4 << 20,
+            data_percent: 2_501,
+            metadata_percent: 100,
+        }
+        .status(4 * GIB, GIB);
+        assert_eq!(status.data_used_bytes, 2 * GIB * 2_501 / 10_000);
+        assert_eq!(status.data_percent, 26, "rounded up");
+        assert_eq!(status.free_bytes, GIB);
+        assert_eq!(status.virtual_bytes, 4 * GIB);
+    }
+
+    #[test]
+    fn pool_metadata_covers_the_group_within_lvms_bounds() {
+        let extent = 4 << 20;
+        assert_eq!(pool_metadata_bytes(1 << 30, extent), MIN_POOL_METADATA);
+        assert_eq!(pool_metadata_bytes(1 << 40, extent), 2 << 30);
+        assert_eq!(pool_metadata_bytes(1 << 50, extent), MAX_POOL_METADATA);
+        assert_eq!(pool_metadata_bytes(3 << 30, extent) % extent, 0);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub fn capacities(
                 silent: silence(&node),
                 allocated_bytes: allocated.get(node.as_str()).copied().unwrap_or(0),
                 unaccounted_bytes: status.unaccounted(media),
+                thin_free_bytes: status.thin_free(media),
                 node,
                 total_bytes: group.total_bytes,
                 reported_free_bytes: group.free_bytes,

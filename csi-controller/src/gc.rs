@@ -127,6 +127,7 @@ mod tests {
                 fs_type: None,
                 pvc: None,
                 io_limits: None,
+                thin: None,
             },
         );
         if deleting {

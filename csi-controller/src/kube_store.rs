@@ -9,7 +9,9 @@ use kube::core::ObjectMeta;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::MediaClass;
-use lvmlocal_proto::crd::{DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec};
+use lvmlocal_proto::crd::{
+    DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec, ThinSpec,
+};
 use lvmlocal_proto::io_limits::IoLimits;
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
 use lvmlocal_proto::params::{ON_NODE_LOSS, OnNodeLoss};
@@ -249,6 +251,9 @@ impl Store for KubeStore {
                 fs_type: new.access.fs_type().map(|fs| fs.to_string()),
                 pvc: new.pvc,
                 io_limits: (!new.io_limits.is_none()).then_some(new.io_limits),
+                thin: new.thin.map(|ratio| ThinSpec {
+                    overprovision_percent: ratio.percent(),
+                }),
             },
             status: None,
         };

@@ -540,10 +540,11 @@ impl Inventory {
                 .as_deref()
                 .and_then(|name| self.classes.get(name));
             if let Some(ClassRecord {
-                kind: ClassKind::Lvmlocal { media, .. },
+                kind: ClassKind::Lvmlocal { media, thin, .. },
                 ..
             }) = class
             {
+                let bytes = thin.map_or(bytes, |ratio| ratio.charge(bytes));
                 in_flight.push((node.clone(), *media, bytes));
             }
         }

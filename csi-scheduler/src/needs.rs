@@ -9,6 +9,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use lvmlocal_proto::params::Placement;
+use lvmlocal_proto::thin::Ratio;
 use lvmlocal_proto::validate::{self, Invalid, Parameters};
 use lvmlocal_proto::{DRIVER_NAME, MediaClass};
 
@@ -113,6 +114,8 @@ pub enum ClassKind {
     Lvmlocal {
         media: MediaClass,
         placement: Option<Placement>,
+        /// The overprovisioning ratio of a thin class.
+        thin: Option<Ratio>,
     },
     /// An lvmlocal class whose parameters are wrong; the text says how.
     Invalid(String),
@@ -133,11 +136,17 @@ impl ClassRecord {
             // refused here already, with the same reason.
             let no_parameters = BTreeMap::new();
             match validate::parameters(class.parameters.as_ref().unwrap_or(&no_parameters)) {
-                Ok(Parameters {
-                    media: Some(media),
+                Ok(
+                    params @ Parameters {
+                        media: Some(media),
+                        placement,
+                        ..
+                    },
+                ) => ClassKind::Lvmlocal {
+                    media,
                     placement,
-                    ..
-                }) => ClassKind::Lvmlocal { media, placement },
+                    thin: params.thin(),
+                },
                 Ok(_) => ClassKind::Invalid(Invalid::MissingMedia.to_string()),
                 Err(invalid) => ClassKind::Invalid(invalid.to_string()),
             }
@@ -255,7 +264,7 @@ impl PodNeeds {
             let Some(class) = catalog.class(&class_name) else {
                 continue;
             };
-            let (media, placement) = match &class.kind {
+            let (media, placement, thin) = match &class.kind {
                 ClassKind::Foreign => continue,
                 ClassKind::Invalid(reason) => {
                     return Err(NeedsError::InvalidClass {
@@ -264,11 +273,18 @@ impl PodNeeds {
                         reason: reason.clone(),
                     });
                 }
-                ClassKind::Lvmlocal { media, placement } => (*media, *placement),
+                ClassKind::Lvmlocal {
+                    media,
+                    placement,
+                    thin,
+                } => (*media, *placement, *thin),
             };
             let bytes = pending
                 .bytes
                 .ok_or_else(|| NeedsError::NoSize(key.clone()))?;
+            // What the volume will take from its group: a thin one its size
+            // over the ratio, as the controller and the agent charge it.
+            let bytes = thin.map_or(bytes, |ratio| ratio.charge(bytes));
             if needs.claims.iter().any(|claim| claim.key == key) {
                 continue;
             }
@@ -337,6 +353,12 @@ mod tests {
             })),
             class(json!({"metadata": {"name": "ebs"}, "provisioner": "ebs.csi.aws.com"})),
             class(json!({
+                "metadata": {"name": "thin"},
+                "provisioner": "lvmlocal.io",
+                "parameters": {"lvmlocal.io/media": "nvme", "lvmlocal.io/provisioning": "thin",
+                               "lvmlocal.io/overprovision-ratio": "2.5"}
+            })),
+            class(json!({
                 "metadata": {"name": "typo"},
                 "provisioner": "lvmlocal.io",
                 "parameters": {"lvmlocal.io/media": "NVMe"}
@@ -363,6 +385,8 @@ mod tests {
                    "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "5Gi"}}}}),
             json!({"metadata": {"name": "web-0-scratch", "namespace": "db"},
                    "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "3Gi"}}}}),
+            json!({"metadata": {"name": "sparse", "namespace": "db"},
+                   "spec": {"storageClassName": "thin", "resources": {"requests": {"storage": "100Gi"}}}}),
             json!({"metadata": {"name": "sizeless", "namespace": "db"},
                    "spec": {"storageClassName": "fast"}}),
         ] {
@@ -424,6 +448,11 @@ mod tests {
                     need("data", Nvme, 100 * GI, None),
                     need("logs", Hdd, 1 << 40, Some(Placement::Spread)),
                 ]),
+            ),
+            (
+                "a thin claim needs its size over its class's ratio",
+                json!([claim_volume("sparse")]),
+                Ok(vec![need("sparse", Nvme, 40 * GI, None)]),
             ),
             (
                 "bound and foreign claims need nothing",

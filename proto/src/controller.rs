@@ -123,7 +123,10 @@ impl<S: Store> ControllerService<S> {
         let candidates = self.store.capacities(req.media).await?;
         let group = placement::choose(&req.nodes, req.media, &candidates)?;
         let size_bytes = placement::size_for(req.size, self.settings.default_size_bytes, group)?;
-        placement::check_fits(group, req.media, size_bytes)?;
+        let charged = req
+            .thin
+            .map_or(size_bytes, |ratio| ratio.charge(size_bytes));
+        placement::check_fits(group, req.media, charged, req.thin.is_some())?;
         Ok(NewVolume {
             id: req.id.clone(),
             node: group.node.clone(),
@@ -133,6 +136,7 @@ impl<S: Store> ControllerService<S> {
             pvc: req.pvc.clone(),
             on_node_loss: req.on_node_loss,
             io_limits: req.io_limits,
+            thin: req.thin,
         })
     }
 
@@ -180,8 +184,12 @@ impl<S: Store> ControllerService<S> {
         };
         let volume = match group {
             Some(group) if target > current => {
-                placement::check_fits(&group, volume.media, target - current).map_err(|err| {
-                    match err {
+                let growth = match volume.thin {
+                    Some(ratio) => ratio.charge(target) - ratio.charge(current),
+                    None => target - current,
+                };
+                placement::check_fits(&group, volume.media, growth, volume.thin.is_some())
+                    .map_err(|err| match err {
                         placement::PlacementError::Insufficient {
                             node,
                             media,
@@ -194,8 +202,7 @@ impl<S: Store> ControllerService<S> {
                             needed,
                         },
                         other => other,
-                    }
-                })?;
+                    })?;
                 tracing::info!(from = current, to = target, "expanding");
                 self.store.resize(&volume, target).await?
             }
@@ -309,13 +316,15 @@ impl<S: Store> ControllerService<S> {
             let free = groups
                 .iter()
                 .filter(|group| query.node.as_ref().is_none_or(|node| &group.node == node))
-                .map(NodeCapacity::free_bytes)
+                .map(|group| group.free_for(query.thin.is_some()))
                 .max()
                 .unwrap_or(0);
             largest = largest.max(free);
         }
         // A linear LV can take all of a group's free space, so the largest
-        // volume is the available capacity itself.
+        // volume is the available capacity itself; thin volumes get the
+        // ratio's multiple of it.
+        let largest = query.thin.map_or(largest, |ratio| ratio.capacity(largest));
         let available = i64::try_from(largest).unwrap_or(i64::MAX);
         Ok(GetCapacityResponse {
             available_capacity: available,
@@ -369,6 +378,13 @@ fn check_same(volume: &Volume, req: &CreateRequest) -> Result<(), CsiError> {
     }
     if volume.access != req.access {
         return Err(differs(volume.access.to_string(), req.access.to_string()));
+    }
+    let provisioning = |thin: bool| if thin { "thin" } else { "thick" }.to_owned();
+    if volume.thin.is_some() != req.thin.is_some() {
+        return Err(differs(
+            provisioning(volume.thin.is_some()),
+            provisioning(req.thin.is_some()),
+        ));
     }
     if !req.size.contains(volume.size_bytes) {
         return Err(differs(

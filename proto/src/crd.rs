@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::MediaClass;
 use crate::io_limits::IoLimits;
+use crate::thin::Ratio;
 
 /// Keeps a `LogicalVolume` until its LV is gone from the node.
 pub const LV_FINALIZER: &str = "lvmlocal.io/logical-volume";
@@ -58,6 +59,10 @@ pub struct NodeLocalStorageStatus {
     /// audit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unaccounted_bytes: Option<MediaBytes>,
+    /// The thin pool of each volume group that has one. Written by the
+    /// orphan audit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin_pools: Option<ThinPools>,
     /// How busy the disks of each volume group are, smoothed over about a
     /// minute. Written by the agent's load sampler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +213,67 @@ pub struct MediaStatus {
     pub message: Option<String>,
 }
 
+/// The thin pools of one node, by media class.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThinPools {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<ThinPoolStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssd: Option<ThinPoolStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdd: Option<ThinPoolStatus>,
+}
+
+impl NodeLocalStorageStatus {
+    /// The room the thin pool of `media` has for new thin volumes.
+    pub fn thin_free(&self, media: MediaClass) -> u64 {
+        self.thin_pools
+            .as_ref()
+            .and_then(|pools| pools.get(media))
+            .map_or(0, |pool| pool.free_bytes)
+    }
+}
+
+impl ThinPools {
+    pub fn get(&self, media: MediaClass) -> Option<&ThinPoolStatus> {
+        match media {
+            MediaClass::Nvme => self.nvme.as_ref(),
+            MediaClass::Ssd => self.ssd.as_ref(),
+            MediaClass::Hdd => self.hdd.as_ref(),
+        }
+    }
+
+    pub fn get_mut(&mut self, media: MediaClass) -> &mut Option<ThinPoolStatus> {
+        match media {
+            MediaClass::Nvme => &mut self.nvme,
+            MediaClass::Ssd => &mut self.ssd,
+            MediaClass::Hdd => &mut self.hdd,
+        }
+    }
+}
+
+/// The thin pool of one volume group: what backs its thin volumes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThinPoolStatus {
+    /// The pool LV's name in its volume group.
+    pub name: String,
+    /// Size of the pool's data: what its thin volumes can write in all.
+    pub data_bytes: u64,
+    /// Of which written: the pool's real use.
+    pub data_used_bytes: u64,
+    /// Whole percent, rounded up.
+    pub data_percent: u32,
+    pub metadata_bytes: u64,
+    pub metadata_percent: u32,
+    /// Sum of the sizes of the thin volumes in it.
+    pub virtual_bytes: u64,
+    /// Data no thin volume's charge takes: room for new thin volumes (and
+    /// for no thick one), counted in `unaccountedBytes`.
+    pub free_bytes: u64,
+}
+
 /// One whole disk and lvmlocal's verdict on it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -249,7 +315,7 @@ pub struct DiskStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.fsType) == has(oldSelf.fsType) && has(self.pvc) == has(oldSelf.pvc)").message("spec.fsType and spec.pvc cannot be added or removed"))]
+#[x_kube(validation = Rule::new("has(self.fsType) == has(oldSelf.fsType) && has(self.pvc) == has(oldSelf.pvc) && has(self.thin) == has(oldSelf.thin)").message("spec.fsType, spec.pvc and spec.thin cannot be added or removed"))]
 pub struct LogicalVolumeSpec {
     /// Where the LV lives: moving the object would orphan it.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: the LV lives on that node"))]
@@ -269,18 +335,45 @@ pub struct LogicalVolumeSpec {
     /// ControllerModifyVolume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_limits: Option<IoLimits>,
+    /// Present for a thin volume: a thin LV in the thin pool of its media
+    /// class; absent for a thick (linear) one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.thin is immutable"))]
+    pub thin: Option<ThinSpec>,
+}
+
+/// How a thin volume is accounted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThinSpec {
+    /// The overprovisioning ratio in hundredths (200: 2.0): the volume is
+    /// charged its size divided by the ratio against its volume group.
+    #[schemars(range(min = 100, max = 10000))]
+    pub overprovision_percent: u32,
+}
+
+impl ThinSpec {
+    pub fn ratio(&self) -> Ratio {
+        Ratio::from_percent(self.overprovision_percent).unwrap_or(Ratio::ONE)
+    }
 }
 
 impl LogicalVolume {
     /// What the volume takes from its volume group: the asked size, or once
     /// made, the LV's actual size (rounded up to whole extents) if larger.
+    /// A thin volume takes that divided by its overprovisioning ratio.
     pub fn charged_bytes(&self) -> u64 {
-        self.status
+        let size = self
+            .status
             .as_ref()
             .and_then(|status| status.size_bytes)
             .map_or(self.spec.size_bytes, |actual| {
                 actual.max(self.spec.size_bytes)
-            })
+            });
+        match &self.spec.thin {
+            Some(thin) => thin.ratio().charge(size),
+            None => size,
+        }
     }
 }
 

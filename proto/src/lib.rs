@@ -15,6 +15,7 @@ mod media;
 mod names;
 pub mod params;
 pub mod placement;
+pub mod thin;
 pub mod validate;
 pub mod volume;
 

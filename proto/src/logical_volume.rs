@@ -36,6 +36,7 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
             .as_ref()
             .and_then(|status| status.condition.clone()),
         io_limits: lv.spec.io_limits.unwrap_or_default(),
+        thin: lv.spec.thin.map(|thin| thin.ratio()),
     })
 }
 
@@ -126,6 +127,7 @@ mod tests {
                 fs_type: Some("ext4".into()),
                 pvc: None,
                 io_limits: None,
+                thin: None,
             },
         );
         lv.metadata.generation = Some(generation);

@@ -21,6 +21,9 @@ pub struct NodeCapacity {
     /// What the node reports no volume accounts for (LVs made by hand,
     /// orphans): taken as well.
     pub unaccounted_bytes: u64,
+    /// Of the unaccounted bytes, the thin pool's data that no thin
+    /// volume's charge takes: room for thin volumes, not for thick ones.
+    pub thin_free_bytes: u64,
     pub extent_bytes: u64,
     /// Some disk of the group is missing: no new volumes there.
     pub degraded: bool,
@@ -43,6 +46,16 @@ impl NodeCapacity {
                 .saturating_sub(self.allocated_bytes)
                 .saturating_sub(self.unaccounted_bytes),
         )
+    }
+
+    /// What a new volume can still get: a thin one also the room its
+    /// pool has left.
+    pub fn free_for(&self, thin: bool) -> u64 {
+        let free = self.free_bytes();
+        if !thin || self.degraded || self.silent.is_some() {
+            return free;
+        }
+        free.saturating_add(self.thin_free_bytes)
     }
 
     fn extent(&self) -> u64 {
@@ -200,6 +213,7 @@ pub fn check_fits(
     capacity: &NodeCapacity,
     media: MediaClass,
     needed: u64,
+    thin: bool,
 ) -> Result<(), PlacementError> {
     if let Some(reason) = &capacity.silent {
         return Err(PlacementError::Silent {
@@ -213,7 +227,7 @@ pub fn check_fits(
             media,
         });
     }
-    let free = capacity.free_bytes();
+    let free = capacity.free_for(thin);
     if needed > free {
         return Err(PlacementError::Insufficient {
             node: capacity.node.clone(),
@@ -239,6 +253,7 @@ mod tests {
             reported_free_bytes: total - allocated,
             allocated_bytes: allocated,
             unaccounted_bytes: 0,
+            thin_free_bytes: 0,
             extent_bytes: 4 * MIB,
             degraded: false,
             silent: None,
@@ -278,6 +293,7 @@ mod tests {
                 reported_free_bytes: reported,
                 allocated_bytes: allocated,
                 unaccounted_bytes: 0,
+                thin_free_bytes: 0,
                 extent_bytes: 1,
                 degraded,
                 silent: None,
@@ -414,8 +430,8 @@ mod tests {
     fn check_fits_says_why_not() {
         let media = MediaClass::Hdd;
         let capacity = group("n", 10 * GIB, 9 * GIB);
-        assert_eq!(check_fits(&capacity, media, GIB), Ok(()));
-        let err = check_fits(&capacity, media, GIB + 1).unwrap_err();
+        assert_eq!(check_fits(&capacity, media, GIB, false), Ok(()));
+        let err = check_fits(&capacity, media, GIB + 1, false).unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
         assert_eq!(
             err.to_string(),
@@ -429,14 +445,14 @@ mod tests {
             silent: None,
             ..group("n", 10 * GIB, 0)
         };
-        let err = check_fits(&degraded, media, 1).unwrap_err();
+        let err = check_fits(&degraded, media, 1, false).unwrap_err();
         assert!(matches!(err, PlacementError::Degraded { .. }), "{err}");
         let silent = NodeCapacity {
             silent: Some("the lvmlocal agent has no heartbeat".into()),
             ..group("n", 10 * GIB, 0)
         };
         assert_eq!(silent.free_bytes(), 0);
-        let err = check_fits(&silent, media, 1).unwrap_err();
+        let err = check_fits(&silent, media, 1, false).unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
         assert_eq!(
             err.to_string(),

@@ -18,6 +18,10 @@ use crate::params::{
     FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, OnNodeLoss, PLACEMENT_PARAM, PV_NAME_PARAM,
     PVC_NAME_PARAM, PVC_NAMESPACE_PARAM, ParseOnNodeLossError, Placement,
 };
+use crate::thin::{
+    OVERPROVISION_PARAM, PROVISIONING_PARAM, ParseProvisioningError, ParseRatioError, Provisioning,
+    Ratio,
+};
 use crate::{MediaClass, ParseMediaClassError, TOPOLOGY_KEY};
 use tonic::Code;
 
@@ -66,8 +70,14 @@ pub enum Invalid {
     OnNodeLoss(#[from] ParseOnNodeLossError),
     #[error(transparent)]
     IoLimit(#[from] InvalidIoLimit),
+    #[error(transparent)]
+    Provisioning(#[from] ParseProvisioningError),
+    #[error(transparent)]
+    Ratio(#[from] ParseRatioError),
+    #[error("{OVERPROVISION_PARAM} applies to thin volumes only: set {PROVISIONING_PARAM}: thin")]
+    RatioWithoutThin,
     #[error(
-        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM}, {PLACEMENT_PARAM}, {ON_NODE_LOSS} and the IO limits {keys}",
+        "unknown parameter {0:?}; lvmlocal reads {MEDIA_PARAM}, {FS_TYPE_PARAM}, {PLACEMENT_PARAM}, {ON_NODE_LOSS}, {PROVISIONING_PARAM}, {OVERPROVISION_PARAM} and the IO limits {keys}",
         keys = io_limits::KEYS.join(", ")
     )]
     UnknownParameter(String),
@@ -148,6 +158,8 @@ pub struct CreateRequest {
     /// The class's limits, overlaid with those of the claim's
     /// VolumeAttributesClass.
     pub io_limits: IoLimits,
+    /// A thin volume's overprovisioning ratio; None for a thick volume.
+    pub thin: Option<Ratio>,
 }
 
 /// A checked ControllerModifyVolume: the volume's limits become exactly
@@ -181,6 +193,8 @@ pub struct CapacityQuery {
     pub media: Option<MediaClass>,
     /// `None`: any node.
     pub node: Option<String>,
+    /// Asked for thin volumes of this ratio.
+    pub thin: Option<Ratio>,
 }
 
 /// What one volume capability asks for.
@@ -200,6 +214,16 @@ pub struct Parameters {
     pub placement: Option<Placement>,
     pub on_node_loss: OnNodeLoss,
     pub io_limits: IoLimits,
+    pub provisioning: Provisioning,
+    pub ratio: Option<Ratio>,
+}
+
+impl Parameters {
+    /// The overprovisioning ratio of a thin class (1 unless it names one);
+    /// None for a thick class.
+    pub fn thin(&self) -> Option<Ratio> {
+        (self.provisioning == Provisioning::Thin).then(|| self.ratio.unwrap_or(Ratio::ONE))
+    }
 }
 
 /// Checks a volume id from a CO request; shared with the Node service.
@@ -232,6 +256,7 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
     let io_limits = params
         .io_limits
         .overlaid(mutable_parameters(&req.mutable_parameters)?);
+    let thin = params.thin();
     Ok(CreateRequest {
         name: req.name.clone(),
         id: VolumeId::from_name(&req.name),
@@ -242,6 +267,7 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
         pvc: params.pvc,
         on_node_loss: params.on_node_loss,
         io_limits,
+        thin,
     })
 }
 
@@ -324,6 +350,7 @@ pub fn capacity(req: &GetCapacityRequest) -> Result<CapacityQuery, Invalid> {
     Ok(CapacityQuery {
         media: params.media,
         node,
+        thin: params.thin(),
     })
 }
 
@@ -400,6 +427,8 @@ pub fn parameters<'a>(
                 );
             }
             ON_NODE_LOSS => parsed.on_node_loss = value.parse()?,
+            PROVISIONING_PARAM => parsed.provisioning = value.parse()?,
+            OVERPROVISION_PARAM => parsed.ratio = Some(value.parse()?),
             PVC_NAME_PARAM => pvc_name = Some(value.clone()),
             PVC_NAMESPACE_PARAM => pvc_namespace = Some(value.clone()),
             PV_NAME_PARAM => {}
@@ -416,6 +445,9 @@ pub fn parameters<'a>(
         (None, None) => None,
         _ => return Err(Invalid::PartialPvc),
     };
+    if parsed.ratio.is_some() && parsed.provisioning != Provisioning::Thin {
+        return Err(Invalid::RatioWithoutThin);
+    }
     Ok(parsed)
 }
 
@@ -545,6 +577,7 @@ mod tests {
                 }),
                 on_node_loss: OnNodeLoss::Recreate,
                 io_limits: IoLimits::NONE,
+                thin: None,
             }
         );
     }
@@ -799,6 +832,32 @@ mod tests {
     }
 
     #[test]
+    fn thin_classes_name_their_ratio_and_thick_ones_none() {
+        assert_eq!(create(&create_req()).unwrap().thin, None);
+        let mut req = create_req();
+        req.parameters
+            .insert(PROVISIONING_PARAM.into(), "thin".into());
+        assert_eq!(create(&req).unwrap().thin, Some(Ratio::ONE));
+        req.parameters
+            .insert(OVERPROVISION_PARAM.into(), "3".into());
+        assert_eq!(create(&req).unwrap().thin, Some("3".parse().unwrap()));
+        req.parameters
+            .insert(PROVISIONING_PARAM.into(), "thick".into());
+        assert_eq!(create(&req), Err(Invalid::RatioWithoutThin));
+        req.parameters
+            .insert(PROVISIONING_PARAM.into(), "sparse".into());
+        let err = create(&req).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains(PROVISIONING_PARAM), "{err}");
+        req.parameters
+            .insert(PROVISIONING_PARAM.into(), "thin".into());
+        req.parameters
+            .insert(OVERPROVISION_PARAM.into(), "0.5".into());
+        let err = create(&req).unwrap_err();
+        assert!(err.to_string().contains(OVERPROVISION_PARAM), "{err}");
+    }
+
+    #[test]
     fn io_limits_come_from_the_class_overlaid_by_the_attributes_class() {
         let mut req = create_req();
         req.parameters.insert(WRITE_IOPS.into(), "100".into());
@@ -1021,7 +1080,8 @@ mod tests {
             capacity(&req),
             Ok(CapacityQuery {
                 media: None,
-                node: None
+                node: None,
+                thin: None,
             })
         );
         req.parameters = params(&[(MEDIA_PARAM, "hdd")]);
@@ -1031,9 +1091,16 @@ mod tests {
             capacity(&req),
             Ok(CapacityQuery {
                 media: Some(MediaClass::Hdd),
-                node: Some("n1".into())
+                node: Some("n1".into()),
+                thin: None,
             })
         );
+        req.parameters = params(&[
+            (MEDIA_PARAM, "hdd"),
+            (PROVISIONING_PARAM, "thin"),
+            (OVERPROVISION_PARAM, "2.5"),
+        ]);
+        assert_eq!(capacity(&req).unwrap().thin, Some("2.5".parse().unwrap()));
         req.accessible_topology = Some(Topology::default());
         assert_eq!(capacity(&req), Err(Invalid::Segment(HashMap::new())));
         req.accessible_topology = None;

@@ -9,6 +9,7 @@ use crate::MediaClass;
 use crate::crd::PvcRef;
 use crate::io_limits::IoLimits;
 use crate::params::OnNodeLoss;
+use crate::thin::Ratio;
 use sha2::{Digest, Sha256};
 
 /// Longest volume id: a Kubernetes label-sized name, which is also a valid
@@ -174,6 +175,8 @@ pub struct Volume {
     pub condition: Option<VolumeCondition>,
     /// The IO limits asked for the volume.
     pub io_limits: IoLimits,
+    /// A thin volume's overprovisioning ratio; None for a thick volume.
+    pub thin: Option<Ratio>,
 }
 
 impl Volume {
@@ -218,6 +221,7 @@ pub struct NewVolume {
     /// can no longer say it.
     pub on_node_loss: OnNodeLoss,
     pub io_limits: IoLimits,
+    pub thin: Option<Ratio>,
 }
 
 #[cfg(test)]
@@ -313,6 +317,7 @@ mod tests {
             generation: 1,
             condition: None,
             io_limits: IoLimits::NONE,
+            thin: None,
         };
         assert!(!volume.settled());
         volume.state = VolumeState::Ready { size_bytes: 50 };

@@ -21,6 +21,7 @@ use lvmlocal_proto::identity::IdentityService;
 use lvmlocal_proto::io_limits::{IoLimits, READ_BPS, READ_IOPS, WRITE_IOPS};
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM};
 use lvmlocal_proto::rpc::RpcMetrics;
+use lvmlocal_proto::thin::{OVERPROVISION_PARAM, PROVISIONING_PARAM};
 use lvmlocal_proto::{MediaClass, TOPOLOGY_KEY};
 use memory::{Agent, Group, MemoryStore};
 use tonic::{Code, Request, Status};
@@ -284,6 +285,53 @@ async fn node_without_space_is_resource_exhausted() {
     let err = create(&svc, req).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("node node-a has"), "{err:?}");
+}
+
+fn thin(mut req: CreateVolumeRequest, ratio: &str) -> CreateVolumeRequest {
+    req.parameters
+        .insert(PROVISIONING_PARAM.into(), "thin".into());
+    req.parameters
+        .insert(OVERPROVISION_PARAM.into(), ratio.into());
+    req
+}
+
+#[tokio::test]
+async fn thin_volumes_are_charged_their_size_over_the_ratio() {
+    let svc = service(Agent::Instant);
+    // 300 GiB on node-a's 100 GiB at a ratio of 4: charged 75 GiB.
+    let mut req = thin(create_req("pvc-1", 300 * GIB as i64), "4");
+    req.accessibility_requirements = on_node("node-a");
+    let volume = create(&svc, req).await.unwrap();
+    assert_eq!(volume.capacity_bytes, 300 * GIB as i64);
+    // 25 GiB left: a thick 26 GiB does not fit, a thin 100 GiB at 4 does.
+    let mut thick = create_req("pvc-2", 26 * GIB as i64);
+    thick.accessibility_requirements = on_node("node-a");
+    let err = create(&svc, thick).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let mut more = thin(create_req("pvc-3", 100 * GIB as i64), "4");
+    more.accessibility_requirements = on_node("node-a");
+    create(&svc, more).await.unwrap();
+    // The same name thick is another volume.
+    let mut again = create_req("pvc-1", 300 * GIB as i64);
+    again.accessibility_requirements = on_node("node-a");
+    let err = create(&svc, again).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("thin"), "{err:?}");
+    // Growing by 40 GiB at 4 takes 10 GiB: there are none left.
+    let err = svc
+        .controller_expand_volume(Request::new(expand_req("pvc-3", 140 * GIB as i64)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("needs 10737418240 more"), "{err:?}");
+    // GetCapacity for a thin class answers what its volumes may add up to.
+    let mut query = GetCapacityRequest {
+        parameters: thin(create_req("q", 1), "2.5").parameters,
+        ..GetCapacityRequest::default()
+    };
+    assert_eq!(capacity(&svc, query.clone()).await, 500 * GIB as i64);
+    query.parameters = nvme();
+    assert_eq!(capacity(&svc, query).await, 200 * GIB as i64);
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ use tower::ServiceExt;
 use lvmlocal_proto::crd::DELETE_INTENT;
 use lvmlocal_proto::io_limits;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
+use lvmlocal_proto::thin::{OVERPROVISION_PARAM, PROVISIONING_PARAM};
 use lvmlocal_tests::cluster::workspace_root;
 use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render};
 
@@ -889,7 +890,14 @@ const COMPONENTS: [(&str, &str, &str); 3] = [
 ];
 
 /// The tools the agent calls, as Debian packages.
-const AGENT_PACKAGES: [&str; 5] = ["lvm2", "util-linux", "mount", "e2fsprogs", "xfsprogs"];
+const AGENT_PACKAGES: [&str; 6] = [
+    "lvm2",
+    "util-linux",
+    "mount",
+    "e2fsprogs",
+    "xfsprogs",
+    "thin-provisioning-tools",
+];
 
 /// The container of a component in a render.
 fn component_container(objects: &[Value], kind: &str, name: &str, component: &str) -> Container {
@@ -1340,12 +1348,15 @@ fn storage_class_policy_knows_the_drivers_names() {
         PLACEMENT_PARAM,
         FS_TYPE_PARAM,
         ON_NODE_LOSS,
+        PROVISIONING_PARAM,
+        OVERPROVISION_PARAM,
         "csi.storage.k8s.io/",
     ]
     .into_iter()
     .chain(MediaClass::ALL.iter().map(|media| media.as_str()))
-    .chain(["ext4", "xfs", "binpack", "spread", "keep", "recreate"])
-    {
+    .chain([
+        "ext4", "xfs", "binpack", "spread", "keep", "recreate", "thick", "thin",
+    ]) {
         assert!(
             text.contains(&format!("\\\"{name}\\\"")),
             "{name} not in {text}"

@@ -75,7 +75,7 @@ impl MemoryStore {
             .values()
             .filter(|v| v.node == node && v.media == media && &v.id != but)
             .map(|v| match v.state {
-                VolumeState::Ready { size_bytes } => size_bytes,
+                VolumeState::Ready { size_bytes } => charge(v, size_bytes),
                 _ => 0,
             })
             .sum()
@@ -102,7 +102,7 @@ impl MemoryStore {
         let wanted = volume.size_bytes.max(volume.actual_bytes.unwrap_or(0));
         let stored = volumes.get_mut(id).unwrap();
         let has_it = volume.actual_bytes.is_some_and(|actual| actual >= wanted);
-        if has_it || used + wanted <= group.total_bytes {
+        if has_it || used + charge(&volume, wanted) <= group.total_bytes {
             stored.state = VolumeState::Ready { size_bytes: wanted };
             stored.actual_bytes = Some(wanted);
         } else {
@@ -118,6 +118,11 @@ impl MemoryStore {
     pub fn hide(&self, bytes: u64) {
         *self.hidden.lock().unwrap() = bytes;
     }
+}
+
+/// What `bytes` of `volume` take from its group, as an agent charges it.
+fn charge(volume: &Volume, bytes: u64) -> u64 {
+    volume.thin.map_or(bytes, |ratio| ratio.charge(bytes))
 }
 
 impl Store for MemoryStore {
@@ -139,6 +144,7 @@ impl Store for MemoryStore {
                 generation: 1,
                 condition: None,
                 io_limits: new.io_limits,
+                thin: new.thin,
             });
         }
         let stored = self.volumes.lock().unwrap()[&new.id].clone();
@@ -223,7 +229,7 @@ impl Store for MemoryStore {
                 let allocated: u64 = volumes
                     .values()
                     .filter(|v| v.node == g.node && v.media == media)
-                    .map(|v| v.size_bytes)
+                    .map(|v| charge(v, v.size_bytes))
                     .sum();
                 NodeCapacity {
                     node: g.node.to_owned(),
@@ -231,6 +237,7 @@ impl Store for MemoryStore {
                     reported_free_bytes: g.total_bytes,
                     allocated_bytes: allocated,
                     unaccounted_bytes: 0,
+                    thin_free_bytes: 0,
                     extent_bytes: EXTENT,
                     degraded: false,
                     silent: None,
