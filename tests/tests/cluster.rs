@@ -2025,3 +2025,147 @@ fn expansion_refused_then_asked_less(cluster: &mut Cluster) {
         .unwrap();
     assert_eq!(pv["spec"]["capacity"]["storage"], "1536Mi", "{pv}");
 }
+
+/// A thin class on the real API server and a node VM: the ratio refused
+/// outside a thin class, capacity published at the ratio's multiple, a
+/// claim bound to a thin LV, and a pool filled to the last block: writes
+/// fail at once, the agent grows it while the group has room, then reports
+/// it full in the node's status, events and metrics.
+#[test]
+fn a_thin_claim_fills_its_pool_and_the_node_says_so() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options::default()).expect("starting the cluster");
+    let node = NodeVm::start(&mut cluster, "vm-thin", Vm::new().nvme("nvme-a", 5, GIB))
+        .expect("booting the node VM");
+    let free = wait_for(
+        "the agent's NodeLocalStorage",
+        Duration::from_secs(180),
+        || {
+            let nls = cluster
+                .get(&["nodelocalstorage", "vm-thin"])
+                .map_err(|err| err.to_string())?;
+            nls["status"]["nvme"]["freeBytes"]
+                .as_u64()
+                .filter(|free| *free > 0)
+                .ok_or(nls.to_string())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+
+    // A ratio belongs to a thin class: the API server says so.
+    let mut class: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    class["metadata"] = json!({"name": "lvmlocal-thin"});
+    class["parameters"]["lvmlocal.io/overprovision-ratio"] = json!("1.5");
+    let refused = cluster.apply(&class).expect_err("a ratio in a thick class");
+    assert!(
+        format!("{refused:#}").contains("lvmlocal.io/provisioning: thin"),
+        "{refused:#}"
+    );
+    class["parameters"]["lvmlocal.io/provisioning"] = json!("thin");
+    class["parameters"]["lvmlocal.io/overprovision-ratio"] = json!("2");
+    cluster.apply(&class).unwrap();
+    wait_for(
+        "CSIStorageCapacity of the thin class at twice the free space",
+        Duration::from_secs(60),
+        || match cluster.storage_capacity("vm-thin", "lvmlocal-thin") {
+            Ok(Some(capacity)) if capacity == free * 2 => Ok(()),
+            other => Err(format!("{other:?} of {free}")),
+        },
+    )
+    .unwrap();
+
+    // A claim that, at 2, leaves the group no room beside its pool (the
+    // pool's metadata and its spare take 4 MiB each).
+    let charge = free - 8 * (1 << 20);
+    let size = 2 * charge;
+    cluster
+        .apply(&claim("thin", "lvmlocal-thin", &size.to_string()))
+        .unwrap();
+    cluster.apply(&pod("thin", &["thin"])).unwrap();
+    let pvc = wait_bound(&cluster, "thin", Duration::from_secs(120));
+    let id = pvc["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let llv = cluster.get(&["logicalvolume", &id]).unwrap();
+    assert_eq!(llv["spec"]["thin"]["overprovisionPercent"], 200, "{llv}");
+    let attrs = node
+        .sh(&format!(
+            "lvs --noheadings -o lv_attr,pool_lv lvmlocal-nvme/{id}"
+        ))
+        .unwrap();
+    assert!(attrs.trim().starts_with('V'), "{attrs}");
+    assert!(attrs.contains("lvmlocal_thinpool"), "{attrs}");
+    let pool = |cluster: &Cluster| {
+        cluster.get(&["nodelocalstorage", "vm-thin"]).unwrap()["status"]["thinPools"]["nvme"]
+            .clone()
+    };
+    wait_for(
+        "the pool in the node's status",
+        Duration::from_secs(90),
+        || {
+            let pool = pool(&cluster);
+            (pool["dataBytes"] == charge && pool["virtualBytes"] == size && pool["freeBytes"] == 0)
+                .then_some(())
+                .ok_or(pool.to_string())
+        },
+    )
+    .unwrap();
+    // The group has no room left for a thick volume.
+    wait_for(
+        "no CSIStorageCapacity left for thick volumes",
+        Duration::from_secs(60),
+        || match cluster.storage_capacity("vm-thin", "lvmlocal-nvme") {
+            Ok(Some(0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+
+    // Writing more than the pool holds fails in the writer, at once.
+    let device = format!("/dev/lvmlocal-nvme/{id}");
+    let written = node
+        .sh(&format!(
+            "dd if=/dev/zero of={device} bs=1M count={} oflag=direct 2>&1; echo \"exit $?\"",
+            size / (1 << 20)
+        ))
+        .unwrap();
+    assert!(
+        written.contains("No space left on device") || written.contains("Input/output error"),
+        "{written}"
+    );
+    assert!(!written.trim_end().ends_with("exit 0"), "{written}");
+    wait_for("the full pool reported", Duration::from_secs(150), || {
+        let pool = pool(&cluster);
+        let events = all_events(&cluster, "vm-thin");
+        (pool["dataPercent"] == 100 && events.contains("ThinPoolFull"))
+            .then_some(())
+            .ok_or(format!("{pool}\n{events}"))
+    })
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    let metrics = node.sh("curl -s http://127.0.0.1:9808/metrics").unwrap();
+    assert!(
+        metrics.contains("lvmlocal_agent_thin_pool_data_percent{media=\"nvme\"} 100"),
+        "{metrics}"
+    );
+    // What was written stays readable.
+    node.sh(&format!(
+        "dd if={device} of=/dev/null bs=1M count=16 iflag=direct"
+    ))
+    .unwrap();
+
+    // The volume goes with its claim; its pool stays, empty, as room for
+    // the next thin volume.
+    delete_all(&cluster, "thin", &["thin"]);
+    wait_for("the LV removed", Duration::from_secs(120), || {
+        let lvs = node.lvs().map_err(|err| err.to_string())?;
+        (!lvs.contains_key(&format!("lvmlocal-nvme/{id}")))
+            .then_some(())
+            .ok_or(format!("{lvs:?}"))
+    })
+    .unwrap();
+    wait_for("the empty pool reported", Duration::from_secs(90), || {
+        let pool = pool(&cluster);
+        (pool["dataPercent"] == 0 && pool["freeBytes"] == pool["dataBytes"])
+            .then_some(())
+            .ok_or(pool.to_string())
+    })
+    .unwrap();
+}
