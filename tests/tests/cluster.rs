@@ -2028,9 +2028,10 @@ fn expansion_refused_then_asked_less(cluster: &mut Cluster) {
 
 /// A thin class on the real API server and a node VM: the ratio refused
 /// outside a thin class, capacity published at the ratio's multiple, a
-/// claim bound to a thin LV, and a pool filled to the last block: writes
-/// fail at once, the agent grows it while the group has room, then reports
-/// it full in the node's status, events and metrics.
+/// claim bound to a thin LV, and a pool filled to the last block twice:
+/// writes fail at once, the agent grows it into the room its group has
+/// left, and reports it filling, then full, in the node's status, events
+/// and metrics.
 #[test]
 fn a_thin_claim_fills_its_pool_and_the_node_says_so() {
     let _serial = serial();
@@ -2074,9 +2075,10 @@ fn a_thin_claim_fills_its_pool_and_the_node_says_so() {
     )
     .unwrap();
 
-    // A claim that, at 2, leaves the group no room beside its pool (the
+    // A claim that, at 2, leaves the group 128 MiB beside its pool (the
     // pool's metadata and its spare take 4 MiB each).
-    let charge = free - 8 * (1 << 20);
+    const MIB: u64 = 1 << 20;
+    let charge = free - 8 * MIB - 128 * MIB;
     let size = 2 * charge;
     cluster
         .apply(&claim("thin", "lvmlocal-thin", &size.to_string()))
@@ -2108,30 +2110,54 @@ fn a_thin_claim_fills_its_pool_and_the_node_says_so() {
         },
     )
     .unwrap();
-    // The group has no room left for a thick volume.
-    wait_for(
-        "no CSIStorageCapacity left for thick volumes",
-        Duration::from_secs(60),
-        || match cluster.storage_capacity("vm-thin", "lvmlocal-nvme") {
-            Ok(Some(0)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .unwrap();
+    let thick_room = |cluster: &Cluster, bytes: u64| {
+        wait_for(
+            &format!("{bytes} bytes of CSIStorageCapacity left for thick volumes"),
+            Duration::from_secs(90),
+            || match cluster.storage_capacity("vm-thin", "lvmlocal-nvme") {
+                Ok(Some(capacity)) if capacity == bytes => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+    };
+    thick_room(&cluster, 128 * MIB);
 
     // Writing more than the pool holds fails in the writer, at once.
     let device = format!("/dev/lvmlocal-nvme/{id}");
-    let written = node
-        .sh(&format!(
-            "dd if=/dev/zero of={device} bs=1M count={} oflag=direct 2>&1; echo \"exit $?\"",
-            size / (1 << 20)
-        ))
-        .unwrap();
-    assert!(
-        written.contains("No space left on device") || written.contains("Input/output error"),
-        "{written}"
-    );
-    assert!(!written.trim_end().ends_with("exit 0"), "{written}");
+    let fill = || {
+        let written = node
+            .sh(&format!(
+                "dd if=/dev/zero of={device} bs=1M count={} oflag=direct 2>&1; echo \"exit $?\"",
+                size / MIB
+            ))
+            .unwrap();
+        assert!(
+            written.contains("No space left on device") || written.contains("Input/output error"),
+            "{written}"
+        );
+        assert!(!written.trim_end().ends_with("exit 0"), "{written}");
+    };
+    fill();
+    // The agent grows it into the group's last 128 MiB, which leaves it
+    // nearly full: filling.
+    wait_for(
+        "the pool grown and filling",
+        Duration::from_secs(150),
+        || {
+            let pool = pool(&cluster);
+            let events = all_events(&cluster, "vm-thin");
+            (pool["dataBytes"] == charge + 128 * MIB
+                && events.contains("ThinPoolGrown")
+                && events.contains("ThinPoolFilling"))
+            .then_some(())
+            .ok_or(format!("{pool}\n{events}"))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    thick_room(&cluster, 0);
+    // Filled again, with no room to grow: full.
+    fill();
     wait_for("the full pool reported", Duration::from_secs(150), || {
         let pool = pool(&cluster);
         let events = all_events(&cluster, "vm-thin");
