@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes components the cluster tests run (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl, kubelet, csi-provisioner,
-# csi-resizer, csi-sanity, helm) from their Go modules at the versions in scripts/versions.env, into target/components/bin.
-# A binary already built at its version is kept, so a second run builds
-# nothing; Go's module and build caches make a build in a fresh clone a link
-# step.
+# csi-resizer, csi-snapshotter, snapshot-controller, csi-sanity, helm) from
+# their Go modules at the versions in scripts/versions.env, into
+# target/components/bin, and copies the snapshot.storage.k8s.io CRDs of the
+# same external-snapshotter release into target/components/crds/snapshot.
+# A binary already built at its version is kept, and so are the CRDs, so a
+# second run builds and copies nothing; Go's module and build caches make a
+# build in a fresh clone a link step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/versions.env
@@ -77,17 +80,52 @@ fi
 
 # The CSI sidecars pin their Kubernetes dependencies with replace directives,
 # which `go install mod@version` refuses: build inside the module's own tree.
+# A replace into a directory of that tree (external-snapshotter's
+# `=> ./client`) names a nested module, which Go leaves out of the module
+# zip: the build then reads a copy of go.mod (and go.sum) in src/ that points
+# it at the nested module of the same version in the module cache instead.
 sidecar() {
     local name=$1 module=$2 version=$3
     current "$name" "$version" && return
-    local dir
+    local dir nested modfile=()
     dir=$(module_dir "$module@$version")
-    (cd "$dir" && GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath \
+    if grep -q '^replace [^ ]* => \./' "$dir/go.mod"; then
+        local src=$root/src/$name-$version
+        mkdir -p "$src"
+        cp "$dir/go.mod" "$src/go.mod"
+        cp "$dir/go.sum" "$src/go.sum"
+        chmod u+w "$src/go.mod" "$src/go.sum"
+        for nested in $(sed -n 's#^replace \([^ ]*\) => \./.*#\1#p' "$dir/go.mod"); do
+            local nested_dir
+            nested_dir=$(module_dir "$nested@$version") || true
+            [ -d "$nested_dir" ] || { echo "components: no $nested@$version" >&2; exit 1; }
+            sed -i "s#^replace $nested => \./.*#replace $nested => $nested_dir#" "$src/go.mod"
+        done
+        modfile=(-modfile "$src/go.mod")
+    fi
+    (cd "$dir" && GOFLAGS="-mod=readonly -buildvcs=false" go build "${modfile[@]}" -trimpath \
         -ldflags "-s -w -X main.version=$version" -o "$bin/$name" "./cmd/$name")
     stamp "$name" "$version"
 }
 sidecar csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$CSI_PROVISIONER"
 sidecar csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$CSI_RESIZER"
+sidecar csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$CSI_SNAPSHOTTER"
+sidecar snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 "$CSI_SNAPSHOTTER"
+
+# The VolumeSnapshotClass, VolumeSnapshotContent and VolumeSnapshot CRDs of
+# that release, which live in its nested client module. Copied again only
+# when the version changes.
+crds=$root/crds/snapshot
+if [ "$(cat "$crds.version" 2>/dev/null)" != "$CSI_SNAPSHOTTER" ]; then
+    dir=$(module_dir "github.com/kubernetes-csi/external-snapshotter/client/v8@$CSI_SNAPSHOTTER")
+    rm -rf "$crds"
+    mkdir -p "$crds"
+    cp "$dir"/config/crd/snapshot.storage.k8s.io_*.yaml "$crds/"
+    chmod u+w "$crds"/*.yaml
+    [ "$(ls "$crds"/*.yaml | wc -l)" = 3 ] || { echo "components: expected 3 snapshot CRDs in $dir" >&2; exit 1; }
+    echo "$CSI_SNAPSHOTTER" >"$crds.version"
+    echo "components: copied the snapshot CRDs $CSI_SNAPSHOTTER"
+fi
 
 if ! current csi-sanity "$CSI_SANITY"; then
     GOBIN=$bin go install -trimpath "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY"

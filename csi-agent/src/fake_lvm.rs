@@ -153,6 +153,8 @@ pub fn local(id: &str, media: MediaClass, size_bytes: u64) -> LocalVolume {
         dm_name: None,
         kernel_errors: None,
         thin: None,
+        origin: None,
+        snapshot: false,
     }
 }
 

@@ -168,6 +168,24 @@ impl Lvm {
         Ok(())
     }
 
+    /// A thin snapshot `name` of the thin LV `origin`: it shares the
+    /// origin's blocks, so it takes no time and no space until either is
+    /// written. Active (thin snapshots skip activation by default), and
+    /// read-only if `read_only`.
+    pub async fn thin_snapshot(
+        &self,
+        vg: &str,
+        origin: &str,
+        name: &str,
+        read_only: bool,
+        tags: &[String],
+    ) -> Result<(), LvmError> {
+        self.runner
+            .run(&thin_snapshot_cmd(vg, origin, name, read_only, tags))
+            .await?;
+        Ok(())
+    }
+
     /// Grows the metadata of the thin pool `pool` to `bytes`.
     pub async fn extend_pool_metadata(
         &self,
@@ -379,6 +397,23 @@ fn thin_pool_cmd(vg: &str, name: &str, data_bytes: u64, metadata_bytes: u64) -> 
         vg,
     ]
     .map(str::to_owned);
+    Cmd::new("lvcreate", args)
+}
+
+fn thin_snapshot_cmd(vg: &str, origin: &str, name: &str, read_only: bool, tags: &[String]) -> Cmd {
+    let mut args = vec![
+        "--snapshot".to_owned(),
+        "--name".to_owned(),
+        name.to_owned(),
+        "--setactivationskip".to_owned(),
+        "n".to_owned(),
+        "--permission".to_owned(),
+        if read_only { "r" } else { "rw" }.to_owned(),
+    ];
+    for tag in tags {
+        args.extend(["--addtag".to_owned(), tag.clone()]);
+    }
+    args.push(format!("{vg}/{origin}"));
     Cmd::new("lvcreate", args)
 }
 

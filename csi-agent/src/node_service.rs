@@ -966,6 +966,8 @@ mod tests {
             dm_name: None,
             kernel_errors: None,
             thin: None,
+            origin: None,
+            snapshot: false,
         };
         let xfs = volume("xfs");
         assert_eq!(

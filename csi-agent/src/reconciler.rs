@@ -108,6 +108,7 @@ impl Failure {
             VolumeError::NoSpace { .. } => "NotEnoughSpace",
             VolumeError::NoGroup(_) => "NoVolumeGroup",
             VolumeError::OtherMedia { .. } => "OtherMedia",
+            VolumeError::NoOrigin { .. } => "NoSource",
             VolumeError::Lvm(_) => return None,
         };
         Some(Self::new(reason, err.to_string(), existing))
@@ -201,6 +202,12 @@ fn request(lv: &LogicalVolume) -> Result<VolumeRequest, String> {
             .as_ref()
             .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
         thin: volume.thin,
+        origin: match (&lv.spec.snapshot, &lv.spec.source) {
+            (Some(snapshot), _) => Some(snapshot.source_volume.clone()),
+            (None, Some(source)) => Some(source.name.clone()),
+            (None, None) => None,
+        },
+        snapshot: lv.spec.snapshot.is_some(),
     })
 }
 
@@ -825,6 +832,8 @@ mod tests {
             access: access.into(),
             pvc: Some("db/data-0".into()),
             thin: None,
+            origin: None,
+            snapshot: false,
         }
     }
 

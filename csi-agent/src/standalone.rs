@@ -51,6 +51,9 @@ impl LvTagStore {
             condition: Some(local.condition()),
             io_limits: IoLimits::NONE,
             thin: local.thin,
+            snapshot_of: None,
+            source: None,
+            created_seconds: None,
         })
     }
 }
@@ -61,6 +64,11 @@ fn unavailable(what: &str) -> impl FnOnce(VolumeError) -> StoreError + '_ {
 
 impl Store for LvTagStore {
     fn keeps_io_limits(&self) -> bool {
+        false
+    }
+
+    /// Snapshots are objects of the cluster's.
+    fn keeps_snapshots(&self) -> bool {
         false
     }
 
@@ -90,6 +98,8 @@ impl Store for LvTagStore {
                 .as_ref()
                 .map(|pvc| format!("{}/{}", pvc.namespace, pvc.name)),
             thin: volume.thin,
+            origin: None,
+            snapshot: false,
         };
         match self.volumes.ensure(&request).await {
             Ok(local) => self.volume(local),
@@ -109,6 +119,9 @@ impl Store for LvTagStore {
                 condition: None,
                 io_limits: IoLimits::NONE,
                 thin: volume.thin,
+                snapshot_of: None,
+                source: None,
+                created_seconds: None,
             }),
             Err(err) => Err(StoreError::unavailable("creating the logical volume", err)),
         }
@@ -152,7 +165,11 @@ impl Store for LvTagStore {
         &self,
         after: Option<&VolumeId>,
         limit: usize,
+        snapshots: bool,
     ) -> Result<Vec<Volume>, StoreError> {
+        if snapshots {
+            return Ok(Vec::new());
+        }
         self.volumes
             .list()
             .await

@@ -45,6 +45,11 @@ pub const STATE_TAG: &str = "lvmlocal.io/state=";
 /// A thin volume's overprovisioning ratio in hundredths: what it is charged
 /// against its group is its size divided by that.
 pub const THIN_TAG: &str = "lvmlocal.io/thin=";
+/// The LV a volume was made from as a thin snapshot: a restore's snapshot,
+/// a clone's volume, a snapshot's volume. Its blocks are the content.
+pub const ORIGIN_TAG: &str = "lvmlocal.io/origin=";
+/// Marks a snapshot: read-only, charged nothing, never published.
+pub const SNAPSHOT_TAG: &str = "lvmlocal.io/snapshot";
 /// The thin pool of each volume group, made by the first thin volume. The
 /// underscore keeps it apart from every volume id.
 pub const THIN_POOL: &str = "lvmlocal_thinpool";
@@ -68,6 +73,14 @@ pub enum VolumeError {
         id: String,
         existing: MediaClass,
         wanted: MediaClass,
+    },
+    #[error(
+        "the source {origin} of volume {id} is not a ready thin volume or snapshot of this node's {media} group"
+    )]
+    NoOrigin {
+        id: String,
+        origin: String,
+        media: MediaClass,
     },
     #[error(transparent)]
     Lvm(#[from] LvmError),
@@ -175,6 +188,10 @@ pub struct VolumeRequest {
     pub pvc: Option<String>,
     /// A thin volume's overprovisioning ratio; None for a thick one.
     pub thin: Option<Ratio>,
+    /// The LV to make it a thin snapshot of: its content.
+    pub origin: Option<String>,
+    /// A read-only snapshot of `origin`.
+    pub snapshot: bool,
 }
 
 /// The condition reason of a volume whose device the kernel logged errors
@@ -201,14 +218,21 @@ pub struct LocalVolume {
     pub kernel_errors: Option<DeviceErrors>,
     /// A thin volume's overprovisioning ratio; None for a thick one.
     pub thin: Option<Ratio>,
+    /// The LV it was made from as a thin snapshot.
+    pub origin: Option<String>,
+    pub snapshot: bool,
 }
 
 impl LocalVolume {
     /// What the volume takes from its volume group: its size, or a thin
     /// volume's size over its ratio.
+    /// A snapshot shares its origin's blocks: nothing.
     pub fn charged_bytes(&self) -> u64 {
-        self.thin
-            .map_or(self.size_bytes, |ratio| ratio.charge(self.size_bytes))
+        match self.thin {
+            _ if self.snapshot => 0,
+            Some(ratio) => ratio.charge(self.size_bytes),
+            None => self.size_bytes,
+        }
     }
 
     /// The volume's health as the cluster is told it.
@@ -393,7 +417,9 @@ impl Index {
     fn thin_use(&self, vg: &str) -> (u64, u64) {
         self.volumes
             .values()
-            .filter(|entry| entry.volume.vg == vg && entry.volume.thin.is_some())
+            .filter(|entry| {
+                entry.volume.vg == vg && entry.volume.thin.is_some() && !entry.volume.snapshot
+            })
             .fold((0, 0), |(charged, size), entry| {
                 (
                     charged + entry.volume.charged_bytes(),
@@ -889,6 +915,8 @@ impl Shared {
                     .and_then(Ratio::from_percent)
                     .unwrap_or(Ratio::ONE)
             }),
+            origin: lv.tag_value(ORIGIN_TAG).map(str::to_owned),
+            snapshot: lv.tags.iter().any(|tag| tag == SNAPSHOT_TAG),
         };
         Some(Entry {
             volume,
@@ -943,8 +971,9 @@ impl Shared {
                 self.lvm.activate(vg, id).await?;
             }
             // A thin volume's pool zeroes each block before the volume
-            // first sees it: there is nothing earlier to erase.
-            if volume.thin.is_none() {
+            // first sees it: there is nothing earlier to erase. A copy's
+            // blocks are its content.
+            if volume.thin.is_none() && volume.origin.is_none() {
                 self.eraser
                     .wipe_new(&volume.device_path, volume.size_bytes)
                     .await?;
@@ -997,7 +1026,12 @@ impl Shared {
             .await?
             .ok_or(VolumeError::NoGroup(request.media))?;
         let size_bytes = round_up(request.size_bytes, space.extent_bytes);
+        let origin = match &request.origin {
+            Some(origin) => Some(self.origin(&vg, request, origin).await?),
+            None => None,
+        };
         match request.thin {
+            Some(_) if request.snapshot => {}
             None if space.free_bytes < size_bytes => {
                 return Err(VolumeError::NoSpace {
                     media: request.media,
@@ -1023,14 +1057,28 @@ impl Shared {
                 .thin
                 .map(|ratio| format!("{THIN_TAG}{}", ratio.percent())),
         );
+        tags.extend(
+            request
+                .origin
+                .as_ref()
+                .map(|origin| format!("{ORIGIN_TAG}{origin}")),
+        );
+        if request.snapshot {
+            tags.push(SNAPSHOT_TAG.to_owned());
+        }
         let changing = self.changing();
-        let created = match request.thin {
-            None => {
+        let created = match (&origin, request.thin) {
+            (Some(origin), _) => {
+                self.lvm
+                    .thin_snapshot(&vg, &origin.id, &request.id, request.snapshot, &tags)
+                    .await
+            }
+            (None, None) => {
                 self.lvm
                     .lvcreate(&vg, &request.id, request.size_bytes, &tags)
                     .await
             }
-            Some(_) => {
+            (None, Some(_)) => {
                 self.lvm
                     .lvcreate_thin(&vg, THIN_POOL, &request.id, request.size_bytes, &tags)
                     .await
@@ -1047,7 +1095,10 @@ impl Shared {
                 media: request.media,
                 device_path: format!("/dev/{vg}/{}", request.id),
                 vg: vg.clone(),
-                size_bytes,
+                // A snapshot is its origin's size until grown.
+                size_bytes: origin
+                    .as_ref()
+                    .map_or(size_bytes, |origin| origin.size_bytes),
                 requested_bytes: request.size_bytes,
                 access: request.access.clone(),
                 pvc: request.pvc.clone(),
@@ -1055,6 +1106,8 @@ impl Shared {
                 dm_name: None,
                 kernel_errors: None,
                 thin: request.thin,
+                origin: request.origin.clone(),
+                snapshot: request.snapshot,
             },
             state: LvState::Creating,
             state_tag: Some(LvState::Creating.tag()),
@@ -1063,7 +1116,35 @@ impl Shared {
         self.record(entry.clone());
         drop(changing);
         drop(serial);
-        self.finish_create(entry).await
+        let volume = self.finish_create(entry).await?;
+        if volume.size_bytes >= request.size_bytes || request.snapshot {
+            return Ok(volume);
+        }
+        let _serial = self.lock(&vg).await;
+        self.grow(&volume, request.size_bytes).await
+    }
+
+    /// The ready thin volume or snapshot of `vg` a new LV is to copy.
+    async fn origin(
+        &self,
+        vg: &str,
+        request: &VolumeRequest,
+        origin: &str,
+    ) -> Result<LocalVolume, VolumeError> {
+        match self.entry(origin).await? {
+            Some(entry)
+                if entry.volume.vg == vg
+                    && entry.volume.thin.is_some()
+                    && entry.state == LvState::Ready =>
+            {
+                Ok(entry.volume)
+            }
+            _ => Err(VolumeError::NoOrigin {
+                id: request.id.clone(),
+                origin: origin.to_owned(),
+                media: request.media,
+            }),
+        }
     }
 
     /// The usable volume an existing LV is, at least `size_bytes` large:

@@ -128,6 +128,8 @@ mod tests {
                 pvc: None,
                 io_limits: None,
                 thin: None,
+                snapshot: None,
+                source: None,
             },
         );
         if deleting {

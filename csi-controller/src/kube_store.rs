@@ -10,7 +10,7 @@ use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Api, Client, ResourceExt};
 use lvmlocal_proto::MediaClass;
 use lvmlocal_proto::crd::{
-    DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec, ThinSpec,
+    DELETE_INTENT, LV_FINALIZER, LogicalVolume, LogicalVolumeSpec, SnapshotSpec, ThinSpec,
 };
 use lvmlocal_proto::io_limits::IoLimits;
 use lvmlocal_proto::logical_volume::{delete_intent, persistent_volumes_naming, volume_of};
@@ -254,6 +254,13 @@ impl Store for KubeStore {
                 thin: new.thin.map(|ratio| ThinSpec {
                     overprovision_percent: ratio.percent(),
                 }),
+                snapshot: new
+                    .snapshot_of
+                    .map(|(source, volume_snapshot)| SnapshotSpec {
+                        source_volume: source.to_string(),
+                        volume_snapshot,
+                    }),
+                source: new.source,
             },
             status: None,
         };
@@ -351,6 +358,7 @@ impl Store for KubeStore {
         &self,
         after: Option<&VolumeId>,
         limit: usize,
+        snapshots: bool,
     ) -> Result<Vec<Volume>, StoreError> {
         let mut volumes: Vec<Volume> = self
             .caches
@@ -364,6 +372,7 @@ impl Store for KubeStore {
                     None
                 }
             })
+            .filter(|volume| volume.snapshot_of.is_some() == snapshots)
             .filter(|volume| after.is_none_or(|after| &volume.id > after))
             .collect();
         volumes.sort_unstable_by(|a, b| a.id.cmp(&b.id));

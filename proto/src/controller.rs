@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::crd::{ContentSource, SourceKind};
 use crate::csi::v1::controller_get_volume_response;
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{Rpc, Type as CapabilityType, rpc};
+use crate::csi::v1::list_snapshots_response;
 use crate::csi::v1::list_volumes_response::{self, Entry};
 use crate::csi::v1::validate_volume_capabilities_response::Confirmed;
 use crate::csi::v1::{
@@ -21,6 +23,10 @@ use crate::csi::v1::{
     ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse, Topology,
     ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
 };
+use crate::io_limits::IoLimits;
+use crate::params::OnNodeLoss;
+use crate::thin::PROVISIONING_PARAM;
+use crate::validate::Invalid;
 use crate::{MediaClass, TOPOLOGY_KEY};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -56,7 +62,7 @@ impl Default for ControllerSettings {
 }
 
 /// The capabilities a CO may rely on; nothing else is implemented.
-const CAPABILITIES: [rpc::Type; 8] = [
+const CAPABILITIES: [rpc::Type; 11] = [
     rpc::Type::CreateDeleteVolume,
     rpc::Type::ExpandVolume,
     rpc::Type::GetCapacity,
@@ -65,6 +71,16 @@ const CAPABILITIES: [rpc::Type; 8] = [
     rpc::Type::GetVolume,
     rpc::Type::VolumeCondition,
     rpc::Type::ModifyVolume,
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::ListSnapshots,
+    rpc::Type::CloneVolume,
+];
+
+/// The capabilities that need snapshots kept.
+const SNAPSHOT_CAPABILITIES: [rpc::Type; 3] = [
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::ListSnapshots,
+    rpc::Type::CloneVolume,
 ];
 
 pub struct ControllerService<S> {
@@ -94,7 +110,10 @@ impl<S: Store> ControllerService<S> {
         let volume = match self.store.get(&req.id).await? {
             Some(existing) => existing,
             None => {
-                let new = self.place(&req).await?;
+                let new = match &req.source {
+                    None => self.place(&req).await?,
+                    Some(source) => self.place_from(&req, source).await?,
+                };
                 tracing::info!(node = %new.node, bytes = new.size_bytes, "creating");
                 self.store.create(new).await?
             }
@@ -137,6 +156,216 @@ impl<S: Store> ControllerService<S> {
             on_node_loss: req.on_node_loss,
             io_limits: req.io_limits,
             thin: req.thin,
+            snapshot_of: None,
+            source: None,
+        })
+    }
+
+    /// A restore or a clone: a thin snapshot of the source, on its node.
+    async fn place_from(
+        &self,
+        req: &CreateRequest,
+        source: &ContentSource,
+    ) -> Result<NewVolume, CsiError> {
+        if !self.store.keeps_snapshots() {
+            return unsupported("restoring and cloning volumes without a cluster");
+        }
+        let what = match source.kind {
+            SourceKind::Snapshot => "snapshot",
+            SourceKind::Volume => "volume",
+        };
+        let id = VolumeId::parse(&source.name).map_err(Invalid::from)?;
+        let origin = match self.store.get(&id).await? {
+            Some(origin)
+                if origin.state != VolumeState::Deleting
+                    && origin.snapshot_of.is_some() == (source.kind == SourceKind::Snapshot) =>
+            {
+                origin
+            }
+            _ if source.kind == SourceKind::Snapshot => return Err(CsiError::SnapshotNotFound(id)),
+            _ => return Err(CsiError::NotFound(id)),
+        };
+        if origin.thin.is_none() {
+            return Err(CsiError::Thick(format!(
+                "{what} {id} is a thick volume: only thin volumes have snapshots and clones"
+            )));
+        }
+        let Some(ratio) = req.thin else {
+            return Err(CsiError::Thick(format!(
+                "a volume made from {what} {id} is a thin snapshot of it: its class must set \
+                 {PROVISIONING_PARAM}: thin"
+            )));
+        };
+        if origin.media != req.media {
+            return Err(CsiError::Thick(format!(
+                "{what} {id} is on {} and cannot be copied to {}",
+                origin.media, req.media
+            )));
+        }
+        let VolumeState::Ready {
+            size_bytes: origin_bytes,
+        } = origin.state
+        else {
+            return Err(CsiError::SourceNotReady { what, id });
+        };
+        if !placement::accessible(&req.nodes, &origin.node) {
+            return Err(CsiError::SourceElsewhere {
+                what,
+                id,
+                node: origin.node,
+                why: "a copy lives on its source's node",
+            });
+        }
+        let group = self.group_of(&origin).await?.ok_or_else(|| {
+            placement::PlacementError::NoVolumeGroup {
+                node: origin.node.clone(),
+                media: origin.media,
+            }
+        })?;
+        let size_bytes = placement::size_for(req.size, origin_bytes, &group)?;
+        if size_bytes < origin_bytes {
+            return Err(CsiError::SmallerThanSource {
+                wanted: size_bytes,
+                source_bytes: origin_bytes,
+            });
+        }
+        placement::check_fits(&group, req.media, ratio.charge(size_bytes), true)?;
+        Ok(NewVolume {
+            id: req.id.clone(),
+            node: origin.node,
+            media: req.media,
+            access: req.access,
+            size_bytes,
+            pvc: req.pvc.clone(),
+            on_node_loss: req.on_node_loss,
+            io_limits: req.io_limits,
+            thin: Some(ratio),
+            snapshot_of: None,
+            source: Some(source.clone()),
+        })
+    }
+
+    /// A thin snapshot of a thin volume, on its node; idempotent by name.
+    async fn snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, CsiError> {
+        let req = validate::create_snapshot(&req)?;
+        Span::current().record("volume", req.id.as_str());
+        let deadline = Instant::now() + self.settings.wait;
+        let snapshot = match self.store.get(&req.id).await? {
+            Some(existing) => {
+                if existing.snapshot_of.as_ref() != Some(&req.source) {
+                    return Err(CsiError::AlreadyExists {
+                        id: req.id,
+                        existing: match &existing.snapshot_of {
+                            Some(source) => format!("a snapshot of volume {source}"),
+                            None => "a volume".to_owned(),
+                        },
+                        wanted: format!("a snapshot of volume {}", req.source),
+                    });
+                }
+                existing
+            }
+            None => {
+                let origin = self.live(&req.source).await?;
+                if origin.thin.is_none() {
+                    return Err(CsiError::Thick(format!(
+                        "volume {} is a thick volume: only thin volumes (a class with \
+                         {PROVISIONING_PARAM}: thin) have snapshots",
+                        origin.id
+                    )));
+                }
+                let size_bytes = match origin.state {
+                    VolumeState::Ready { size_bytes } => size_bytes,
+                    _ => origin.size_bytes,
+                };
+                tracing::info!(source = %origin.id, node = %origin.node, "snapshotting");
+                self.store
+                    .create(NewVolume {
+                        id: req.id.clone(),
+                        node: origin.node.clone(),
+                        media: origin.media,
+                        access: origin.access,
+                        size_bytes,
+                        pvc: None,
+                        on_node_loss: OnNodeLoss::Keep,
+                        io_limits: IoLimits::NONE,
+                        thin: origin.thin,
+                        snapshot_of: Some((origin.id.clone(), req.volume_snapshot.clone())),
+                        source: None,
+                    })
+                    .await?
+            }
+        };
+        if snapshot.state == VolumeState::Deleting {
+            return Err(CsiError::BeingDeleted(snapshot.id));
+        }
+        let snapshot = self.settle(snapshot, deadline).await?;
+        ready_size(&snapshot)?;
+        Ok(CreateSnapshotResponse {
+            snapshot: Some(csi_snapshot(&snapshot)),
+        })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, CsiError> {
+        let id = validate::delete_snapshot(&req)?;
+        Span::current().record("volume", id.as_str());
+        match self.store.get(&id).await? {
+            Some(found) if found.snapshot_of.is_some() => self.store.delete(&id).await?,
+            // Not a snapshot: nothing of this id to delete.
+            _ => {}
+        }
+        Ok(DeleteSnapshotResponse {})
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: ListSnapshotsRequest,
+    ) -> Result<ListSnapshotsResponse, CsiError> {
+        let req = validate::list_snapshots(&req)?;
+        let wanted = |snapshot: &Volume| {
+            req.id.as_ref().is_none_or(|id| snapshot.id.as_str() == id)
+                && req.source.as_ref().is_none_or(|source| {
+                    snapshot
+                        .snapshot_of
+                        .as_ref()
+                        .is_some_and(|of| of.as_str() == source)
+                })
+        };
+        let limit = req.max_entries.unwrap_or(usize::MAX);
+        let mut found = Vec::new();
+        let mut after = req.after.clone();
+        // Filtered pages can come back short: read on until the page is full.
+        loop {
+            let page = self.store.list(after.as_ref(), 100, true).await?;
+            let done = page.len() < 100;
+            after = page.last().map(|snapshot| snapshot.id.clone());
+            found.extend(page.into_iter().filter(|snapshot| wanted(snapshot)));
+            if done || found.len() > limit {
+                break;
+            }
+        }
+        let next_token = if found.len() > limit {
+            found.truncate(limit);
+            found
+                .last()
+                .map(|s| validate::next_token(&s.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListSnapshotsResponse {
+            entries: found
+                .iter()
+                .map(|snapshot| list_snapshots_response::Entry {
+                    snapshot: Some(csi_snapshot(snapshot)),
+                })
+                .collect(),
+            next_token,
         })
     }
 
@@ -150,6 +379,12 @@ impl<S: Store> ControllerService<S> {
     async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse, CsiError> {
         let id = validate::delete(&req)?;
         Span::current().record("volume", id.as_str());
+        // A snapshot's id names no volume: DeleteSnapshot removes it.
+        if let Some(found) = self.store.get(&id).await?
+            && found.snapshot_of.is_some()
+        {
+            return Ok(DeleteVolumeResponse {});
+        }
         self.store.delete(&id).await?;
         Ok(DeleteVolumeResponse {})
     }
@@ -277,7 +512,7 @@ impl<S: Store> ControllerService<S> {
         let limit = req.max_entries.unwrap_or(usize::MAX);
         let mut volumes = self
             .store
-            .list(req.after.as_ref(), limit.saturating_add(1))
+            .list(req.after.as_ref(), limit.saturating_add(1), false)
             .await?;
         let next_token = if volumes.len() > limit {
             volumes.truncate(limit);
@@ -349,10 +584,14 @@ impl<S: Store> ControllerService<S> {
         })
     }
 
-    /// The volume, unless it is unknown or on its way out.
+    /// The volume, unless it is unknown, a snapshot, or on its way out.
     async fn live(&self, id: &VolumeId) -> Result<Volume, CsiError> {
         match self.store.get(id).await? {
-            Some(volume) if volume.state != VolumeState::Deleting => Ok(volume),
+            Some(volume)
+                if volume.state != VolumeState::Deleting && volume.snapshot_of.is_none() =>
+            {
+                Ok(volume)
+            }
             _ => Err(CsiError::NotFound(id.clone())),
         }
     }
@@ -392,6 +631,12 @@ fn check_same(volume: &Volume, req: &CreateRequest) -> Result<(), CsiError> {
             req.size.to_string(),
         ));
     }
+    if volume.source != req.source || volume.snapshot_of.is_some() {
+        return Err(differs(
+            describe_source(volume.source.as_ref(), volume.snapshot_of.is_some()),
+            describe_source(req.source.as_ref(), false),
+        ));
+    }
     if !placement::accessible(&req.nodes, &volume.node) {
         return Err(differs(
             format!("node {}", volume.node),
@@ -399,6 +644,39 @@ fn check_same(volume: &Volume, req: &CreateRequest) -> Result<(), CsiError> {
         ));
     }
     Ok(())
+}
+
+fn describe_source(source: Option<&ContentSource>, snapshot: bool) -> String {
+    match source {
+        _ if snapshot => "a snapshot".to_owned(),
+        None => "no content source".to_owned(),
+        Some(ContentSource {
+            kind: SourceKind::Snapshot,
+            name,
+        }) => format!("the content of snapshot {name}"),
+        Some(ContentSource {
+            kind: SourceKind::Volume,
+            name,
+        }) => format!("the content of volume {name}"),
+    }
+}
+
+fn csi_snapshot(snapshot: &Volume) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: reported_size(snapshot),
+        snapshot_id: snapshot.id.to_string(),
+        source_volume_id: snapshot
+            .snapshot_of
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: snapshot.created_seconds.unwrap_or(0),
+            nanos: 0,
+        }),
+        ready_to_use: matches!(snapshot.state, VolumeState::Ready { .. }),
+        group_snapshot_id: String::new(),
+    }
 }
 
 /// The size of a volume the node has made, or the error why it has not.
@@ -433,7 +711,19 @@ fn csi_volume(volume: &Volume, capacity_bytes: i64) -> csi::Volume {
         capacity_bytes,
         volume_id: volume.id.to_string(),
         volume_context: HashMap::from([(MEDIA_PARAM.to_owned(), volume.media.to_string())]),
-        content_source: None,
+        content_source: volume.source.as_ref().map(|source| {
+            use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            csi::VolumeContentSource {
+                r#type: Some(match source.kind {
+                    SourceKind::Snapshot => Type::Snapshot(SnapshotSource {
+                        snapshot_id: source.name.clone(),
+                    }),
+                    SourceKind::Volume => Type::Volume(VolumeSource {
+                        volume_id: source.name.clone(),
+                    }),
+                }),
+            }
+        }),
         accessible_topology: vec![Topology {
             segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), volume.node.clone())]),
         }],
@@ -574,6 +864,9 @@ impl<S: Store> Controller for ControllerService<S> {
                         .filter(|rpc| {
                             **rpc != rpc::Type::ModifyVolume || self.store.keeps_io_limits()
                         })
+                        .filter(|rpc| {
+                            !SNAPSHOT_CAPABILITIES.contains(rpc) || self.store.keeps_snapshots()
+                        })
                         .map(|rpc| ControllerServiceCapability {
                             r#type: Some(CapabilityType::Rpc(Rpc {
                                 r#type: *rpc as i32,
@@ -587,28 +880,43 @@ impl<S: Store> Controller for ControllerService<S> {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         self.metrics
-            .observe("CreateSnapshot", async { unsupported("CreateSnapshot") })
+            .observe("CreateSnapshot", async {
+                if !self.store.keeps_snapshots() {
+                    return unsupported("CreateSnapshot without a cluster");
+                }
+                self.snapshot(request.into_inner()).await
+            })
             .await
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         self.metrics
-            .observe("DeleteSnapshot", async { unsupported("DeleteSnapshot") })
+            .observe("DeleteSnapshot", async {
+                if !self.store.keeps_snapshots() {
+                    return unsupported("DeleteSnapshot without a cluster");
+                }
+                self.delete_snapshot(request.into_inner()).await
+            })
             .await
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         self.metrics
-            .observe("ListSnapshots", async { unsupported("ListSnapshots") })
+            .observe("ListSnapshots", async {
+                if !self.store.keeps_snapshots() {
+                    return unsupported("ListSnapshots without a cluster");
+                }
+                self.list_snapshots(request.into_inner()).await
+            })
             .await
     }
 

@@ -315,7 +315,7 @@ pub struct DiskStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.fsType) == has(oldSelf.fsType) && has(self.pvc) == has(oldSelf.pvc) && has(self.thin) == has(oldSelf.thin)").message("spec.fsType, spec.pvc and spec.thin cannot be added or removed"))]
+#[x_kube(validation = Rule::new("has(self.fsType) == has(oldSelf.fsType) && has(self.pvc) == has(oldSelf.pvc) && has(self.thin) == has(oldSelf.thin) && has(self.snapshot) == has(oldSelf.snapshot) && has(self.source) == has(oldSelf.source)").message("spec.fsType, spec.pvc, spec.thin, spec.snapshot and spec.source cannot be added or removed"))]
 pub struct LogicalVolumeSpec {
     /// Where the LV lives: moving the object would orphan it.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: the LV lives on that node"))]
@@ -340,6 +340,43 @@ pub struct LogicalVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.thin is immutable"))]
     pub thin: Option<ThinSpec>,
+    /// Present on a snapshot: a read-only thin snapshot of the volume it
+    /// names, on the same node. Its name is the CSI snapshot id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.snapshot is immutable"))]
+    pub snapshot: Option<SnapshotSpec>,
+    /// What a volume was made from: a snapshot (a restore) or a volume (a
+    /// clone), on the same node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.source is immutable"))]
+    pub source: Option<ContentSource>,
+}
+
+/// What a snapshot is of.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSpec {
+    /// The id of the volume the snapshot was taken of. The snapshot stays
+    /// when that volume is deleted.
+    pub source_volume: String,
+    /// The VolumeSnapshot it was made for, when the snapshotter said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<PvcRef>,
+}
+
+/// The snapshot or volume a volume was made from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentSource {
+    pub kind: SourceKind,
+    /// The snapshot id or volume id.
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SourceKind {
+    Snapshot,
+    Volume,
 }
 
 /// How a thin volume is accounted.
@@ -371,6 +408,9 @@ impl LogicalVolume {
                 actual.max(self.spec.size_bytes)
             });
         match &self.spec.thin {
+            // A snapshot shares its origin's blocks: what it holds alone
+            // shows in its pool's real use.
+            Some(_) if self.spec.snapshot.is_some() => 0,
             Some(thin) => thin.ratio().charge(size),
             None => size,
         }

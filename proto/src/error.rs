@@ -45,6 +45,21 @@ pub enum CsiError {
     BeingDeleted(VolumeId),
     #[error("{0} is not supported by lvmlocal")]
     Unsupported(&'static str),
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(VolumeId),
+    #[error("{0}")]
+    Thick(String),
+    #[error("{what} {id} is on node {node}, which the request does not allow: {why}")]
+    SourceElsewhere {
+        what: &'static str,
+        id: VolumeId,
+        node: String,
+        why: &'static str,
+    },
+    #[error("{what} {id} is not ready yet; retry")]
+    SourceNotReady { what: &'static str, id: VolumeId },
+    #[error("the volume would be {wanted} bytes, smaller than its source's {source_bytes}")]
+    SmallerThanSource { wanted: u64, source_bytes: u64 },
 }
 
 impl CsiError {
@@ -63,6 +78,13 @@ impl CsiError {
             CsiError::GrowFailed { .. } => Code::OutOfRange,
             CsiError::BeingDeleted(_) => Code::Aborted,
             CsiError::Unsupported(_) => Code::Unimplemented,
+            CsiError::SnapshotNotFound(_) => Code::NotFound,
+            CsiError::Thick(_) => Code::InvalidArgument,
+            // Back to the scheduler, which the extender points at the
+            // source's node.
+            CsiError::SourceElsewhere { .. } => Code::ResourceExhausted,
+            CsiError::SourceNotReady { .. } => Code::Unavailable,
+            CsiError::SmallerThanSource { .. } => Code::OutOfRange,
         }
     }
 }

@@ -37,6 +37,18 @@ pub fn volume_of(lv: &LogicalVolume) -> Result<Volume, StoreError> {
             .and_then(|status| status.condition.clone()),
         io_limits: lv.spec.io_limits.unwrap_or_default(),
         thin: lv.spec.thin.map(|thin| thin.ratio()),
+        snapshot_of: match &lv.spec.snapshot {
+            Some(snapshot) => Some(VolumeId::parse(&snapshot.source_volume).map_err(|err| {
+                StoreError::Corrupt(format!("LogicalVolume {name}: spec.snapshot: {err}"))
+            })?),
+            None => None,
+        },
+        source: lv.spec.source.clone(),
+        created_seconds: lv
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0.as_second()),
     })
 }
 
@@ -128,6 +140,8 @@ mod tests {
                 pvc: None,
                 io_limits: None,
                 thin: None,
+                snapshot: None,
+                source: None,
             },
         );
         lv.metadata.generation = Some(generation);

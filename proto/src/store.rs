@@ -25,6 +25,12 @@ pub trait Store: Send + Sync + 'static {
         true
     }
 
+    /// Whether the store keeps snapshots and volumes made from them, so
+    /// the snapshot calls and content sources are offered.
+    fn keeps_snapshots(&self) -> bool {
+        true
+    }
+
     /// The volume with this id, read from the source of truth (not a cache),
     /// since it decides whether a retried CreateVolume makes a second volume.
     fn get(&self, id: &VolumeId)
@@ -63,12 +69,13 @@ pub trait Store: Send + Sync + 'static {
         io_limits: IoLimits,
     ) -> impl Future<Output = Result<Volume, StoreError>> + Send;
 
-    /// Up to `limit` volumes not being deleted, sorted by id, starting after
-    /// `after`.
+    /// Up to `limit` volumes (or with `snapshots`, snapshots) not being
+    /// deleted, sorted by id, starting after `after`.
     fn list(
         &self,
         after: Option<&VolumeId>,
         limit: usize,
+        snapshots: bool,
     ) -> impl Future<Output = Result<Vec<Volume>, StoreError>> + Send;
 
     /// The volume groups of class `media` on the nodes that can take volumes.

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::crd::PvcRef;
+use crate::crd::{ContentSource, PvcRef, SourceKind};
 use crate::csi::v1::volume_capability::access_mode::Mode;
 use crate::csi::v1::volume_capability::{AccessMode, AccessType};
 use crate::csi::v1::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerModifyVolumeRequest,
-    CreateVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, ListVolumesRequest, Topology,
-    ValidateVolumeCapabilitiesRequest, VolumeCapability,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    GetCapacityRequest, ListSnapshotsRequest, ListVolumesRequest, Topology,
+    ValidateVolumeCapabilitiesRequest, VolumeCapability, volume_content_source,
 };
 use crate::io_limits::{self, InvalidIoLimit, IoLimits};
 use crate::params::{
@@ -94,8 +95,16 @@ pub enum Invalid {
     LimitBelowRequired(SizeRange),
     #[error("capacity range is required")]
     MissingCapacity,
-    #[error("volume content sources (snapshots, clones) are not supported")]
+    #[error("the volume content source names neither a snapshot nor a volume")]
     ContentSource,
+    #[error("snapshot name is missing")]
+    MissingSnapshotName,
+    #[error("snapshot id is missing")]
+    MissingSnapshotId,
+    #[error("the source volume id of the snapshot is missing")]
+    MissingSourceVolume,
+    #[error("unknown snapshot parameter {0:?}; lvmlocal reads none")]
+    UnknownSnapshotParameter(String),
     #[error("topology segment {0:?} does not name a node with {TOPOLOGY_KEY}")]
     Segment(HashMap<String, String>),
     #[error("max_entries must not be negative")]
@@ -160,6 +169,29 @@ pub struct CreateRequest {
     pub io_limits: IoLimits,
     /// A thin volume's overprovisioning ratio; None for a thick volume.
     pub thin: Option<Ratio>,
+    /// The snapshot to restore, or the volume to clone.
+    pub source: Option<ContentSource>,
+}
+
+/// A checked CreateSnapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub id: VolumeId,
+    pub source: VolumeId,
+    /// The VolumeSnapshot it is for, from the snapshotter's
+    /// `--extra-create-metadata`.
+    pub volume_snapshot: Option<PvcRef>,
+}
+
+/// A checked ListSnapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotListRequest {
+    pub max_entries: Option<usize>,
+    pub after: Option<VolumeId>,
+    /// Only this snapshot; an id no snapshot can have matches nothing.
+    pub id: Option<String>,
+    /// Only the snapshots of this volume.
+    pub source: Option<String>,
 }
 
 /// A checked ControllerModifyVolume: the volume's limits become exactly
@@ -243,9 +275,10 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
     let params = parameters(&req.parameters)?;
     let access = access(&req.volume_capabilities, params.fs_type)?;
     let media = params.media.ok_or(Invalid::MissingMedia)?;
-    if req.volume_content_source.is_some() {
-        return Err(Invalid::ContentSource);
-    }
+    let source = match &req.volume_content_source {
+        None => None,
+        Some(source) => Some(content_source(source)?),
+    };
     let nodes = match &req.accessibility_requirements {
         Some(topology) => NodeChoice {
             preferred: topology_nodes(&topology.preferred)?,
@@ -268,6 +301,73 @@ pub fn create(req: &CreateVolumeRequest) -> Result<CreateRequest, Invalid> {
         on_node_loss: params.on_node_loss,
         io_limits,
         thin,
+        source,
+    })
+}
+
+/// The snapshot or volume a CreateVolume names as its content.
+fn content_source(source: &crate::csi::v1::VolumeContentSource) -> Result<ContentSource, Invalid> {
+    use volume_content_source::Type;
+    let (kind, id) = match &source.r#type {
+        Some(Type::Snapshot(snapshot)) => (SourceKind::Snapshot, &snapshot.snapshot_id),
+        Some(Type::Volume(volume)) => (SourceKind::Volume, &volume.volume_id),
+        None => return Err(Invalid::ContentSource),
+    };
+    Ok(ContentSource {
+        kind,
+        name: volume_id(id)?.to_string(),
+    })
+}
+
+/// The snapshotter's own parameters (`--extra-create-metadata`).
+const SNAPSHOT_NAME_PARAM: &str = "csi.storage.k8s.io/volumesnapshot/name";
+const SNAPSHOT_NAMESPACE_PARAM: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
+
+pub fn create_snapshot(req: &CreateSnapshotRequest) -> Result<SnapshotRequest, Invalid> {
+    if req.name.is_empty() {
+        return Err(Invalid::MissingSnapshotName);
+    }
+    if req.source_volume_id.is_empty() {
+        return Err(Invalid::MissingSourceVolume);
+    }
+    let source = volume_id(&req.source_volume_id)?;
+    let (mut name, mut namespace) = (None, None);
+    for (key, value) in &req.parameters {
+        match key.as_str() {
+            SNAPSHOT_NAME_PARAM => name = Some(value.clone()),
+            SNAPSHOT_NAMESPACE_PARAM => namespace = Some(value.clone()),
+            other if other.starts_with(SIDECAR_PREFIX) => {}
+            other => return Err(Invalid::UnknownSnapshotParameter(other.to_owned())),
+        }
+    }
+    Ok(SnapshotRequest {
+        id: VolumeId::from_name(&req.name),
+        source,
+        volume_snapshot: match (namespace, name) {
+            (Some(namespace), Some(name)) => Some(PvcRef { namespace, name }),
+            _ => None,
+        },
+    })
+}
+
+pub fn delete_snapshot(req: &DeleteSnapshotRequest) -> Result<VolumeId, Invalid> {
+    if req.snapshot_id.is_empty() {
+        return Err(Invalid::MissingSnapshotId);
+    }
+    Ok(volume_id(&req.snapshot_id)?)
+}
+
+pub fn list_snapshots(req: &ListSnapshotsRequest) -> Result<SnapshotListRequest, Invalid> {
+    let ListRequest { max_entries, after } = list(&ListVolumesRequest {
+        max_entries: req.max_entries,
+        starting_token: req.starting_token.clone(),
+    })?;
+    let given = |id: &str| (!id.is_empty()).then(|| id.to_owned());
+    Ok(SnapshotListRequest {
+        max_entries,
+        after,
+        id: given(&req.snapshot_id),
+        source: given(&req.source_volume_id),
     })
 }
 
@@ -578,6 +678,7 @@ mod tests {
                 on_node_loss: OnNodeLoss::Recreate,
                 io_limits: IoLimits::NONE,
                 thin: None,
+                source: None,
             }
         );
     }
@@ -765,17 +866,23 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (
-                "snapshot source",
+                "a content source of no kind",
+                |r| r.volume_content_source = Some(VolumeContentSource { r#type: None }),
+                Invalid::ContentSource,
+                Code::InvalidArgument,
+            ),
+            (
+                "a snapshot id that is a path",
                 |r| {
                     r.volume_content_source = Some(VolumeContentSource {
                         r#type: Some(volume_content_source::Type::Snapshot(
                             volume_content_source::SnapshotSource {
-                                snapshot_id: "s".into(),
+                                snapshot_id: "../s".into(),
                             },
                         )),
                     })
                 },
-                Invalid::ContentSource,
+                Invalid::Id(InvalidVolumeId::Alphabet("../s".into())),
                 Code::InvalidArgument,
             ),
             (

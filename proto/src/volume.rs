@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::MediaClass;
-use crate::crd::PvcRef;
+use crate::crd::{ContentSource, PvcRef};
 use crate::io_limits::IoLimits;
 use crate::params::OnNodeLoss;
 use crate::thin::Ratio;
@@ -177,6 +177,12 @@ pub struct Volume {
     pub io_limits: IoLimits,
     /// A thin volume's overprovisioning ratio; None for a thick volume.
     pub thin: Option<Ratio>,
+    /// Set on a snapshot: the volume it is of.
+    pub snapshot_of: Option<VolumeId>,
+    /// What the volume was made from.
+    pub source: Option<ContentSource>,
+    /// When the store first kept it, in seconds since the epoch.
+    pub created_seconds: Option<i64>,
 }
 
 impl Volume {
@@ -222,6 +228,10 @@ pub struct NewVolume {
     pub on_node_loss: OnNodeLoss,
     pub io_limits: IoLimits,
     pub thin: Option<Ratio>,
+    /// Set for a snapshot: the volume it is of, and the VolumeSnapshot it
+    /// was made for, if known.
+    pub snapshot_of: Option<(VolumeId, Option<PvcRef>)>,
+    pub source: Option<ContentSource>,
 }
 
 #[cfg(test)]
@@ -318,6 +328,9 @@ mod tests {
             condition: None,
             io_limits: IoLimits::NONE,
             thin: None,
+            snapshot_of: None,
+            source: None,
+            created_seconds: None,
         };
         assert!(!volume.settled());
         volume.state = VolumeState::Ready { size_bytes: 50 };

@@ -155,6 +155,9 @@ async fn capabilities_are_advertised() {
         rpc::Type::GetVolume,
         rpc::Type::VolumeCondition,
         rpc::Type::ModifyVolume,
+        rpc::Type::CreateDeleteSnapshot,
+        rpc::Type::ListSnapshots,
+        rpc::Type::CloneVolume,
     ] {
         assert!(types.contains(&(want as i32)), "{want:?} missing");
     }
@@ -768,14 +771,247 @@ async fn capacity_per_segment_and_class() {
     assert_eq!(resp.maximum_volume_size, Some(70 * GIB as i64));
 }
 
+fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        parameters: HashMap::from([
+            (
+                "csi.storage.k8s.io/volumesnapshot/name".to_owned(),
+                "daily".to_owned(),
+            ),
+            (
+                "csi.storage.k8s.io/volumesnapshot/namespace".to_owned(),
+                "db".to_owned(),
+            ),
+            (
+                "csi.storage.k8s.io/volumesnapshotcontent/name".to_owned(),
+                "snapcontent-1".to_owned(),
+            ),
+        ]),
+        ..CreateSnapshotRequest::default()
+    }
+}
+
+fn from_source(
+    mut req: CreateVolumeRequest,
+    source: volume_content_source::Type,
+) -> CreateVolumeRequest {
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(source),
+    });
+    req
+}
+
+fn from_snapshot(name: &str, snapshot: &str) -> CreateVolumeRequest {
+    from_source(
+        thin(create_req(name, 10 * GIB as i64), "2"),
+        volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: snapshot.into(),
+        }),
+    )
+}
+
 #[tokio::test]
-async fn snapshots_and_publish_are_unimplemented() {
+async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
     let svc = service(Agent::Instant);
+    let mut origin = thin(create_req("pvc-1", 10 * GIB as i64), "2");
+    origin.accessibility_requirements = on_node("node-b");
+    create(&svc, origin).await.unwrap();
+
+    let snapshot = svc
+        .create_snapshot(Request::new(snapshot_req("snapshot-1", "pvc-1")))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snapshot.snapshot_id, "snapshot-1");
+    assert_eq!(snapshot.source_volume_id, "pvc-1");
+    assert_eq!(snapshot.size_bytes, 10 * GIB as i64);
+    assert!(snapshot.ready_to_use);
+    assert!(snapshot.creation_time.is_some());
+    // The same again is the same snapshot; the same name of another volume
+    // is not.
+    let again = svc
+        .create_snapshot(Request::new(snapshot_req("snapshot-1", "pvc-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.snapshot.unwrap().snapshot_id, "snapshot-1");
+    create(&svc, thin(create_req("pvc-2", GIB as i64), "2"))
+        .await
+        .unwrap();
     let err = svc
-        .create_snapshot(Request::new(CreateSnapshotRequest::default()))
+        .create_snapshot(Request::new(snapshot_req("snapshot-1", "pvc-2")))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Snapshots are not volumes, nor volumes snapshots.
+    let listed = list_page(&svc, 0, "").await.unwrap();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .all(|e| e.volume.as_ref().unwrap().volume_id != "snapshot-1")
+    );
+    let all = svc
+        .list_snapshots(Request::new(ListSnapshotsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 1);
+    for (filter, count) in [
+        (
+            ListSnapshotsRequest {
+                source_volume_id: "pvc-1".into(),
+                ..Default::default()
+            },
+            1,
+        ),
+        (
+            ListSnapshotsRequest {
+                source_volume_id: "pvc-2".into(),
+                ..Default::default()
+            },
+            0,
+        ),
+        (
+            ListSnapshotsRequest {
+                snapshot_id: "snapshot-1".into(),
+                ..Default::default()
+            },
+            1,
+        ),
+        (
+            ListSnapshotsRequest {
+                snapshot_id: "pvc-1".into(),
+                ..Default::default()
+            },
+            0,
+        ),
+        (
+            ListSnapshotsRequest {
+                snapshot_id: "no/such".into(),
+                ..Default::default()
+            },
+            0,
+        ),
+    ] {
+        let got = svc
+            .list_snapshots(Request::new(filter.clone()))
+            .await
+            .unwrap();
+        assert_eq!(got.into_inner().entries.len(), count, "{filter:?}");
+    }
+
+    // A restore lands on the snapshot's node, whatever the request prefers
+    // among the nodes it allows, and echoes its source.
+    let restored = create(&svc, from_snapshot("pvc-r", "snapshot-1"))
+        .await
+        .unwrap();
+    assert_eq!(node_of(&restored), "node-b");
+    assert!(restored.content_source.is_some());
+    let mut elsewhere = from_snapshot("pvc-x", "snapshot-1");
+    elsewhere.accessibility_requirements = on_node("node-a");
+    let err = create(&svc, elsewhere).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("node node-b"), "{err:?}");
+    // Smaller than the snapshot, unknown, into a thick class: refused.
+    let mut small = from_snapshot("pvc-s", "snapshot-1");
+    small.capacity_range = Some(CapacityRange {
+        required_bytes: GIB as i64,
+        limit_bytes: GIB as i64,
+    });
+    assert_eq!(
+        create(&svc, small).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+    let err = create(&svc, from_snapshot("pvc-u", "snapshot-9"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let mut thick = from_snapshot("pvc-t", "snapshot-1");
+    thick.parameters = nvme();
+    let err = create(&svc, thick).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("thin"), "{err:?}");
+    // A snapshot id is not a volume to clone, nor a volume id a snapshot.
+    let clone_of = |name: &str, volume: &str| {
+        from_source(
+            thin(create_req(name, 10 * GIB as i64), "2"),
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: volume.into(),
+            }),
+        )
+    };
+    assert_eq!(
+        create(&svc, clone_of("pvc-c0", "snapshot-1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        create(&svc, from_snapshot("pvc-c1", "pvc-1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let clone = create(&svc, clone_of("pvc-c", "pvc-1")).await.unwrap();
+    assert_eq!(node_of(&clone), "node-b");
+
+    // Thick volumes have no snapshots.
+    create(&svc, create_req("pvc-thick", GIB as i64))
+        .await
+        .unwrap();
+    let err = svc
+        .create_snapshot(Request::new(snapshot_req("snapshot-2", "pvc-thick")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = svc
+        .create_snapshot(Request::new(snapshot_req("snapshot-3", "pvc-none")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // DeleteVolume does not take a snapshot; DeleteSnapshot does, and only
+    // once; deleting the origin leaves the snapshot.
+    svc.delete_volume(Request::new(DeleteVolumeRequest {
+        volume_id: "snapshot-1".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert!(svc_store(&svc).volume("snapshot-1").is_some());
+    svc.delete_volume(Request::new(DeleteVolumeRequest {
+        volume_id: "pvc-1".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert!(svc_store(&svc).volume("snapshot-1").is_some());
+    for _ in 0..2 {
+        svc.delete_snapshot(Request::new(DeleteSnapshotRequest {
+            snapshot_id: "snapshot-1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    assert!(svc_store(&svc).volume("snapshot-1").is_none());
+    let err = svc
+        .delete_snapshot(Request::new(DeleteSnapshotRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn publish_is_unimplemented() {
+    let svc = service(Agent::Instant);
     let err = svc
         .controller_publish_volume(Request::new(ControllerPublishVolumeRequest::default()))
         .await

@@ -145,6 +145,9 @@ impl Store for MemoryStore {
                 condition: None,
                 io_limits: new.io_limits,
                 thin: new.thin,
+                created_seconds: Some(1_700_000_000),
+                snapshot_of: new.snapshot_of.map(|(source, _)| source),
+                source: new.source,
             });
         }
         let stored = self.volumes.lock().unwrap()[&new.id].clone();
@@ -208,10 +211,12 @@ impl Store for MemoryStore {
         &self,
         after: Option<&VolumeId>,
         limit: usize,
+        snapshots: bool,
     ) -> Result<Vec<Volume>, StoreError> {
         let volumes = self.volumes.lock().unwrap();
         Ok(volumes
             .values()
+            .filter(|v| v.snapshot_of.is_some() == snapshots)
             .filter(|v| after.is_none_or(|after| &v.id > after))
             .filter(|v| v.state != VolumeState::Deleting)
             .take(limit)
