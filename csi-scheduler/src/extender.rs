@@ -61,6 +61,7 @@ impl ExtenderError {
             ExtenderError::Needs(NeedsError::ClaimNotCached(_)) => "claim_not_cached",
             ExtenderError::Needs(NeedsError::NoSize(_)) => "claim_without_size",
             ExtenderError::Needs(NeedsError::InvalidClass { .. }) => "invalid_storage_class",
+            ExtenderError::Needs(NeedsError::UnknownOrigin { .. }) => "origin_not_known",
         }
     }
 }

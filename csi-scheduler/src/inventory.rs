@@ -30,7 +30,7 @@ use lvmlocal_proto::crd::{LogicalVolume, NodeLocalStorage};
 use lvmlocal_proto::heartbeat::{self, Beat, Silence};
 
 use crate::capacity::{MediaCapacity, NodeCapacity, PerMedia, Refusal, Verdict, fit};
-use crate::needs::{Catalog, ClaimKey, ClaimState, ClassKind, ClassRecord, PodNeeds};
+use crate::needs::{Catalog, ClaimKey, ClaimState, ClassKind, ClassRecord, Origin, PodNeeds};
 use crate::reservation::{NodeId, Reservation, Reservations, ReservedClaim};
 
 /// A pod being placed: its UID keys its reservation.
@@ -147,6 +147,8 @@ struct VolumeRecord {
     media: MediaClass,
     bytes: u64,
     claim: Option<ClaimKey>,
+    /// A snapshot's VolumeSnapshot.
+    snapshot: Option<ClaimKey>,
 }
 
 /// Objects of one kind by key, with what a relist needs to drop the ones
@@ -223,6 +225,9 @@ pub struct Inventory {
     leases: Table<Box<str>, NodeId>,
     /// Claims that have a `LogicalVolume`, with how many.
     with_volume: HashMap<ClaimKey, u32>,
+    /// The node of each claim's volume and each VolumeSnapshot's snapshot:
+    /// where a copy of it must go.
+    origins: HashMap<Origin, NodeId>,
     /// Pending claims that carry a selected node.
     selected: HashSet<ClaimKey>,
     /// What `selected` adds to the nodes' `in_flight`, to undo on recount.
@@ -352,6 +357,12 @@ impl Inventory {
                         .pvc
                         .as_ref()
                         .map(|pvc| ClaimKey::new(&pvc.namespace, &pvc.name)),
+                    snapshot: lv
+                        .spec
+                        .snapshot
+                        .as_ref()
+                        .and_then(|snapshot| snapshot.volume_snapshot.as_ref())
+                        .map(|of| ClaimKey::new(&of.namespace, &of.name)),
                 };
                 self.place(&record);
                 if let Some(old) = self.volumes.upsert(lv.name_any().into(), record) {
@@ -371,7 +382,15 @@ impl Inventory {
         }
     }
 
+    fn origins_of(volume: &VolumeRecord) -> impl Iterator<Item = Origin> + '_ {
+        let claim = volume.claim.iter().cloned().map(Origin::Claim);
+        claim.chain(volume.snapshot.iter().cloned().map(Origin::Snapshot))
+    }
+
     fn place(&mut self, volume: &VolumeRecord) {
+        for origin in Self::origins_of(volume) {
+            self.origins.insert(origin, volume.node);
+        }
         let node = &mut self.nodes[volume.node as usize];
         node.placed[volume.media] += volume.bytes;
         node.volumes += 1;
@@ -388,6 +407,11 @@ impl Inventory {
     }
 
     fn unplace(&mut self, volume: &VolumeRecord) {
+        for origin in Self::origins_of(volume) {
+            if self.origins.get(&origin) == Some(&volume.node) {
+                self.origins.remove(&origin);
+            }
+        }
         let node = &mut self.nodes[volume.node as usize];
         node.placed[volume.media] -= volume.bytes;
         node.volumes -= 1;
@@ -687,5 +711,10 @@ impl Catalog for Inventory {
             .filter(|(_, (class, _))| class.default)
             .map(|(name, _)| &**name)
             .min()
+    }
+
+    fn origin_node(&self, origin: &Origin) -> Option<&str> {
+        let id = self.origins.get(origin)?;
+        Some(&self.nodes[*id as usize].name)
     }
 }

@@ -63,6 +63,51 @@ pub struct PendingClaim {
     pub bytes: Option<u64>,
     /// The node kube-scheduler picked, once it has.
     pub selected_node: Option<Box<str>>,
+    /// What its content is copied from: it can only be made on that node.
+    pub origin: Option<Origin>,
+}
+
+/// Where a claim's content comes from (`spec.dataSourceRef`, or
+/// `spec.dataSource`): another claim (a clone) or a VolumeSnapshot (a
+/// restore), by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Claim(ClaimKey),
+    Snapshot(ClaimKey),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Claim(key) => write!(f, "claim {key}"),
+            Origin::Snapshot(key) => write!(f, "VolumeSnapshot {key}"),
+        }
+    }
+}
+
+/// The origin a claim's data source names, if it is one lvmlocal copies.
+fn origin(namespace: &str, spec: &PersistentVolumeClaimSpec) -> Option<Origin> {
+    let (group, kind, name, source_namespace) = match (&spec.data_source_ref, &spec.data_source) {
+        (Some(source), _) => (
+            source.api_group.as_deref(),
+            source.kind.as_str(),
+            source.name.as_str(),
+            source.namespace.as_deref(),
+        ),
+        (None, Some(source)) => (
+            source.api_group.as_deref(),
+            source.kind.as_str(),
+            source.name.as_str(),
+            None,
+        ),
+        (None, None) => return None,
+    };
+    let key = ClaimKey::new(source_namespace.unwrap_or(namespace), name);
+    match (group.unwrap_or_default(), kind) {
+        ("", "PersistentVolumeClaim") => Some(Origin::Claim(key)),
+        ("snapshot.storage.k8s.io", "VolumeSnapshot") => Some(Origin::Snapshot(key)),
+        _ => None,
+    }
 }
 
 impl ClaimState {
@@ -90,6 +135,12 @@ impl ClaimState {
                 .as_ref()
                 .and_then(|annotations| annotations.get(SELECTED_NODE_ANNOTATION))
                 .map(|node| Box::from(node.as_str())),
+            origin: spec.and_then(|spec| {
+                origin(
+                    claim.metadata.namespace.as_deref().unwrap_or_default(),
+                    spec,
+                )
+            }),
         })
     }
 }
@@ -161,6 +212,9 @@ pub trait Catalog {
     fn class(&self, name: &str) -> Option<&ClassRecord>;
     /// The class given to claims that name none.
     fn default_class(&self) -> Option<&str>;
+    /// The node holding the volume or snapshot `origin` names, once its
+    /// `LogicalVolume` is known.
+    fn origin_node(&self, origin: &Origin) -> Option<&str>;
 }
 
 /// One pending lvmlocal claim of a pod.
@@ -182,6 +236,11 @@ pub enum NeedsError {
     ClaimNotCached(ClaimKey),
     #[error("claim {0} requests no storage size")]
     NoSize(ClaimKey),
+    #[error(
+        "claim {claim} copies {origin}, whose lvmlocal volume is not known (yet): it can only be \
+         made on that volume's node"
+    )]
+    UnknownOrigin { claim: ClaimKey, origin: Origin },
     #[error("storage class {class} of claim {claim} is unusable: {reason}")]
     InvalidClass {
         claim: ClaimKey,
@@ -248,6 +307,7 @@ impl PodNeeds {
                             storage_class,
                             bytes: requested_bytes(&template.spec),
                             selected_node: None,
+                            origin: origin(namespace, &template.spec),
                         };
                         (key, pending)
                     }
@@ -288,12 +348,25 @@ impl PodNeeds {
             if needs.claims.iter().any(|claim| claim.key == key) {
                 continue;
             }
+            // A copy is a thin snapshot of its origin: only its node will do.
+            let selected_node = match &pending.origin {
+                None => pending.selected_node,
+                Some(origin) => match catalog.origin_node(origin) {
+                    Some(node) => Some(Box::from(node)),
+                    None => {
+                        return Err(NeedsError::UnknownOrigin {
+                            claim: key,
+                            origin: origin.clone(),
+                        });
+                    }
+                },
+            };
             needs.claims.push(ClaimNeed {
                 key,
                 media,
                 bytes,
                 placement,
-                selected_node: pending.selected_node,
+                selected_node,
             });
         }
         Ok(needs)
@@ -331,6 +404,13 @@ mod tests {
                 .iter()
                 .find(|(_, class)| class.default)
                 .map(|(name, _)| name.as_str())
+        }
+        fn origin_node(&self, origin: &Origin) -> Option<&str> {
+            match origin {
+                Origin::Snapshot(key) if key == &ClaimKey::new("db", "daily") => Some("node-b"),
+                Origin::Claim(key) if key == &ClaimKey::new("db", "old") => Some("node-c"),
+                _ => None,
+            }
         }
     }
 
@@ -387,6 +467,15 @@ mod tests {
                    "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "3Gi"}}}}),
             json!({"metadata": {"name": "sparse", "namespace": "db"},
                    "spec": {"storageClassName": "thin", "resources": {"requests": {"storage": "100Gi"}}}}),
+            json!({"metadata": {"name": "restored", "namespace": "db"},
+                   "spec": {"storageClassName": "thin", "resources": {"requests": {"storage": "100Gi"}},
+                            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "daily"}}}),
+            json!({"metadata": {"name": "cloned", "namespace": "db"},
+                   "spec": {"storageClassName": "thin", "resources": {"requests": {"storage": "10Gi"}},
+                            "dataSourceRef": {"kind": "PersistentVolumeClaim", "name": "old"}}}),
+            json!({"metadata": {"name": "orphan-copy", "namespace": "db"},
+                   "spec": {"storageClassName": "thin", "resources": {"requests": {"storage": "10Gi"}},
+                            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "gone"}}}),
             json!({"metadata": {"name": "sizeless", "namespace": "db"},
                    "spec": {"storageClassName": "fast"}}),
         ] {
@@ -453,6 +542,28 @@ mod tests {
                 "a thin claim needs its size over its class's ratio",
                 json!([claim_volume("sparse")]),
                 Ok(vec![need("sparse", Nvme, 40 * GI, None)]),
+            ),
+            (
+                "a restore and a clone only fit their origin's node",
+                json!([claim_volume("restored"), claim_volume("cloned")]),
+                Ok(vec![
+                    ClaimNeed {
+                        selected_node: Some("node-b".into()),
+                        ..need("restored", Nvme, 40 * GI, None)
+                    },
+                    ClaimNeed {
+                        selected_node: Some("node-c".into()),
+                        ..need("cloned", Nvme, 4 * GI, None)
+                    },
+                ]),
+            ),
+            (
+                "a copy of an origin not known yet fits nowhere for now",
+                json!([claim_volume("orphan-copy")]),
+                Err(NeedsError::UnknownOrigin {
+                    claim: ClaimKey::new("db", "orphan-copy"),
+                    origin: Origin::Snapshot(ClaimKey::new("db", "gone")),
+                }),
             ),
             (
                 "bound and foreign claims need nothing",
@@ -597,7 +708,8 @@ mod tests {
             ClaimState::Pending(PendingClaim {
                 storage_class: Some("fast".into()),
                 bytes: None,
-                selected_node: None
+                selected_node: None,
+                origin: None,
             })
         );
         assert_eq!(ClaimKey::of(&pending).to_string(), "n/c");
