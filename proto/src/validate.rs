@@ -354,7 +354,7 @@ pub fn delete_snapshot(req: &DeleteSnapshotRequest) -> Result<VolumeId, Invalid>
     if req.snapshot_id.is_empty() {
         return Err(Invalid::MissingSnapshotId);
     }
-    Ok(volume_id(&req.snapshot_id)?)
+    volume_id(&req.snapshot_id)
 }
 
 pub fn list_snapshots(req: &ListSnapshotsRequest) -> Result<SnapshotListRequest, Invalid> {
