@@ -364,9 +364,17 @@ impl Inventory {
                         .and_then(|snapshot| snapshot.volume_snapshot.as_ref())
                         .map(|of| ClaimKey::new(&of.namespace, &of.name)),
                 };
+                let origins: Vec<Origin> = Self::origins_of(&record).collect();
                 self.place(&record);
                 if let Some(old) = self.volumes.upsert(lv.name_any().into(), record) {
                     self.unplace(&old);
+                }
+                // After the old record's are dropped: an update keeps them.
+                let node = self.volumes.get(lv.name_any().as_str()).map(|r| r.node);
+                for origin in origins {
+                    if let Some(node) = node {
+                        self.origins.insert(origin, node);
+                    }
                 }
             }
             Event::Delete(lv) => {
@@ -388,9 +396,6 @@ impl Inventory {
     }
 
     fn place(&mut self, volume: &VolumeRecord) {
-        for origin in Self::origins_of(volume) {
-            self.origins.insert(origin, volume.node);
-        }
         let node = &mut self.nodes[volume.node as usize];
         node.placed[volume.media] += volume.bytes;
         node.volumes += 1;

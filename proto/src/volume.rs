@@ -19,8 +19,13 @@ pub const MAX_ID_LEN: usize = 63;
 /// Prefix of ids derived by hashing a CreateVolume name that is not an id.
 const HASHED_ID_PREFIX: &str = "vol-";
 
-/// LV names LVM keeps for itself.
-const RESERVED_LV_NAMES: [&str; 2] = ["snapshot", "pvmove"];
+/// Beginnings of LV names LVM keeps for itself.
+const RESERVED_LV_PREFIXES: [&str; 2] = ["snapshot", "pvmove"];
+
+/// csi-snapshotter names snapshots `snapshot-<uuid>`, which LVM refuses:
+/// such a name becomes `snap-<uuid>`.
+const SNAPSHOTTER_PREFIX: &str = "snapshot-";
+const SNAPSHOT_ID_PREFIX: &str = "snap-";
 
 /// A CSI volume id: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters,
 /// not an LVM reserved name. It is at once the `LogicalVolume` object name,
@@ -56,7 +61,10 @@ impl VolumeId {
         if !inner_ok || !ends_ok {
             return Err(InvalidVolumeId::Alphabet(id.to_owned()));
         }
-        if RESERVED_LV_NAMES.contains(&id) {
+        if RESERVED_LV_PREFIXES
+            .iter()
+            .any(|prefix| id.starts_with(prefix))
+        {
             return Err(InvalidVolumeId::Reserved(id.to_owned()));
         }
         Ok(Self(id.to_owned()))
@@ -69,6 +77,11 @@ impl VolumeId {
     /// `vol-` and 128 bits of its SHA-256.
     pub fn from_name(name: &str) -> Self {
         if let Ok(id) = Self::parse(name) {
+            return id;
+        }
+        if let Some(uuid) = name.strip_prefix(SNAPSHOTTER_PREFIX)
+            && let Ok(id) = Self::parse(&format!("{SNAPSHOT_ID_PREFIX}{uuid}"))
+        {
             return id;
         }
         let digest = Sha256::digest(name.as_bytes());
@@ -276,6 +289,17 @@ mod tests {
     fn from_name_keeps_provisioner_names() {
         let name = "pvc-0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10";
         assert_eq!(VolumeId::from_name(name).as_str(), name);
+        // LVM refuses names beginning with "snapshot".
+        assert_eq!(
+            VolumeId::from_name("snapshot-0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10").as_str(),
+            "snap-0f5c1e2a-9d3b-4c1e-8a7f-6b5d4c3b2a10"
+        );
+        for reserved in ["snapshot1", "pvmove-a", "snapshot-x"] {
+            assert_eq!(
+                VolumeId::parse(reserved),
+                Err(InvalidVolumeId::Reserved(reserved.to_owned())),
+            );
+        }
     }
 
     #[test]

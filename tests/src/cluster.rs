@@ -43,6 +43,7 @@ const APPLIED_KINDS: &[&str] = &[
     "Role",
     "RoleBinding",
     "StorageClass",
+    "VolumeSnapshotClass",
 ];
 
 /// `<workspace>/target/components/bin` (scripts/components.sh) unless
@@ -82,6 +83,9 @@ pub struct Options {
     /// the kustomize base's objects; the components run with the chart's
     /// arguments either way.
     pub helm: bool,
+    /// Install `deploy/overlays/snapshots` with the external-snapshotter's
+    /// CRDs, and run its snapshot-controller and csi-snapshotter.
+    pub snapshots: bool,
 }
 
 impl Default for Options {
@@ -91,6 +95,7 @@ impl Default for Options {
             volume_wait_secs: 20,
             unclaimed_grace_secs: None,
             helm: false,
+            snapshots: false,
         }
     }
 }
@@ -113,6 +118,8 @@ impl Cluster {
     pub fn start(options: Options) -> anyhow::Result<Self> {
         let deploy = if options.helm {
             crate::manifests::helm_template(&[])
+        } else if options.snapshots {
+            crate::manifests::render("deploy/overlays/snapshots")
         } else {
             crate::manifests::render("deploy")
         };
@@ -136,12 +143,19 @@ impl Cluster {
         cluster.start_apiserver()?;
         cluster.write_kubeconfig("admin", &cluster.local_api(), ADMIN_TOKEN)?;
         cluster.start_kube_controller_manager()?;
+        if cluster.options.snapshots {
+            cluster.apply_snapshot_crds()?;
+        }
         cluster.apply_deploy()?;
         cluster.start_kube_scheduler()?;
         cluster.start_csi_scheduler()?;
         cluster.start_csi_controller()?;
         cluster.start_provisioner()?;
         cluster.start_resizer()?;
+        if cluster.options.snapshots {
+            cluster.start_snapshot_controller()?;
+            cluster.start_snapshotter()?;
+        }
         let socket = cluster.controller_socket();
         wait_for("csi-controller serving", Duration::from_secs(60), || {
             socket
@@ -185,6 +199,9 @@ impl Cluster {
         if name == "csi-controller" {
             self.start_csi_controller()?;
             self.restart("csi-provisioner")?;
+            if self.options.snapshots {
+                self.restart("csi-snapshotter")?;
+            }
             return self.restart("csi-resizer");
         }
         match name {
@@ -196,6 +213,8 @@ impl Cluster {
             "csi-controller" => self.start_csi_controller(),
             "csi-provisioner" => self.start_provisioner(),
             "csi-resizer" => self.start_resizer(),
+            "csi-snapshotter" => self.start_snapshotter(),
+            "snapshot-controller" => self.start_snapshot_controller(),
             other => bail!("no component {other}"),
         }
     }
@@ -840,6 +859,52 @@ impl Cluster {
             ],
         )?;
         self.spawn("csi-provisioner", command)
+    }
+
+    /// The external-snapshotter's CRDs, as scripts/components.sh fetched
+    /// them at the pinned release.
+    fn apply_snapshot_crds(&self) -> anyhow::Result<()> {
+        let dir = component("csi-snapshotter")
+            .parent()
+            .context("components directory")?
+            .join("../crds/snapshot");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            self.kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])?;
+            names.push(path);
+        }
+        ensure!(
+            names.len() == 3,
+            "snapshot CRDs in {}: {names:?}",
+            dir.display()
+        );
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/volumesnapshots.snapshot.storage.k8s.io",
+            "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
+            "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+        ])?;
+        Ok(())
+    }
+
+    /// The cluster's snapshot-controller, as its admin (a distribution's
+    /// component, not lvmlocal's).
+    fn start_snapshot_controller(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(component("snapshot-controller"));
+        command.args([
+            format!("--kubeconfig={}", self.path("admin.kubeconfig").display()),
+            "--leader-election=false".to_owned(),
+            format!("--http-endpoint=127.0.0.1:{}", free_port()),
+        ]);
+        self.spawn("snapshot-controller", command)
+    }
+
+    fn start_snapshotter(&mut self) -> anyhow::Result<()> {
+        let command = self.sidecar_command("csi-snapshotter", "csi-snapshotter", &[])?;
+        self.spawn("csi-snapshotter", command)
     }
 
     fn start_resizer(&mut self) -> anyhow::Result<()> {

@@ -2195,3 +2195,187 @@ fn a_thin_claim_fills_its_pool_and_the_node_says_so() {
     })
     .unwrap();
 }
+
+/// The first 4 MiB of `device` in the node VM, hashed.
+fn head_sum(node: &NodeVm, device: &str) -> String {
+    node.sh(&format!(
+        "dd if={device} bs=1M count=4 iflag=direct 2>/dev/null | md5sum"
+    ))
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .to_owned()
+}
+
+/// Fills the first 4 MiB of `device` with fresh random bytes; their hash.
+fn write_head(node: &NodeVm, device: &str) -> String {
+    node.sh(&format!(
+        "dd if=/dev/urandom of={device} bs=1M count=4 oflag=direct 2>/dev/null"
+    ))
+    .unwrap();
+    head_sum(node, device)
+}
+
+fn device_of(cluster: &Cluster, claim: &str) -> (String, Value) {
+    let pvc = cluster.get(&["pvc", claim, "-n", NS]).unwrap();
+    let id = pvc["spec"]["volumeName"].as_str().unwrap();
+    let llv = cluster.get(&["logicalvolume", id]).unwrap();
+    (format!("/dev/lvmlocal-nvme/{id}"), llv)
+}
+
+/// Snapshots with the real snapshot-controller and csi-snapshotter: a
+/// VolumeSnapshot of a thin claim turns ReadyToUse; a claim restored from
+/// it holds what the volume held then, not what was written after; a clone
+/// holds the volume as it is; both land on the node of their source; the
+/// snapshot outlives its volume, and goes with its VolumeSnapshot.
+#[test]
+fn snapshots_restore_and_clone_on_the_sources_node() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(Options {
+        snapshots: true,
+        ..Options::default()
+    })
+    .expect("starting the cluster");
+    cluster
+        .add_paper_node("paper-big", "nvme", 64 * GIB)
+        .unwrap();
+    let node = NodeVm::start(
+        &mut cluster,
+        "vm-snap",
+        Vm::new().nvme("nvme-a", 5, 2 * GIB),
+    )
+    .expect("booting the node VM");
+    wait_for(
+        "the agent's NodeLocalStorage",
+        Duration::from_secs(180),
+        || {
+            let nls = cluster
+                .get(&["nodelocalstorage", "vm-snap"])
+                .map_err(|err| err.to_string())?;
+            (nls["status"]["nvme"]["freeBytes"].as_u64().unwrap_or(0) > 0)
+                .then_some(())
+                .ok_or(nls.to_string())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", node.agent_log()));
+    let mut class: Value = cluster.get(&["storageclass", "lvmlocal-nvme"]).unwrap();
+    class["metadata"] = json!({"name": "lvmlocal-thin"});
+    class["parameters"]["lvmlocal.io/provisioning"] = json!("thin");
+    cluster.apply(&class).unwrap();
+
+    // binpack: the fuller node, the VM's.
+    cluster
+        .apply(&claim("origin", "lvmlocal-thin", "256Mi"))
+        .unwrap();
+    cluster.apply(&pod("origin", &["origin"])).unwrap();
+    assert_eq!(selected_node(&cluster, "origin"), "vm-snap");
+    wait_bound(&cluster, "origin", Duration::from_secs(120));
+    let (origin, _) = device_of(&cluster, "origin");
+    let then = write_head(&node, &origin);
+
+    let snapshot = json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": "daily", "namespace": NS},
+        "spec": {"volumeSnapshotClassName": "lvmlocal",
+                 "source": {"persistentVolumeClaimName": "origin"}},
+    });
+    cluster.apply(&snapshot).unwrap();
+    let ready = wait_for("the VolumeSnapshot ready", Duration::from_secs(120), || {
+        let snapshot = cluster
+            .get(&["volumesnapshot", "daily", "-n", NS])
+            .map_err(|err| err.to_string())?;
+        (snapshot["status"]["readyToUse"] == true)
+            .then(|| snapshot.clone())
+            .ok_or(snapshot.to_string())
+    })
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", cluster.report()));
+    let content = ready["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .unwrap();
+    let content = cluster.get(&["volumesnapshotcontent", content]).unwrap();
+    let handle = content["status"]["snapshotHandle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let snap_llv = cluster.get(&["logicalvolume", &handle]).unwrap();
+    assert_eq!(snap_llv["spec"]["nodeName"], "vm-snap");
+    assert_eq!(
+        snap_llv["spec"]["snapshot"]["volumeSnapshot"]["name"],
+        "daily"
+    );
+    let attrs = node
+        .sh(&format!(
+            "lvs --noheadings -o lv_attr,origin lvmlocal-nvme/{handle}"
+        ))
+        .unwrap();
+    assert!(
+        attrs.trim().starts_with("Vr"),
+        "a read-only thin LV: {attrs}"
+    );
+    let now = write_head(&node, &origin);
+    assert_ne!(then, now);
+
+    // Restored and cloned claims go to their source's node.
+    let mut restored = claim("restored", "lvmlocal-thin", "512Mi");
+    restored["spec"]["dataSource"] = json!({
+        "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "daily"});
+    cluster.apply(&restored).unwrap();
+    let mut cloned = claim("cloned", "lvmlocal-thin", "256Mi");
+    cloned["spec"]["dataSource"] = json!({"kind": "PersistentVolumeClaim", "name": "origin"});
+    cluster.apply(&cloned).unwrap();
+    cluster
+        .apply(&pod("copies", &["restored", "cloned"]))
+        .unwrap();
+    assert_eq!(selected_node(&cluster, "restored"), "vm-snap");
+    wait_bound(&cluster, "restored", Duration::from_secs(120));
+    wait_bound(&cluster, "cloned", Duration::from_secs(120));
+    let (restored, restored_llv) = device_of(&cluster, "restored");
+    assert_eq!(restored_llv["spec"]["source"]["kind"], "Snapshot");
+    assert_eq!(
+        head_sum(&node, &restored),
+        then,
+        "the restore holds the snapshot"
+    );
+    let size = node
+        .sh(&format!("blockdev --getsize64 {restored}"))
+        .unwrap();
+    assert_eq!(
+        size.trim(),
+        (512u64 << 20).to_string(),
+        "grown to its claim"
+    );
+    let (cloned, _) = device_of(&cluster, "cloned");
+    assert_eq!(head_sum(&node, &cloned), now, "the clone holds the volume");
+
+    // The origin goes; its snapshot stays, and restores again.
+    delete_all(&cluster, "origin", &["origin"]);
+    wait_for("the origin's LV removed", Duration::from_secs(120), || {
+        let lvs = node.lvs().map_err(|err| err.to_string())?;
+        let gone = !lvs.contains_key(&origin.trim_start_matches("/dev/").to_owned());
+        (gone && lvs.contains_key(&format!("lvmlocal-nvme/{handle}")))
+            .then_some(())
+            .ok_or(format!("{lvs:?}"))
+    })
+    .unwrap();
+    let ready = cluster.get(&["volumesnapshot", "daily", "-n", NS]).unwrap();
+    assert_eq!(ready["status"]["readyToUse"], true);
+
+    // The VolumeSnapshot goes, and with it (deletionPolicy Delete) the LV.
+    cluster
+        .kubectl(&["delete", "volumesnapshot", "daily", "-n", NS])
+        .unwrap();
+    wait_for(
+        "the snapshot's LV removed",
+        Duration::from_secs(120),
+        || {
+            let lvs = node.lvs().map_err(|err| err.to_string())?;
+            (!lvs.contains_key(&format!("lvmlocal-nvme/{handle}")))
+                .then_some(())
+                .ok_or(format!("{lvs:?}"))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", cluster.report()));
+    assert_eq!(head_sum(&node, &restored), then, "the restore is its own");
+}

@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lvmlocal_proto::{DRIVER_NAME, MediaClass, TOPOLOGY_KEY};
 use serde::de::DeserializeOwned;
@@ -32,11 +33,11 @@ use lvmlocal_proto::io_limits;
 use lvmlocal_proto::params::{FS_TYPE_PARAM, MEDIA_PARAM, ON_NODE_LOSS, PLACEMENT_PARAM};
 use lvmlocal_proto::thin::{OVERPROVISION_PARAM, PROVISIONING_PARAM};
 use lvmlocal_tests::cluster::workspace_root;
-use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render};
+use lvmlocal_tests::manifests::{check_typed, describe, documents, one, render, same};
 
 /// Every kustomization an operator may apply; a new overlay must be added
 /// here (a test checks that none is missing).
-const KUSTOMIZATIONS: [&str; 8] = [
+const KUSTOMIZATIONS: [&str; 9] = [
     "deploy",
     "deploy/base",
     "deploy/overlays/extender-network-policy",
@@ -45,6 +46,7 @@ const KUSTOMIZATIONS: [&str; 8] = [
     "deploy/overlays/namespace",
     "deploy/overlays/no-extender",
     "deploy/overlays/only-nvme",
+    "deploy/overlays/snapshots",
 ];
 
 const NAMESPACE: &str = "lvmlocal";
@@ -223,6 +225,122 @@ fn env_field(container: &Container, name: &str) -> Option<String> {
         .map(|field| field.field_path.clone())
 }
 
+/// The snapshot.storage.k8s.io CRDs of external-snapshotter, which
+/// scripts/components.sh copies beside the binaries it builds.
+fn snapshot_crds() -> Vec<Value> {
+    // target/components/bin/kubectl → target/components/crds/snapshot
+    let kubectl = lvmlocal_tests::cluster::component("kubectl");
+    let dir = kubectl.ancestors().nth(2).unwrap().join("crds/snapshot");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: scripts/components.sh copies the snapshot CRDs there",
+            dir.display()
+        )
+    });
+    let mut crds = Vec::new();
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            crds.extend(documents(&std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    crds
+}
+
+/// `check_typed`, except for the snapshot.storage.k8s.io objects k8s-openapi
+/// has no types for: those are checked against their CRD.
+fn check_object(object: &Value) {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    if api_version.starts_with("snapshot.storage.k8s.io/") {
+        check_against_crd(object, &snapshot_crds());
+    } else {
+        check_typed(object);
+    }
+}
+
+/// Fails unless `object` conforms to the schema its CRD serves for its
+/// version: no field the schema lacks (the API server would prune it),
+/// every required one, the schema's types and enums; its metadata must
+/// survive a round trip through ObjectMeta.
+fn check_against_crd(object: &Value, crds: &[Value]) {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').expect("group/version");
+    let crd = crds
+        .iter()
+        .find(|crd| crd["spec"]["group"] == group && crd["spec"]["names"]["kind"] == object["kind"])
+        .unwrap_or_else(|| panic!("{}: no CRD", describe(object)));
+    let served = crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == version && v["served"] == true)
+        .unwrap_or_else(|| panic!("{}: {api_version} is not served", describe(object)));
+    if let Err(at) = conforms(object, &served["schema"]["openAPIV3Schema"], "") {
+        panic!("{} does not conform to its CRD at {at}", describe(object));
+    }
+    let metadata: ObjectMeta = serde_json::from_value(object["metadata"].clone()).unwrap();
+    let back = serde_json::to_value(metadata).unwrap();
+    if let Err(at) = same(&back, &object["metadata"], ".metadata", 1) {
+        panic!("{} loses metadata at {at}", describe(object));
+    }
+}
+
+/// Whether `value` conforms to the OpenAPI v3 `schema` of a CRD (types,
+/// enums, required and known properties); the error is where it does not.
+fn conforms(value: &Value, schema: &Value, at: &str) -> Result<(), String> {
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        return Err(format!("{at}: {value} is none of {allowed:?}"));
+    }
+    let fits = match schema["type"].as_str() {
+        Some("object") => {
+            let Some(fields) = value.as_object() else {
+                return Err(format!("{at}: not an object"));
+            };
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let key = required.as_str().unwrap();
+                if !fields.contains_key(key) {
+                    return Err(format!("{at}.{key} (required)"));
+                }
+            }
+            // `metadata` is an object without properties in a CRD.
+            let properties = schema["properties"].as_object();
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (key, field) in fields {
+                let inner = format!("{at}.{key}");
+                match (properties.and_then(|p| p.get(key)), additional) {
+                    (Some(property), _) => conforms(field, property, &inner)?,
+                    (None, Some(additional)) => conforms(field, additional, &inner)?,
+                    (None, None) if properties.is_some() => {
+                        return Err(format!("{inner} (not in the schema)"));
+                    }
+                    (None, None) => {}
+                }
+            }
+            true
+        }
+        Some("array") => {
+            let Some(items) = value.as_array() else {
+                return Err(format!("{at}: not an array"));
+            };
+            for (i, item) in items.iter().enumerate() {
+                conforms(item, &schema["items"], &format!("{at}[{i}]"))?;
+            }
+            true
+        }
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(format!("{at}: {value} is not a {}", schema["type"]))
+    }
+}
+
 #[test]
 fn committed_crds_are_the_ones_the_types_generate() {
     let generated = csi_controller::crdgen::yaml().unwrap();
@@ -255,7 +373,7 @@ fn every_kustomization_renders_objects_that_lose_no_field_in_their_types() {
         let objects = render(dir);
         let mut seen = BTreeSet::new();
         for object in &objects {
-            check_typed(object);
+            check_object(object);
             assert!(
                 seen.insert(describe(object)),
                 "{dir}: {} twice",
@@ -593,6 +711,17 @@ fn sidecar_images_are_the_tested_releases() {
             format!("registry.k8s.io/sig-storage/{name}:{}", version(key))
         );
     }
+    // csi-snapshotter runs with the snapshots component only.
+    let objects = render("deploy/overlays/snapshots");
+    let pod = pod_spec_of_deployment(&objects, "lvmlocal-controller");
+    let image = container(&pod, "csi-snapshotter").image.clone().unwrap();
+    assert_eq!(
+        image,
+        format!(
+            "registry.k8s.io/sig-storage/csi-snapshotter:{}",
+            version("CSI_SNAPSHOTTER")
+        )
+    );
 }
 
 #[tokio::test]
@@ -824,18 +953,7 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
             && s.namespace.as_deref() == Some(NAMESPACE)
     }));
 
-    for role in objects_of::<ClusterRole>(&objects, "ClusterRole") {
-        for rule in role.rules.unwrap() {
-            for word in rule
-                .verbs
-                .iter()
-                .chain(rule.resources.iter().flatten())
-                .chain(rule.api_groups.iter().flatten())
-            {
-                assert_ne!(word, "*", "{:?}", role.metadata.name);
-            }
-        }
-    }
+    assert_no_wildcards(&objects);
 
     // Each workload runs as its own ServiceAccount, and that account is
     // bound to its role.
@@ -865,6 +983,212 @@ fn rbac_grants_what_the_code_calls_and_no_wildcards() {
                         && s.namespace.as_deref() == Some(NAMESPACE)
                 })
         }));
+    }
+}
+
+/// No ClusterRole or Role grants `*` of verbs, resources or groups.
+fn assert_no_wildcards(objects: &[Value]) {
+    let roles = objects_of::<ClusterRole>(objects, "ClusterRole")
+        .into_iter()
+        .map(|role| (role.metadata.name, role.rules))
+        .chain(
+            objects_of::<Role>(objects, "Role")
+                .into_iter()
+                .map(|role| (role.metadata.name, role.rules)),
+        );
+    for (name, rules) in roles {
+        for rule in rules.into_iter().flatten() {
+            for word in rule
+                .verbs
+                .iter()
+                .chain(rule.resources.iter().flatten())
+                .chain(rule.api_groups.iter().flatten())
+            {
+                assert_ne!(word, "*", "{name:?}");
+            }
+        }
+    }
+}
+
+/// The rules of every ClusterRole bound to the ServiceAccount `account` of
+/// the driver's namespace.
+fn cluster_rules_of(objects: &[Value], account: &str) -> Vec<PolicyRule> {
+    let bound: BTreeSet<String> = objects_of::<ClusterRoleBinding>(objects, "ClusterRoleBinding")
+        .into_iter()
+        .filter(|binding| {
+            binding.role_ref.kind == "ClusterRole"
+                && binding.subjects.iter().flatten().any(|s| {
+                    s.kind == "ServiceAccount"
+                        && s.name == account
+                        && s.namespace.as_deref() == Some(NAMESPACE)
+                })
+        })
+        .map(|binding| binding.role_ref.name)
+        .collect();
+    objects_of::<ClusterRole>(objects, "ClusterRole")
+        .into_iter()
+        .filter(|role| bound.contains(role.metadata.name.as_deref().unwrap_or_default()))
+        .flat_map(|role| role.rules.unwrap_or_default())
+        .collect()
+}
+
+/// The snapshots component: csi-snapshotter beside csi-controller as the
+/// other sidecars are, sending what csi-controller reads, under RBAC that
+/// covers its calls, and a VolumeSnapshotClass of the driver.
+#[test]
+fn snapshots_component_wires_csi_snapshotter() {
+    let objects = render("deploy/overlays/snapshots");
+    let pod = pod_spec_of_deployment(&objects, "lvmlocal-controller");
+    let controller = container(&pod, "controller");
+    let snapshotter = container(&pod, "csi-snapshotter");
+    let parsed = csi_controller::Args::try_parse_from(command_line(controller)).unwrap();
+
+    // The same socket, leader election and timeout as the other sidecars.
+    let socket = lvmlocal_proto::server::socket_path(&parsed.csi_endpoint).unwrap();
+    let socket_dir = volume_at(controller, socket.parent().unwrap());
+    assert_eq!(
+        flag(snapshotter, "csi-address").map(PathBuf::from).as_ref(),
+        Some(&socket)
+    );
+    assert_eq!(
+        mount_of(snapshotter, &socket_dir),
+        socket.parent().unwrap().to_str().unwrap()
+    );
+    assert!(has_flag(snapshotter, "leader-election"));
+    let timeout = seconds(&flag(snapshotter, "timeout").expect("--timeout"));
+    assert!(
+        Duration::from_secs(parsed.volume_wait_seconds) < timeout,
+        "--volume-wait-seconds must stay below csi-snapshotter's --timeout"
+    );
+    // csi-controller reads the VolumeSnapshot's namespace and name from
+    // CreateSnapshot's parameters csi.storage.k8s.io/volumesnapshot/name
+    // and .../namespace, which the sidecar sends only with this flag.
+    assert!(has_flag(snapshotter, "extra-create-metadata"));
+    // One sidecar for the cluster, not one per node (which would refuse
+    // --leader-election).
+    assert!(!has_flag(snapshotter, "node-deployment"));
+    assert_eq!(flag(snapshotter, "feature-gates"), None);
+    // Its metrics on a port of its own, named for a PodMonitor.
+    let port = port_of(&flag(snapshotter, "http-endpoint").expect("--http-endpoint"));
+    assert_eq!(named_port(snapshotter, "snapshotter"), port);
+    let ports: Vec<i32> = pod
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(
+        ports.len(),
+        ports.iter().collect::<BTreeSet<_>>().len(),
+        "ports collide: {ports:?}"
+    );
+    // Appended: csi-controller stays the pod's first container.
+    assert_eq!(pod.containers[0].name, "controller");
+    assert_eq!(
+        pod.containers.last().map(|c| c.name.as_str()),
+        Some("csi-snapshotter")
+    );
+    let provisioner = container(&pod, "csi-provisioner");
+    assert_eq!(snapshotter.security_context, provisioner.security_context);
+    assert_eq!(snapshotter.image_pull_policy, provisioner.image_pull_policy);
+
+    // RBAC: what csi-snapshotter calls, from the ClusterRoles bound to the
+    // pod's ServiceAccount, and its leader-election Lease from the Role.
+    let account = pod.service_account_name.clone().unwrap();
+    let rules = cluster_rules_of(&objects, &account);
+    let snapshots = "snapshot.storage.k8s.io";
+    for (group, resource, verbs) in [
+        (
+            snapshots,
+            "volumesnapshotcontents",
+            &["get", "list", "watch", "update", "patch"][..],
+        ),
+        (
+            snapshots,
+            "volumesnapshotcontents/status",
+            &["update", "patch"],
+        ),
+        (
+            snapshots,
+            "volumesnapshotclasses",
+            &["get", "list", "watch"],
+        ),
+        ("", "events", &["create", "patch"]),
+        // csi-provisioner, for a claim restored from a VolumeSnapshot.
+        (
+            snapshots,
+            "volumesnapshots",
+            &["get", "list", "watch", "update"],
+        ),
+    ] {
+        assert!(
+            allows(&rules, group, resource, verbs),
+            "{account} may not {verbs:?} {resource}"
+        );
+    }
+    let role: Role = one(&objects, "Role", "lvmlocal-controller");
+    assert!(allows(
+        &role.rules.unwrap(),
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"]
+    ));
+    // The snapshot-controller makes and binds the contents, not the sidecar.
+    assert!(!allows(
+        &rules,
+        snapshots,
+        "volumesnapshotcontents",
+        &["create"]
+    ));
+    assert!(!allows(
+        &rules,
+        snapshots,
+        "volumesnapshotcontents",
+        &["delete"]
+    ));
+    assert_no_wildcards(&objects);
+    // Every snapshot resource granted is one the CRDs serve.
+    let crds = snapshot_crds();
+    for rule in rules
+        .iter()
+        .filter(|r| r.api_groups.iter().flatten().any(|g| g == snapshots))
+    {
+        for resource in rule.resources.iter().flatten() {
+            let (plural, subresource) = resource
+                .split_once('/')
+                .map_or((resource.as_str(), None), |(p, s)| (p, Some(s)));
+            let crd = crds
+                .iter()
+                .find(|crd| {
+                    crd["spec"]["group"] == snapshots && crd["spec"]["names"]["plural"] == plural
+                })
+                .unwrap_or_else(|| panic!("no CRD serves {resource}"));
+            if let Some(subresource) = subresource {
+                let versions = crd["spec"]["versions"].as_array().unwrap();
+                assert!(
+                    versions
+                        .iter()
+                        .any(|v| v["subresources"].get(subresource).is_some()),
+                    "{plural} has no {subresource} subresource"
+                );
+            }
+        }
+    }
+
+    // The class: the driver's, deleting its snapshots with the
+    // VolumeSnapshots, with no csi.storage.k8s.io/ parameter (the sidecar
+    // refuses those it does not know).
+    let class = named(&objects, "VolumeSnapshotClass", "lvmlocal");
+    check_against_crd(class, &crds);
+    assert_eq!(class["driver"], DRIVER_NAME);
+    assert_eq!(class["deletionPolicy"], "Delete");
+    for key in class["parameters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+    {
+        assert!(!key.starts_with("csi.storage.k8s.io/"), "{key}");
     }
 }
 
@@ -1070,6 +1394,40 @@ fn overlays_make_their_one_change() {
             )),
             "{kind} {name}"
         );
+    }
+
+    // Snapshots: the RBAC and the class are added and csi-snapshotter is
+    // appended to the controller pod; every other object is the base's.
+    let snapshots = render("deploy/overlays/snapshots");
+    let added: BTreeSet<String> = names(&snapshots)
+        .difference(&names(&base))
+        .cloned()
+        .collect();
+    assert_eq!(
+        added,
+        [
+            "ClusterRole -/lvmlocal-controller-snapshots",
+            "ClusterRoleBinding -/lvmlocal-controller-snapshots",
+            "VolumeSnapshotClass -/lvmlocal",
+        ]
+        .map(str::to_owned)
+        .into()
+    );
+    assert!(names(&base).is_subset(&names(&snapshots)));
+    for object in &base {
+        let mut other = snapshots
+            .iter()
+            .find(|o| describe(o) == describe(object))
+            .unwrap()
+            .clone();
+        if describe(object) == "Deployment lvmlocal/lvmlocal-controller" {
+            let containers = other["spec"]["template"]["spec"]["containers"]
+                .as_array_mut()
+                .unwrap();
+            let appended = containers.pop().unwrap();
+            assert_eq!(appended["name"], "csi-snapshotter");
+        }
+        assert_eq!(&other, object, "{}", describe(object));
     }
 }
 

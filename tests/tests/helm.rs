@@ -10,6 +10,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, PodSpec};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use lvmlocal_tests::cluster::{component, workspace_root};
 use lvmlocal_tests::manifests::{CHART, check_typed, describe, helm_template, one, render, same};
@@ -23,12 +24,13 @@ const HELM_LABELS: [&str; 3] = [
 ];
 
 /// Every values file of the chart's `ci/` folder.
-const VALUES_FILES: [&str; 5] = [
+const VALUES_FILES: [&str; 6] = [
     "ci/custom.yaml",
     "ci/extender-network-policy.yaml",
     "ci/monitoring.yaml",
     "ci/namespace.yaml",
     "ci/no-extender.yaml",
+    "ci/snapshots.yaml",
 ];
 
 fn values(file: &str) -> String {
@@ -134,9 +136,25 @@ fn values_files_render_what_the_overlays_do() {
             "ci/extender-network-policy.yaml",
             "deploy/overlays/extender-network-policy",
         ),
+        ("ci/snapshots.yaml", "deploy/overlays/snapshots"),
     ] {
         agrees(&["-f", &values(file)], overlay);
     }
+}
+
+/// `check_typed`, except for the VolumeSnapshotClass of the snapshots
+/// component, which k8s-openapi has no type for: tests/tests/deploy.rs
+/// checks the overlay's against external-snapshotter's CRD, and
+/// `values_files_render_what_the_overlays_do` that the chart renders the
+/// same object.
+fn check_object(object: &Value) {
+    if object["apiVersion"] == "snapshot.storage.k8s.io/v1"
+        && object["kind"] == "VolumeSnapshotClass"
+    {
+        assert_eq!(object["driver"], "lvmlocal.io", "{}", describe(object));
+        return;
+    }
+    check_typed(object);
 }
 
 #[test]
@@ -159,7 +177,7 @@ fn every_values_file_renders_objects_that_lose_no_field_in_their_types() {
         let objects = helm_template(&["-f", &values(file)]);
         let mut seen = std::collections::BTreeSet::new();
         for object in &objects {
-            check_typed(object);
+            check_object(object);
             assert!(
                 seen.insert(describe(object)),
                 "{file}: {} twice",
@@ -237,6 +255,29 @@ fn custom_values_reach_every_object() {
     );
     let driver: CSIDriver = one(&objects, "CSIDriver", "lvmlocal.io");
     assert_eq!(driver.spec.storage_capacity, Some(false));
+    // snapshots.enabled: csi-snapshotter with its own image (checked with
+    // the others above) and resources, its RBAC bound in the namespace, and
+    // the class.
+    let snapshotter = controller
+        .containers
+        .iter()
+        .find(|c| c.name == "csi-snapshotter")
+        .expect("snapshots.enabled: true adds csi-snapshotter");
+    let resources = snapshotter.resources.as_ref().unwrap();
+    assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "128Mi");
+    let binding: ClusterRoleBinding = one(
+        &objects,
+        "ClusterRoleBinding",
+        "lvmlocal-controller-snapshots",
+    );
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].namespace.as_deref(), Some("storage"));
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["kind"] == "VolumeSnapshotClass" && o["metadata"]["name"] == "lvmlocal")
+    );
     let args = scheduler.containers[0].args.clone().unwrap();
     assert!(
         args.contains(&"--default-placement=spread".to_owned()),
@@ -316,6 +357,8 @@ fn the_schema_refuses_bad_values() {
             "rescan_interval_secs",
         ),
         ("namespace.name=Bad_Name", "namespace/name"),
+        ("snapshots.enabled=yes", "snapshots/enabled"),
+        ("snapshots.class=lvmlocal", "snapshots"),
         // The agent registers with kubelet itself: there is no registrar.
         (
             "images.nodeDriverRegistrar=registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.15.0",

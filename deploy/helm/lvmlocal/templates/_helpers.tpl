@@ -44,5 +44,6 @@ liveness-probe: livenessProbe
 controller: controller
 csi-provisioner: provisioner
 csi-resizer: resizer
+csi-snapshotter: snapshotter
 scheduler: scheduler
 {{- end -}}
