@@ -76,6 +76,9 @@ const CAPABILITIES: [rpc::Type; 11] = [
     rpc::Type::CloneVolume,
 ];
 
+/// How often a deletion is checked on.
+const GONE_POLL: Duration = Duration::from_millis(100);
+
 /// The capabilities that need snapshots kept.
 const SNAPSHOT_CAPABILITIES: [rpc::Type; 3] = [
     rpc::Type::CreateDeleteSnapshot,
@@ -108,6 +111,13 @@ impl<S: Store> ControllerService<S> {
         Span::current().record("volume", req.id.as_str());
         let deadline = Instant::now() + self.settings.wait;
         let volume = match self.store.get(&req.id).await? {
+            Some(existing) if existing.state == VolumeState::Deleting => {
+                // A missing source is the answer, whatever else holds.
+                if let Some(source) = &req.source {
+                    self.place_from(&req, source).await?;
+                }
+                return Err(CsiError::BeingDeleted(existing.id));
+            }
             Some(existing) => existing,
             None => {
                 let new = match &req.source {
@@ -315,7 +325,10 @@ impl<S: Store> ControllerService<S> {
         let id = validate::delete_snapshot(&req)?;
         Span::current().record("volume", id.as_str());
         match self.store.get(&id).await? {
-            Some(found) if found.snapshot_of.is_some() => self.store.delete(&id).await?,
+            Some(found) if found.snapshot_of.is_some() => {
+                self.store.delete(&id).await?;
+                self.gone(&id).await?;
+            }
             // Not a snapshot: nothing of this id to delete.
             _ => {}
         }
@@ -386,6 +399,7 @@ impl<S: Store> ControllerService<S> {
             return Ok(DeleteVolumeResponse {});
         }
         self.store.delete(&id).await?;
+        self.gone(&id).await?;
         Ok(DeleteVolumeResponse {})
     }
 
@@ -582,6 +596,16 @@ impl<S: Store> ControllerService<S> {
                 volume_condition: Some(condition(&volume)),
             }),
         })
+    }
+
+    /// Waits a while for a deleted volume or snapshot to be gone, so its
+    /// name can be used again at once; past the wait it goes on its own.
+    async fn gone(&self, id: &VolumeId) -> Result<(), CsiError> {
+        let deadline = Instant::now() + self.settings.wait;
+        while self.store.get(id).await?.is_some() && Instant::now() < deadline {
+            tokio::time::sleep(GONE_POLL).await;
+        }
+        Ok(())
     }
 
     /// The volume, unless it is unknown, a snapshot, or on its way out.

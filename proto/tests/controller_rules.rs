@@ -826,7 +826,10 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         .into_inner()
         .snapshot
         .unwrap();
-    assert_eq!(snapshot.snapshot_id, "snapshot-1");
+    assert_eq!(
+        snapshot.snapshot_id, "snap-1",
+        "LVM refuses names beginning with snapshot"
+    );
     assert_eq!(snapshot.source_volume_id, "pvc-1");
     assert_eq!(snapshot.size_bytes, 10 * GIB as i64);
     assert!(snapshot.ready_to_use);
@@ -838,7 +841,7 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.snapshot.unwrap().snapshot_id, "snapshot-1");
+    assert_eq!(again.snapshot.unwrap().snapshot_id, "snap-1");
     create(&svc, thin(create_req("pvc-2", GIB as i64), "2"))
         .await
         .unwrap();
@@ -853,7 +856,7 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         listed
             .entries
             .iter()
-            .all(|e| e.volume.as_ref().unwrap().volume_id != "snapshot-1")
+            .all(|e| e.volume.as_ref().unwrap().volume_id != "snap-1")
     );
     let all = svc
         .list_snapshots(Request::new(ListSnapshotsRequest::default()))
@@ -878,7 +881,7 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         ),
         (
             ListSnapshotsRequest {
-                snapshot_id: "snapshot-1".into(),
+                snapshot_id: "snap-1".into(),
                 ..Default::default()
             },
             1,
@@ -907,18 +910,18 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
 
     // A restore lands on the snapshot's node, whatever the request prefers
     // among the nodes it allows, and echoes its source.
-    let restored = create(&svc, from_snapshot("pvc-r", "snapshot-1"))
+    let restored = create(&svc, from_snapshot("pvc-r", "snap-1"))
         .await
         .unwrap();
     assert_eq!(node_of(&restored), "node-b");
     assert!(restored.content_source.is_some());
-    let mut elsewhere = from_snapshot("pvc-x", "snapshot-1");
+    let mut elsewhere = from_snapshot("pvc-x", "snap-1");
     elsewhere.accessibility_requirements = on_node("node-a");
     let err = create(&svc, elsewhere).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("node node-b"), "{err:?}");
     // Smaller than the snapshot, unknown, into a thick class: refused.
-    let mut small = from_snapshot("pvc-s", "snapshot-1");
+    let mut small = from_snapshot("pvc-s", "snap-1");
     small.capacity_range = Some(CapacityRange {
         required_bytes: GIB as i64,
         limit_bytes: GIB as i64,
@@ -927,11 +930,11 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         create(&svc, small).await.unwrap_err().code(),
         Code::OutOfRange
     );
-    let err = create(&svc, from_snapshot("pvc-u", "snapshot-9"))
+    let err = create(&svc, from_snapshot("pvc-u", "snap-9"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let mut thick = from_snapshot("pvc-t", "snapshot-1");
+    let mut thick = from_snapshot("pvc-t", "snap-1");
     thick.parameters = nvme();
     let err = create(&svc, thick).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -946,7 +949,7 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
         )
     };
     assert_eq!(
-        create(&svc, clone_of("pvc-c0", "snapshot-1"))
+        create(&svc, clone_of("pvc-c0", "snap-1"))
             .await
             .unwrap_err()
             .code(),
@@ -980,28 +983,28 @@ async fn snapshots_of_thin_volumes_restore_and_clone_on_their_node() {
     // DeleteVolume does not take a snapshot; DeleteSnapshot does, and only
     // once; deleting the origin leaves the snapshot.
     svc.delete_volume(Request::new(DeleteVolumeRequest {
-        volume_id: "snapshot-1".into(),
+        volume_id: "snap-1".into(),
         ..Default::default()
     }))
     .await
     .unwrap();
-    assert!(svc_store(&svc).volume("snapshot-1").is_some());
+    assert!(svc_store(&svc).volume("snap-1").is_some());
     svc.delete_volume(Request::new(DeleteVolumeRequest {
         volume_id: "pvc-1".into(),
         ..Default::default()
     }))
     .await
     .unwrap();
-    assert!(svc_store(&svc).volume("snapshot-1").is_some());
+    assert!(svc_store(&svc).volume("snap-1").is_some());
     for _ in 0..2 {
         svc.delete_snapshot(Request::new(DeleteSnapshotRequest {
-            snapshot_id: "snapshot-1".into(),
+            snapshot_id: "snap-1".into(),
             ..Default::default()
         }))
         .await
         .unwrap();
     }
-    assert!(svc_store(&svc).volume("snapshot-1").is_none());
+    assert!(svc_store(&svc).volume("snap-1").is_none());
     let err = svc
         .delete_snapshot(Request::new(DeleteSnapshotRequest::default()))
         .await
