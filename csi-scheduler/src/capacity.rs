@@ -80,6 +80,8 @@ pub enum Refusal {
     NoVolumeGroup(MediaClass),
     /// The group of this class is missing a disk.
     Degraded { media: MediaClass, vg_name: String },
+    /// A claim copies a volume or snapshot of another node.
+    SourceElsewhere { claim: String, node: String },
     /// The group of this class has too little free space.
     Short {
         media: MediaClass,
@@ -93,7 +95,10 @@ impl Refusal {
     pub fn is_unresolvable(&self) -> bool {
         matches!(
             self,
-            Refusal::NoStorage | Refusal::AgentSilent(_) | Refusal::NoVolumeGroup(_)
+            Refusal::NoStorage
+                | Refusal::AgentSilent(_)
+                | Refusal::NoVolumeGroup(_)
+                | Refusal::SourceElsewhere { .. }
         )
     }
 
@@ -105,6 +110,7 @@ impl Refusal {
             Refusal::NoVolumeGroup(_) => "no_volume_group",
             Refusal::Degraded { .. } => "degraded",
             Refusal::Short { .. } => "insufficient_space",
+            Refusal::SourceElsewhere { .. } => "source_elsewhere",
         }
     }
 }
@@ -118,6 +124,10 @@ impl fmt::Display for Refusal {
             Refusal::Degraded { media, vg_name } => {
                 write!(f, "{media}: volume group {vg_name} is missing a disk")
             }
+            Refusal::SourceElsewhere { claim, node } => write!(
+                f,
+                "claim {claim} copies a volume or snapshot of node {node}, where it must be made"
+            ),
             Refusal::Short {
                 media,
                 needed_bytes,
@@ -255,6 +265,7 @@ mod tests {
             bytes,
             placement: None,
             selected_node: None,
+            origin_node: None,
         }
     }
 

@@ -652,6 +652,18 @@ impl Inventory {
                 let Some(id) = *id else {
                     return Verdict::Refused(vec![Refusal::NoStorage]);
                 };
+                let name = &self.nodes[id as usize].name;
+                if let Some(claim) = needs.claims.iter().find(|claim| {
+                    claim
+                        .origin_node
+                        .as_deref()
+                        .is_some_and(|node| node != &**name)
+                }) {
+                    return Verdict::Refused(vec![Refusal::SourceElsewhere {
+                        claim: claim.key.to_string(),
+                        node: claim.origin_node.as_deref().unwrap_or_default().to_owned(),
+                    }]);
+                }
                 let mut verdict = fit(&needs.claims, self.capacity(id, needs, pinned).as_ref());
                 // What a silent agent reported may be stale, and it would
                 // not create the volume anyway.

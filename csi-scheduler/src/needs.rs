@@ -228,6 +228,9 @@ pub struct ClaimNeed {
     /// Set when kube-scheduler already picked the node for this claim (the
     /// pod is being scheduled again); the claim then only fits there.
     pub selected_node: Option<Box<str>>,
+    /// The node of the volume or snapshot the claim copies: the only one it
+    /// can be made on.
+    pub origin_node: Option<Box<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -349,8 +352,8 @@ impl PodNeeds {
                 continue;
             }
             // A copy is a thin snapshot of its origin: only its node will do.
-            let selected_node = match &pending.origin {
-                None => pending.selected_node,
+            let origin_node = match &pending.origin {
+                None => None,
                 Some(origin) => match catalog.origin_node(origin) {
                     Some(node) => Some(Box::from(node)),
                     None => {
@@ -366,7 +369,8 @@ impl PodNeeds {
                 media,
                 bytes,
                 placement,
-                selected_node,
+                selected_node: pending.selected_node,
+                origin_node,
             });
         }
         Ok(needs)
@@ -515,6 +519,7 @@ mod tests {
             bytes,
             placement,
             selected_node: None,
+            origin_node: None,
         }
     }
 
@@ -548,11 +553,11 @@ mod tests {
                 json!([claim_volume("restored"), claim_volume("cloned")]),
                 Ok(vec![
                     ClaimNeed {
-                        selected_node: Some("node-b".into()),
+                        origin_node: Some("node-b".into()),
                         ..need("restored", Nvme, 40 * GI, None)
                     },
                     ClaimNeed {
-                        selected_node: Some("node-c".into()),
+                        origin_node: Some("node-c".into()),
                         ..need("cloned", Nvme, 4 * GI, None)
                     },
                 ]),

@@ -2356,7 +2356,7 @@ fn snapshots_restore_and_clone_on_the_sources_node() {
     delete_all(&cluster, "origin", &["origin"]);
     wait_for("the origin's LV removed", Duration::from_secs(120), || {
         let lvs = node.lvs().map_err(|err| err.to_string())?;
-        let gone = !lvs.contains_key(&origin.trim_start_matches("/dev/").to_owned());
+        let gone = !lvs.contains_key(origin.trim_start_matches("/dev/"));
         (gone && lvs.contains_key(&format!("lvmlocal-nvme/{handle}")))
             .then_some(())
             .ok_or(format!("{lvs:?}"))
@@ -2364,6 +2364,14 @@ fn snapshots_restore_and_clone_on_the_sources_node() {
     .unwrap();
     let ready = cluster.get(&["volumesnapshot", "daily", "-n", NS]).unwrap();
     assert_eq!(ready["status"]["readyToUse"], true);
+    let mut again = claim("again", "lvmlocal-thin", "256Mi");
+    again["spec"]["dataSource"] = json!({
+        "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "daily"});
+    cluster.apply(&again).unwrap();
+    cluster.apply(&pod("again", &["again"])).unwrap();
+    wait_bound(&cluster, "again", Duration::from_secs(120));
+    let (again, _) = device_of(&cluster, "again");
+    assert_eq!(head_sum(&node, &again), then, "restored without its volume");
 
     // The VolumeSnapshot goes, and with it (deletionPolicy Delete) the LV.
     cluster

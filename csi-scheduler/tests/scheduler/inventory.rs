@@ -32,6 +32,7 @@ fn probe(inventory: &mut Inventory, node: &str, media: MediaClass, now: Instant)
             bytes: 0,
             placement: None,
             selected_node: None,
+            origin_node: None,
         }],
     };
     let pod = PodRef {
@@ -472,4 +473,42 @@ fn bytes_no_volume_accounts_for_are_used() {
         assess(&mut inventory, &wanting, &["node-a", "node-b"]),
         [false, true]
     );
+}
+
+#[test]
+fn a_copy_fits_only_its_origins_node_however_often_the_origin_changes() {
+    let mut cluster = two_nodes();
+    let mut clone = claim("db", "copy", "nvme", 10 * GI);
+    clone.spec.as_mut().unwrap().data_source = Some(
+        serde_json::from_value(serde_json::json!({
+        "kind": "PersistentVolumeClaim", "name": "data"}))
+        .unwrap(),
+    );
+    cluster.claims.push(clone);
+    let mut inventory = inventory(&cluster);
+    let copier = pod("db", "copier", "uid-copier", &["copy"]);
+    // Its origin's volume is not known yet: no node, for now.
+    let needs = PodNeeds::of(&copier, &inventory);
+    assert!(
+        needs
+            .as_ref()
+            .is_err_and(|err| err.to_string().contains("claim db/data")),
+        "{needs:?}"
+    );
+    let origin = volume("pvc-0", "node-b", Nvme, 10 * GI, Some(("db", "data")));
+    inventory.apply_volume(Event::Apply(origin.clone()));
+    assert_eq!(
+        assess(&mut inventory, &copier, &["node-a", "node-b"]),
+        [false, true]
+    );
+    // The origin's status changes: it is still there, on node-b.
+    let mut updated = origin.clone();
+    updated.metadata.resource_version = Some("2".into());
+    inventory.apply_volume(Event::Apply(updated));
+    assert_eq!(
+        assess(&mut inventory, &copier, &["node-a", "node-b"]),
+        [false, true]
+    );
+    inventory.apply_volume(Event::Delete(origin));
+    assert!(PodNeeds::of(&copier, &inventory).is_err());
 }

@@ -66,6 +66,7 @@ fn needs(claims: &[(MediaClass, u64)]) -> Vec<ClaimNeed> {
             bytes: *bytes,
             placement: None,
             selected_node: None,
+            origin_node: None,
         })
         .collect()
 }
