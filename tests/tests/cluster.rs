@@ -774,6 +774,7 @@ fn csi_sanity_against_the_cluster_mode_pair() {
     node.sh(&format!(
         "KUBECONFIG={} POD_NAMESPACE=lvmlocal POD_NAME=sanity RUST_LOG=info setsid {} \
          --csi-endpoint unix:///run/lvmlocal/controller.sock --leader-election=false \
+         --volume-wait-seconds 40 \
          --metrics-address 127.0.0.1:9809 >> /run/vmbed/controller.log 2>&1 &\n\
          for i in $(seq 1 100); do [ -S /run/lvmlocal/controller.sock ] && exit 0; sleep 0.2; done\n\
          cat /run/vmbed/controller.log; exit 1",
