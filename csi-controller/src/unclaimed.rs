@@ -94,7 +94,9 @@ impl Sightings {
         let mut overdue = Vec::new();
         for lv in volumes {
             let uid = lv.uid().unwrap_or_default();
+            // A snapshot is its VolumeSnapshotContent's, never a PV's.
             if lv.metadata.deletion_timestamp.is_some()
+                || lv.spec.snapshot.is_some()
                 || handles.contains(&lv.name_any())
                 || waited_for(lv)
             {
@@ -315,6 +317,27 @@ mod tests {
         assert!(!waits(Some(&claim(Some("pvc-other"), false)), &pvs));
         assert!(!waits(Some(&claim(None, true)), &pvs));
         assert!(!waits(None, &pvs));
+    }
+
+    #[test]
+    fn a_snapshot_is_never_unclaimed() {
+        let mut snapshot = (*lv("snap-1", false)).clone();
+        snapshot.spec.snapshot = Some(lvmlocal_proto::crd::SnapshotSpec {
+            source_volume: "pvc-1".into(),
+            volume_snapshot: None,
+        });
+        let mut sightings = Sightings::default();
+        let now = Instant::now();
+        for later in [now, now + Duration::from_secs(3600)] {
+            let overdue = sightings.overdue(
+                &[Arc::new(snapshot.clone())],
+                &HashSet::new(),
+                |_| false,
+                Duration::from_secs(60),
+                later,
+            );
+            assert!(overdue.is_empty());
+        }
     }
 
     #[test]
