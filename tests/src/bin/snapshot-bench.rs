@@ -60,15 +60,16 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-fn request(id: &str, size_bytes: u64, origin: Option<&str>) -> VolumeRequest {
+/// A thin volume of `size_bytes` charged `charge` bytes (or a snapshot of
+/// `origin`).
+fn request(id: &str, size_bytes: u64, charge: u64, origin: Option<&str>) -> VolumeRequest {
     VolumeRequest {
         id: id.to_owned(),
         media: MediaClass::Nvme,
         size_bytes,
         access: "block".to_owned(),
         pvc: None,
-        // Virtual sizes far beyond the disk: the pool holds what is written.
-        thin: Ratio::from_percent(10_000),
+        thin: Ratio::from_percent(u32::try_from(size_bytes * 100 / charge).unwrap_or(u32::MAX)),
         origin: origin.map(str::to_owned),
         snapshot: origin.is_some(),
     }
@@ -102,7 +103,8 @@ async fn guest_side() -> anyhow::Result<()> {
     println!("  origin     lvmlocal   bare lvcreate --snapshot");
     for (label, size) in [("1 GiB", GIB), ("100 GiB", 100 * GIB)] {
         let origin = format!("origin-{}", size / GIB);
-        volumes.ensure(&request(&origin, size, None)).await?;
+        // 1 GiB of pool for either: the 100 GiB one at a ratio of 100.
+        volumes.ensure(&request(&origin, size, GIB, None)).await?;
         // Some data in the origin, so the snapshot has blocks to share.
         run(&[
             "dd",
@@ -116,7 +118,9 @@ async fn guest_side() -> anyhow::Result<()> {
         for round in 0..ROUNDS {
             let id = format!("snap-{}-{round}", size / GIB);
             let started = Instant::now();
-            volumes.ensure(&request(&id, size, Some(&origin))).await?;
+            volumes
+                .ensure(&request(&id, size, GIB, Some(&origin)))
+                .await?;
             ours.push(started.elapsed());
             volumes.remove(&id).await?;
 
@@ -148,13 +152,25 @@ async fn guest_side() -> anyhow::Result<()> {
     // copies nothing but takes a new block of the pool).
     let thick = VolumeRequest {
         thin: None,
-        ..request("thick", WRITE_BYTES, None)
+        ..request("thick", WRITE_BYTES, WRITE_BYTES, None)
     };
     volumes.ensure(&thick).await?;
-    volumes.ensure(&request("thin", WRITE_BYTES, None)).await?;
+    // Room in the pool for what the snapshots keep: a pool never shrinks.
+    volumes
+        .ensure(&request("ballast", 4 * WRITE_BYTES, 4 * WRITE_BYTES, None))
+        .await?;
+    volumes.remove("ballast").await?;
+    volumes
+        .ensure(&request("thin", WRITE_BYTES, WRITE_BYTES, None))
+        .await?;
     write_rate(&format!("/dev/{VG}/thin"))?;
     volumes
-        .ensure(&request("thin-snap", WRITE_BYTES, Some("thin")))
+        .ensure(&request(
+            "thin-snap",
+            WRITE_BYTES,
+            WRITE_BYTES,
+            Some("thin"),
+        ))
         .await?;
     let (mut thick_rates, mut thin_rates) = (Vec::new(), Vec::new());
     for round in 0..3 {
@@ -163,7 +179,12 @@ async fn guest_side() -> anyhow::Result<()> {
             // A fresh snapshot each round, so every write breaks sharing.
             volumes.remove("thin-snap").await?;
             volumes
-                .ensure(&request("thin-snap", WRITE_BYTES, Some("thin")))
+                .ensure(&request(
+                    "thin-snap",
+                    WRITE_BYTES,
+                    WRITE_BYTES,
+                    Some("thin"),
+                ))
                 .await?;
         }
         thin_rates.push(write_rate(&format!("/dev/{VG}/thin"))?);
