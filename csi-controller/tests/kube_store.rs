@@ -398,12 +398,12 @@ async fn delete_records_who_asked_and_for_which_pv_before_deleting() {
         persistent_volume("pv-other", "pvc-another-volume"),
         persistent_volume(NAME, NAME),
     ];
-    let intent = expect_deletion(
-        &mut api,
-        logical_volume(NAME, "node-a", 10 * GIB, 1, ready(10 * GIB, 1)),
-        &pvs,
-    )
-    .await;
+    let lv = logical_volume(NAME, "node-a", 10 * GIB, 1, ready(10 * GIB, 1));
+    // Whether it is a snapshot, which DeleteVolume leaves.
+    expect_get(&mut api, Some(lv.clone())).await;
+    let intent = expect_deletion(&mut api, lv, &pvs).await;
+    // DeleteVolume waits for it to be gone.
+    expect_get(&mut api, None).await;
     let intent = intent.as_str().unwrap();
     assert!(intent.contains("DeleteVolume"), "{intent}");
     assert!(
@@ -424,6 +424,11 @@ async fn delete_refused_by_a_conflict_deletes_nothing_and_is_retried() {
         service, mut api, ..
     } = controller(vec![]).await;
     let call = delete_call(service);
+    expect_get(
+        &mut api,
+        Some(logical_volume(NAME, "node-a", 10 * GIB, 1, None)),
+    )
+    .await;
     for _ in 0..3 {
         expect_get(
             &mut api,
@@ -448,6 +453,7 @@ async fn delete_refused_by_a_conflict_deletes_nothing_and_is_retried() {
     let call = delete_call(service);
     let lv = logical_volume(NAME, "node-a", 10 * GIB, 1, None);
     expect_get(&mut api, Some(lv.clone())).await;
+    expect_get(&mut api, Some(lv.clone())).await;
     let (_, send) = next(&mut api).await;
     let empty =
         json!({"apiVersion": "v1", "kind": "PersistentVolumeList", "metadata": {}, "items": []});
@@ -455,6 +461,7 @@ async fn delete_refused_by_a_conflict_deletes_nothing_and_is_retried() {
     let (_, send) = next(&mut api).await;
     respond(send, StatusCode::CONFLICT, &status(409, "Conflict", NAME));
     expect_deletion(&mut api, lv, &[]).await;
+    expect_get(&mut api, None).await;
     call.await.unwrap().unwrap();
 }
 

@@ -392,14 +392,15 @@ impl<S: Store> ControllerService<S> {
     async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse, CsiError> {
         let id = validate::delete(&req)?;
         Span::current().record("volume", id.as_str());
-        // A snapshot's id names no volume: DeleteSnapshot removes it.
-        if let Some(found) = self.store.get(&id).await?
-            && found.snapshot_of.is_some()
-        {
-            return Ok(DeleteVolumeResponse {});
+        match self.store.get(&id).await? {
+            // A snapshot's id names no volume: DeleteSnapshot removes it.
+            Some(found) if found.snapshot_of.is_some() => {}
+            Some(_) => {
+                self.store.delete(&id).await?;
+                self.gone(&id).await?;
+            }
+            None => {}
         }
-        self.store.delete(&id).await?;
-        self.gone(&id).await?;
         Ok(DeleteVolumeResponse {})
     }
 
