@@ -324,14 +324,7 @@ impl<S: Store> ControllerService<S> {
     ) -> Result<DeleteSnapshotResponse, CsiError> {
         let id = validate::delete_snapshot(&req)?;
         Span::current().record("volume", id.as_str());
-        match self.store.get(&id).await? {
-            Some(found) if found.snapshot_of.is_some() => {
-                self.store.delete(&id).await?;
-                self.gone(&id).await?;
-            }
-            // Not a snapshot: nothing of this id to delete.
-            _ => {}
-        }
+        self.remove(&id, true).await?;
         Ok(DeleteSnapshotResponse {})
     }
 
@@ -392,15 +385,7 @@ impl<S: Store> ControllerService<S> {
     async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse, CsiError> {
         let id = validate::delete(&req)?;
         Span::current().record("volume", id.as_str());
-        match self.store.get(&id).await? {
-            // A snapshot's id names no volume: DeleteSnapshot removes it.
-            Some(found) if found.snapshot_of.is_some() => {}
-            Some(_) => {
-                self.store.delete(&id).await?;
-                self.gone(&id).await?;
-            }
-            None => {}
-        }
+        self.remove(&id, false).await?;
         Ok(DeleteVolumeResponse {})
     }
 
@@ -597,6 +582,19 @@ impl<S: Store> ControllerService<S> {
                 volume_condition: Some(condition(&volume)),
             }),
         })
+    }
+
+    /// Deletes the snapshot (`snapshot`) or the volume `id` names, and waits
+    /// a while for it to be gone. An id of the other kind is not this call's
+    /// to delete, and an unknown one is already gone: both are left alone.
+    async fn remove(&self, id: &VolumeId, snapshot: bool) -> Result<(), CsiError> {
+        if let Some(found) = self.store.get(id).await?
+            && found.snapshot_of.is_some() == snapshot
+        {
+            self.store.delete(id).await?;
+            self.gone(id).await?;
+        }
+        Ok(())
     }
 
     /// Waits a while for a deleted volume or snapshot to be gone, so its
