@@ -9,6 +9,7 @@ pub mod manifests;
 pub mod pod_io;
 pub mod process;
 pub mod size;
+pub mod suite;
 pub mod vm;
 pub mod workload;
 
