@@ -817,11 +817,17 @@ mod tests {
         let outcomes = run(&units, &limits, dir.path(), SystemTime::now(), |_, _| {}).unwrap();
         assert!(outcomes[0].timed_out && !outcomes[0].passed());
         let child = fs::read_to_string(&pid).unwrap();
-        let alive = Path::new(&format!("/proc/{}", child.trim())).exists()
-            && !fs::read_to_string(format!("/proc/{}/stat", child.trim()))
-                .unwrap_or_default()
-                .contains(") Z ");
-        assert!(!alive, "the unit's child {child} outlived it");
+        let child = child.trim();
+        // SIGKILL takes effect when the kernel next schedules the child.
+        let alive = || {
+            fs::read_to_string(format!("/proc/{child}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(), "the unit's child {child} outlived it");
     }
 
     #[test]
