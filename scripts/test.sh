@@ -23,12 +23,13 @@ rm -f "$summary"
 # phase NAME COMMAND...: runs COMMAND and records when it started and how
 # long it took, in seconds.
 phase() {
-    local name=$1 from rc=0
+    local name=$1 from took rc=0
     shift
     from=$(($(date +%s%3N) - start_ms))
     "$@" || rc=$?
+    took=$(($(date +%s%3N) - start_ms - from))
     printf 'phase\t%s\t%d.%03d\t%d.%03d\n' "$name" $((from / 1000)) $((from % 1000)) \
-        $((($(date +%s%3N) - start_ms - from) / 1000)) $((($(date +%s%3N) - start_ms - from) % 1000)) >>"$times"
+        $((took / 1000)) $((took % 1000)) >>"$times"
     return "$rc"
 }
 

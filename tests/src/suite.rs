@@ -217,21 +217,16 @@ pub fn plan(
         let is_heavy = heavy
             .iter()
             .any(|name| executable.label.ends_with(&format!("/{name}")));
-        if executable.split {
-            for test in list(executable)? {
-                units.push(Unit {
-                    executable: executable.clone(),
-                    test: Some(test),
-                    heavy: is_heavy,
-                });
-            }
+        let tests: Vec<Option<String>> = if executable.split {
+            list(executable)?.into_iter().map(Some).collect()
         } else {
-            units.push(Unit {
-                executable: executable.clone(),
-                test: None,
-                heavy: is_heavy,
-            });
-        }
+            vec![None]
+        };
+        units.extend(tests.into_iter().map(|test| Unit {
+            executable: executable.clone(),
+            test,
+            heavy: is_heavy,
+        }));
     }
     units.sort_by_key(|unit| !unit.heavy);
     Ok(units)
@@ -244,7 +239,7 @@ pub struct Limits {
     pub jobs: usize,
     /// Heavy processes at once.
     pub heavy_jobs: usize,
-    /// A unit still running after this is killed, with its process group.
+    /// A unit still running after this is killed, with its whole session.
     pub timeout: Duration,
 }
 
@@ -293,6 +288,23 @@ impl Outcome {
             self.unit.name()
         )
     }
+}
+
+/// The run's closing count line, and whether every unit passed. A unit
+/// that failed without a libtest count counts as one failed test.
+pub fn closing(outcomes: &[Outcome]) -> (String, bool) {
+    let mut counts = Counts::default();
+    for outcome in outcomes {
+        counts.add(outcome.counts.unwrap_or_default());
+    }
+    let broken = outcomes.iter().filter(|o| !o.passed()).count() as u64;
+    let line = format!(
+        "suite: {} passed, {} failed, {} skipped",
+        counts.passed,
+        counts.failed.max(broken),
+        counts.ignored
+    );
+    (line, broken == 0)
 }
 
 struct Running {
@@ -731,6 +743,30 @@ mod tests {
         assert!(
             outcome(whole, true, none).passed(),
             "a binary with no tests"
+        );
+    }
+
+    #[test]
+    fn the_closing_line_counts_a_crashed_unit_as_failed() {
+        let unit = Unit {
+            executable: exe("t/x", true),
+            test: Some("a".into()),
+            heavy: false,
+        };
+        let ran = Some(Counts {
+            passed: 1,
+            failed: 0,
+            ignored: 2,
+        });
+        let passing = outcome(unit.clone(), true, ran);
+        assert_eq!(
+            closing(std::slice::from_ref(&passing)),
+            ("suite: 1 passed, 0 failed, 2 skipped".into(), true)
+        );
+        let crashed = outcome(unit, false, None);
+        assert_eq!(
+            closing(&[passing, crashed]),
+            ("suite: 1 passed, 1 failed, 2 skipped".into(), false)
         );
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lvmlocal_tests::suite::{self, Counts, Limits};
+use lvmlocal_tests::suite::{self, Limits};
 
 #[derive(Parser)]
 struct Cli {
@@ -88,30 +88,16 @@ fn main() -> anyhow::Result<ExitCode> {
                 },
             )?;
             suite::append_rows(&times, &suite::rows_of(&outcomes))?;
-            let mut counts = Counts::default();
-            for outcome in &outcomes {
-                counts.add(outcome.counts.unwrap_or_default());
+            for outcome in outcomes.iter().filter(|o| !o.passed()) {
+                println!("suite: failed: {}", outcome.unit.name());
             }
-            let broken: Vec<String> = outcomes
-                .iter()
-                .filter(|o| !o.passed())
-                .map(|o| o.unit.name())
-                .collect();
-            for name in &broken {
-                println!("suite: failed: {name}");
-            }
-            let closing = format!(
-                "suite: {} passed, {} failed, {} skipped",
-                counts.passed,
-                counts.failed.max(broken.len() as u64),
-                counts.ignored
-            );
+            let (closing, passed) = suite::closing(&outcomes);
             println!("{closing}");
             if let Some(path) = summary {
                 std::fs::write(&path, format!("{closing}\n"))
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            Ok(if broken.is_empty() {
+            Ok(if passed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
